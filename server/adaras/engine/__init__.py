@@ -1,0 +1,51 @@
+"""AdaRAS steering inside vLLM: the plugin, steered models and worker runtime.
+
+Offline helpers for an `vllm.LLM` whose process loaded the plugin:
+
+    llm = LLM("Qwen/Qwen3-1.7B")            # plugin registers via entry point
+    load_profile(llm, "math", "math.safetensors")
+    out = llm.generate(prompts, SamplingParams(extra_args={"steering": {"mode": "adaptive"}}))
+    reports = pop_reports(llm, [o.request_id for o in out])
+"""
+
+from __future__ import annotations
+
+from adaras.engine.config import SteeringConfigError, SteeringRequest, parse_steering
+
+
+def _rpc(llm, op: str, *args):
+    """Call `SteeringRuntime.<op>` on every worker; return rank 0's answer."""
+    results = llm.collective_rpc("adaras_rpc", args=(op, *args))
+    return results[0]
+
+
+def load_profile(llm, name: str, path: str) -> dict:
+    """Load a profile file into every worker under `name`; returns its summary.
+    The prefix cache is reset so no KV computed under an older profile of the
+    same name is reused."""
+    summary = _rpc(llm, "load_profile", name, str(path))
+    llm.reset_prefix_cache()
+    return summary
+
+
+def unload_profile(llm, name: str) -> bool:
+    found = _rpc(llm, "unload_profile", name)
+    llm.reset_prefix_cache()
+    return found
+
+
+def pop_reports(llm, request_ids: list[str] | None = None) -> dict[str, dict]:
+    """Steering reports ({mode, profile, alpha, failure_probability, applied,
+    neurons}) keyed by the request ids you pass (RequestOutput.request_id)."""
+    raw = _rpc(llm, "pop_reports", request_ids)
+    if request_ids is None:
+        return raw
+    out = {}
+    for rid, rep in raw.items():
+        key = rid if rid in request_ids else rid.rsplit("-", 1)[0]
+        out[key] = rep
+    return out
+
+
+__all__ = ["SteeringConfigError", "SteeringRequest", "parse_steering",
+           "load_profile", "unload_profile", "pop_reports"]

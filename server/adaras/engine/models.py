@@ -1,0 +1,119 @@
+"""Steered versions of vLLM's Qwen3, Qwen2 and Llama causal LMs.
+
+Each class subclasses the stock one and wraps every decoder layer's
+`mlp.act_fn` (SiluAndMul, no parameters, so weight loading is untouched) in a
+`SteeredActivation`:
+
+    a = act_fn(gate_up)                      # stock op: unsteered rows stay bitwise stock
+    torch.ops.adaras.steer_(a, gate_up, l)   # a[r, idx] += alpha * delta, gather features
+
+`steer_` is an opaque custom op, so vLLM's torch.compile sees one node and the
+per-step state (which rows, which profile, which alpha) is read at run time
+from the worker's `StepContext`, never baked into the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from adaras.engine import runtime
+from steering_kernels import apply_sparse_steer_, gather_features, silu_and_mul_steer
+
+
+def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
+    # act: [T, I] (possibly padded past the scheduled tokens), gate_up: [T, 2*I]
+    ctx = runtime.current()
+    if ctx is None:
+        return
+    if ctx.feats is not None:
+        rows = ctx.feat_rows  # [R]
+        ctx.feats += gather_features(gate_up.index_select(0, rows), ctx.feat_idx[layer])
+    if ctx.row_slot is not None:
+        n = ctx.row_slot.shape[0]
+        apply_sparse_steer_(act[:n], ctx.row_slot, ctx.steer_idx[:, layer], ctx.steer_val[:, layer])
+
+
+def _steer_fake(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
+    return None
+
+
+direct_register_custom_op("adaras_steer_", _steer_, mutates_args=["act"], fake_impl=_steer_fake)
+
+
+class SteeredActivation(nn.Module):
+    """`act_fn` followed by this layer's steering. Holds no parameters."""
+
+    def __init__(self, act_fn: nn.Module, layer: int):
+        super().__init__()
+        self.act_fn = act_fn
+        self.layer = layer
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: [T, 2*I] -> act: [T, I]
+        if _use_fused(gate_up):
+            return _fused(gate_up, self.layer)
+        act = self.act_fn(gate_up)
+        torch.ops.vllm.adaras_steer_(act, gate_up, self.layer)
+        return act
+
+
+def _use_fused(gate_up: torch.Tensor) -> bool:
+    # Only in eager CUDA mode: under torch.compile the opaque op above is used,
+    # so the graph never captures per-step state.
+    if torch.compiler.is_compiling() or not gate_up.is_cuda:
+        return False
+    return silu_and_mul_steer is not None and runtime.current() is not None
+
+
+def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:
+    """One Triton launch for SiLU*up + steering + feature gather (CUDA, eager)."""
+    ctx = runtime.current()
+    T = gate_up.shape[0]
+    row_slot = torch.zeros(T, dtype=torch.int32, device=gate_up.device)
+    if ctx.row_slot is not None:
+        row_slot[: ctx.row_slot.shape[0]] = ctx.row_slot
+        idx, val = ctx.steer_idx[:, layer], ctx.steer_val[:, layer]
+    else:
+        idx = torch.full((1, 0), -1, dtype=torch.int32, device=gate_up.device)
+        val = torch.zeros((1, 0), dtype=torch.float32, device=gate_up.device)
+    feat_idx = ctx.feat_idx[layer] if ctx.feats is not None else None
+    out, feats = silu_and_mul_steer(gate_up, row_slot, idx.contiguous(), val.contiguous(), feat_idx)
+    if feats is not None:
+        ctx.feats += feats.index_select(0, ctx.feat_rows)
+    return out
+
+
+def wrap_mlps(model: nn.Module) -> int:
+    """Wrap `mlp.act_fn` of every local decoder layer; returns how many."""
+    n = 0
+    for layer_idx, layer in enumerate(model.model.layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not hasattr(mlp, "act_fn"):
+            continue  # PPMissingLayer on other pipeline stages
+        if not isinstance(mlp.act_fn, SteeredActivation):
+            mlp.act_fn = SteeredActivation(mlp.act_fn, layer_idx)
+            n += 1
+    return n
+
+
+class SteeredQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        wrap_mlps(self)
+
+
+class SteeredQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        wrap_mlps(self)
+
+
+class SteeredLlamaForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        wrap_mlps(self)

@@ -1,0 +1,134 @@
+"""The vLLM general plugin (`vllm.general_plugins` entry point `adaras`).
+
+vLLM calls `register()` in every process it starts (frontend, engine core,
+workers). It is cheap and idempotent, and `ADARAS_PLUGIN=0` turns it off, in
+which case vLLM runs stock.
+
+What it installs:
+  * model classes: Qwen3/Qwen2/LlamaForCausalLM resolve to the steered
+    subclasses in `adaras.engine.models` (lazy "module:Class" strings);
+  * frontend: `steering` in `SamplingParams.extra_args` is validated when a
+    request is added (a clear ValueError names the bad field), and steered
+    requests get a prefix-cache salt so KV computed under steering is never
+    served to a request steered differently (or not at all); adaptive requests
+    skip reading the prefix cache so the predictor sees every prompt token;
+  * worker: the model runner builds the step's steering context before each
+    forward and feeds the predictors after it (`adaras.engine.runtime`);
+  * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+PLUGIN_ENV = "ADARAS_PLUGIN"
+ARCHS = {
+    "Qwen3ForCausalLM": "adaras.engine.models:SteeredQwen3ForCausalLM",
+    "Qwen2ForCausalLM": "adaras.engine.models:SteeredQwen2ForCausalLM",
+    "LlamaForCausalLM": "adaras.engine.models:SteeredLlamaForCausalLM",
+}
+_registered = False
+
+
+def enabled() -> bool:
+    return os.environ.get(PLUGIN_ENV, "1").lower() not in ("0", "false", "off", "no")
+
+
+def register() -> None:
+    global _registered
+    if _registered or not enabled():
+        return
+    _registered = True
+    # The steering hook lives in the V1 model runner (the CPU default). Keep
+    # GPU builds, where Model Runner V2 is the default, on the same path.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+    from vllm import ModelRegistry
+
+    for arch, cls in ARCHS.items():
+        ModelRegistry.register_model(arch, cls)
+    _patch_frontend()
+    _patch_runner()
+
+
+def steering_salt(extra_args: dict | None) -> str | None:
+    """Prefix-cache salt for a steered request; None when it is not steered."""
+    from adaras.engine.config import steering_from_extra_args
+
+    config = steering_from_extra_args(extra_args)
+    if not config.active:
+        return None
+    fingerprint = (extra_args or {}).get("steering_fingerprint", "")
+    return "adaras:" + json.dumps([config.to_dict(), fingerprint], sort_keys=True)
+
+
+def _patch_frontend() -> None:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from adaras.engine.config import EXTRA_ARGS_KEY, steering_from_extra_args
+
+    if getattr(InputProcessor, "_adaras", False):
+        return
+    orig_process = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        steering = None
+        if isinstance(params, SamplingParams) and params.extra_args:
+            if EXTRA_ARGS_KEY in params.extra_args:
+                steering = steering_from_extra_args(params.extra_args)  # raises ValueError
+        request = orig_process(self, request_id, prompt, params, *args, **kwargs)
+        if steering is not None and steering.active:
+            salt = steering_salt(request.sampling_params.extra_args)
+            request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
+            if steering.mode == "adaptive":
+                request.sampling_params.skip_reading_prefix_cache = True
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+    InputProcessor._adaras = True
+
+
+def _patch_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    from adaras.engine import runtime
+
+    if getattr(GPUModelRunner, "_adaras", False):
+        return
+    orig_prepare = GPUModelRunner._prepare_inputs
+    orig_execute = GPUModelRunner.execute_model
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
+        rt = runtime.get_runtime(self)
+        batch = self.input_batch
+        n = batch.num_reqs
+        rt.begin_step(
+            batch.req_ids[:n],
+            num_scheduled_tokens,
+            batch.num_computed_tokens_cpu[:n],
+            batch.num_prompt_tokens[:n],
+            self.requests,
+            scheduler_output.finished_req_ids,
+        )
+        return out
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        try:
+            return orig_execute(self, scheduler_output, *args, **kwargs)
+        finally:
+            rt = runtime.get_runtime()
+            if rt is not None:
+                rt.end_step()
+
+    def adaras_rpc(self, op: str, *args):
+        rt = runtime.get_runtime(self.worker.model_runner)
+        return getattr(rt, op)(*args)
+
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._adaras = True
+    WorkerWrapperBase.adaras_rpc = adaras_rpc

@@ -1,0 +1,354 @@
+"""Worker-side steering state: loaded profiles, per-request decisions, and the
+per-step context that the steered MLPs read.
+
+One `SteeringRuntime` lives in each worker process (one per TP rank). Before
+every forward the model runner hook calls `begin_step`, which turns the
+persistent batch into
+
+  * `row_slot`   int32 [T]        0 = row not steered, s > 0 = slot s
+  * `steer_idx`  int32 [S, L, K]  local (this rank's shard) neuron columns, -1 pad
+  * `steer_val`  fp32  [S, L, K]  alpha * delta, 0 pad (slot 0 is all pad)
+  * `feat_rows`  int64 [R]        prompt rows of adaptive requests, for the predictor
+  * `feat_idx`   int32 [L, F]     local columns of predictor features, -1 = elsewhere
+
+A slot is one distinct (profile, alpha) pair in the batch, so any number of
+requests with different profiles and alphas share one forward. After the
+forward, `end_step` streams the gathered features into each adaptive request's
+attention-pooling state and, when its prompt is complete, decides whether its
+decode steps are steered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adaras.engine.config import SteeringRequest, steering_from_extra_args
+from adaras.predictor import FailurePredictor, PoolState
+from adaras.profile import ModelShape, SteeringProfile
+
+logger = logging.getLogger("adaras.engine")
+
+PROFILES_ENV = "ADARAS_PROFILES"  # "name=path,name2=path2"
+DEFAULT_PROFILE_ENV = "ADARAS_DEFAULT_PROFILE"
+MAX_REPORTS = 65536
+
+
+def parse_profiles_env(value: str | None) -> dict[str, str]:
+    """`"a=/p/a.safetensors,b=/p/b.safetensors"` -> {"a": ..., "b": ...}."""
+    out: dict[str, str] = {}
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{PROFILES_ENV}: expected name=path, got {item!r}")
+        out[name.strip()] = path.strip()
+    return out
+
+
+@dataclass
+class LoadedProfile:
+    """A profile laid out for this rank's shard of the MLP neurons."""
+
+    profile: SteeringProfile
+    idx: torch.Tensor  # int32 [L, Kp] local columns, -1 pad
+    delta: torch.Tensor  # fp32 [L, Kp]
+    feat_idx: torch.Tensor | None  # int32 [L, F] local column of feature f if in layer l here, else -1
+
+    @classmethod
+    def build(cls, profile: SteeringProfile, num_layers: int, shard: tuple[int, int],
+              device: torch.device) -> LoadedProfile:
+        start, end = shard
+        per_layer = [[] for _ in range(num_layers)]
+        for layer, neuron, d in zip(profile.layers.tolist(), profile.neurons.tolist(),
+                                    profile.delta.tolist()):
+            if start <= neuron < end:
+                per_layer[layer].append((neuron - start, d))
+        kp = max((len(x) for x in per_layer), default=0)
+        idx = torch.full((num_layers, kp), -1, dtype=torch.int32)
+        delta = torch.zeros((num_layers, kp), dtype=torch.float32)
+        for layer, items in enumerate(per_layer):
+            for j, (col, d) in enumerate(sorted(items)):
+                idx[layer, j] = col
+                delta[layer, j] = d
+        feat_idx = None
+        if profile.predictor is not None:
+            fl = profile.predictor.feature_layers.tolist()
+            fn = profile.predictor.feature_neurons.tolist()
+            feat_idx = torch.full((num_layers, len(fl)), -1, dtype=torch.int32)
+            for f, (layer, neuron) in enumerate(zip(fl, fn)):
+                if start <= neuron < end:
+                    feat_idx[layer, f] = neuron - start
+            feat_idx = feat_idx.to(device)
+        return cls(profile, idx.to(device), delta.to(device), feat_idx)
+
+
+@dataclass
+class RequestState:
+    config: SteeringRequest
+    profile: LoadedProfile | None
+    alpha: float
+    threshold: float
+    steer_prompt: bool = False
+    pool: PoolState | None = None
+    p_fail: float | None = None
+    applied: bool = False  # decode steps are steered
+    error: str | None = None
+
+    def report(self) -> dict:
+        prof = self.profile.profile if self.profile else None
+        out = {
+            "mode": self.config.mode,
+            "profile": prof.name if prof else self.config.profile,
+            "alpha": self.alpha,
+            "failure_probability": self.p_fail,
+            "applied": self.applied,
+            "neurons": prof.k if prof else 0,
+        }
+        if self.config.mode == "adaptive":
+            out["threshold"] = self.threshold
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class StepContext:
+    row_slot: torch.Tensor | None = None  # int32 [T]
+    steer_idx: torch.Tensor | None = None  # int32 [S, L, K]
+    steer_val: torch.Tensor | None = None  # fp32 [S, L, K]
+    feat_rows: torch.Tensor | None = None  # int64 [R]
+    feat_idx: torch.Tensor | None = None  # int32 [L, F]
+    feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
+    # (req_id, rows slice into feats, feature slice, prompt completes this step)
+    spans: list[tuple[str, slice, slice, bool]] = field(default_factory=list)
+
+
+_CURRENT: StepContext | None = None
+
+
+def current() -> StepContext | None:
+    return _CURRENT
+
+
+class SteeringRuntime:
+    def __init__(self, shape: ModelShape, tp_rank: int, tp_size: int, device: torch.device):
+        if shape.intermediate_size % tp_size:
+            raise ValueError(f"intermediate_size {shape.intermediate_size} not divisible by TP {tp_size}")
+        self.shape = shape
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        shard = shape.intermediate_size // tp_size
+        self.shard = (tp_rank * shard, (tp_rank + 1) * shard)
+        self.device = device
+        self.profiles: dict[str, LoadedProfile] = {}
+        self.default_profile: str | None = os.environ.get(DEFAULT_PROFILE_ENV) or None
+        self.requests: dict[str, RequestState] = {}
+        self.reports: OrderedDict[str, dict] = OrderedDict()
+        self._table_key: tuple | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._feat_key: tuple | None = None
+        self._feat_idx: torch.Tensor | None = None
+        for name, path in parse_profiles_env(os.environ.get(PROFILES_ENV)).items():
+            self.load_profile(name, path)
+
+    # ---- profiles -------------------------------------------------------
+    def load_profile(self, name: str, path: str) -> dict:
+        profile = SteeringProfile.load(path, expect=self.shape)
+        profile.name = name
+        self.profiles[name] = LoadedProfile.build(
+            profile, self.shape.num_layers, self.shard, self.device)
+        if self.default_profile is None:
+            self.default_profile = name
+        self._table_key = self._feat_key = None
+        logger.info("adaras: loaded profile %s (K=%d) from %s", name, profile.k, path)
+        return profile.summary()
+
+    def unload_profile(self, name: str) -> bool:
+        found = self.profiles.pop(name, None) is not None
+        if self.default_profile == name:
+            self.default_profile = next(iter(self.profiles), None)
+        self._table_key = self._feat_key = None
+        return found
+
+    # ---- requests -------------------------------------------------------
+    def _new_request(self, req_id: str, sampling_params) -> RequestState | None:
+        extra = getattr(sampling_params, "extra_args", None) if sampling_params else None
+        try:
+            config = steering_from_extra_args(extra)
+        except ValueError as e:  # validated in the frontend; belt and braces
+            config, error = SteeringRequest(), str(e)
+        else:
+            error = None
+        if not config.active:
+            if extra and "steering" in extra:
+                state = RequestState(config, None, 0.0, 1.0, error=error)
+                self._put_report(req_id, state)
+            return None
+        name = config.profile or self.default_profile
+        loaded = self.profiles.get(name) if name else None
+        if loaded is None:
+            state = RequestState(config, None, 0.0, 1.0,
+                                 error=f"unknown steering profile {name!r}; loaded: {sorted(self.profiles)}")
+            self._put_report(req_id, state)
+            return None
+        prof = loaded.profile
+        alpha = prof.default_alpha if config.alpha is None else config.alpha
+        threshold = config.threshold if config.threshold is not None else (
+            prof.threshold if prof.threshold is not None else 0.5)
+        state = RequestState(config, loaded, alpha, threshold,
+                             steer_prompt=bool(prof.provenance.get("steer_prompt", False)))
+        if config.mode == "always":
+            state.applied = True
+        elif prof.predictor is None:
+            state.error = f"profile {name!r} has no failure predictor; adaptive mode cannot gate"
+        else:
+            state.pool = prof.predictor.init_state()
+        self._put_report(req_id, state)
+        return state
+
+    def _put_report(self, req_id: str, state: RequestState) -> None:
+        self.reports[req_id] = state.report()
+        while len(self.reports) > MAX_REPORTS:
+            self.reports.popitem(last=False)
+
+    def pop_reports(self, req_ids: list[str] | None = None) -> dict[str, dict]:
+        """Reports keyed by engine request id. With `req_ids`, match either the
+        exact id or the external id vLLM extends with a `-<suffix>`."""
+        if req_ids is None:
+            out, self.reports = dict(self.reports), OrderedDict()
+            return out
+        wanted = set(req_ids)
+        out = {}
+        for rid in list(self.reports):
+            if rid in wanted or rid.rsplit("-", 1)[0] in wanted:
+                out[rid] = self.reports.pop(rid)
+        return out
+
+    # ---- per step -------------------------------------------------------
+    def begin_step(self, req_ids: list[str], num_scheduled: np.ndarray,
+                   num_computed: np.ndarray, num_prompt: np.ndarray, requests: dict,
+                   finished: set[str] | frozenset = frozenset()) -> StepContext | None:
+        global _CURRENT
+        for rid in finished:
+            self.requests.pop(rid, None)
+        slots: dict[tuple[str, float], int] = {}
+        row_slot = None
+        spans = []
+        feat_profiles: dict[str, int] = {}
+        feat_rows: list[np.ndarray] = []
+        n_feat_rows = 0
+        start = 0
+        for i, rid in enumerate(req_ids):
+            n = int(num_scheduled[i])
+            state = self.requests.get(rid)
+            if state is None and rid not in self.requests:
+                req = requests.get(rid)
+                state = self._new_request(rid, req.sampling_params if req else None)
+                self.requests[rid] = state
+            if state is None:
+                start += n
+                continue
+            computed, prompt = int(num_computed[i]), int(num_prompt[i])
+            # Rows of this request that are decode tokens (position >= prompt length).
+            first_decode = max(prompt - computed, 0) if not state.steer_prompt else 0
+            if state.applied and first_decode < n:
+                key = (state.profile.profile.name, state.alpha)
+                slot = slots.setdefault(key, len(slots) + 1)
+                if row_slot is None:
+                    row_slot = np.zeros(int(num_scheduled[: len(req_ids)].sum()), dtype=np.int32)
+                row_slot[start + first_decode: start + n] = slot
+            if state.pool is not None and state.p_fail is None and computed < prompt:
+                m = min(n, prompt - computed)
+                name = state.profile.profile.name
+                if name not in feat_profiles:
+                    feat_profiles[name] = len(feat_profiles)
+                feat_rows.append(np.arange(start, start + m))
+                spans.append((rid, slice(n_feat_rows, n_feat_rows + m), name,
+                              computed + n >= prompt))
+                n_feat_rows += m
+            start += n
+        if row_slot is None and not spans:
+            _CURRENT = None
+            return None
+        ctx = StepContext()
+        if row_slot is not None:
+            ctx.row_slot = torch.from_numpy(row_slot).to(self.device)
+            ctx.steer_idx, ctx.steer_val = self._slot_tables(tuple(slots))
+        if spans:
+            ctx.feat_idx, offsets = self._feature_table(tuple(feat_profiles))
+            ctx.feat_rows = torch.from_numpy(np.concatenate(feat_rows)).to(self.device)
+            ctx.feats = torch.zeros(n_feat_rows, ctx.feat_idx.shape[1], device=self.device)
+            ctx.spans = [(rid, rows, offsets[name], done) for rid, rows, name, done in spans]
+        _CURRENT = ctx
+        return ctx
+
+    def _slot_tables(self, keys: tuple[tuple[str, float], ...]):
+        if keys != self._table_key:
+            L = self.shape.num_layers
+            k = max(self.profiles[name].idx.shape[1] for name, _ in keys)
+            idx = torch.full((len(keys) + 1, L, k), -1, dtype=torch.int32, device=self.device)
+            val = torch.zeros((len(keys) + 1, L, k), dtype=torch.float32, device=self.device)
+            for s, (name, alpha) in enumerate(keys, start=1):
+                p = self.profiles[name]
+                kp = p.idx.shape[1]
+                idx[s, :, :kp] = p.idx
+                val[s, :, :kp] = p.delta * alpha
+            self._table_key, self._tables = keys, (idx, val)
+        return self._tables
+
+    def _feature_table(self, names: tuple[str, ...]):
+        offsets, cols, o = {}, [], 0
+        for name in names:
+            fi = self.profiles[name].feat_idx
+            offsets[name] = slice(o, o + fi.shape[1])
+            cols.append(fi)
+            o += fi.shape[1]
+        if names != self._feat_key:
+            self._feat_key, self._feat_idx = names, torch.cat(cols, dim=1)
+        return self._feat_idx, offsets
+
+    def end_step(self) -> None:
+        """After the forward: feed gathered features to the predictors."""
+        global _CURRENT
+        ctx, _CURRENT = _CURRENT, None
+        if ctx is None or not ctx.spans:
+            return
+        feats = ctx.feats
+        if self.tp_size > 1:  # each rank gathered only the features in its shard
+            from vllm.distributed import tensor_model_parallel_all_reduce
+            feats = tensor_model_parallel_all_reduce(feats)
+        feats = feats.float().cpu()
+        for rid, rows, cols, done in ctx.spans:
+            state = self.requests.get(rid)
+            if state is None or state.pool is None:
+                continue
+            predictor: FailurePredictor = state.profile.profile.predictor
+            state.pool = predictor.update(state.pool, feats[rows, cols])
+            if done:
+                state.p_fail = predictor.finish(state.pool)
+                state.applied = state.p_fail >= state.threshold
+                state.pool = None
+                self._put_report(rid, state)
+
+
+_RUNTIME: SteeringRuntime | None = None
+
+
+def get_runtime(runner=None) -> SteeringRuntime | None:
+    """The worker's runtime, created on first use from the runner's model."""
+    global _RUNTIME
+    if _RUNTIME is None and runner is not None:
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+        hf_config = runner.model_config.hf_config
+        shape = ModelShape.from_hf_config(hf_config)
+        _RUNTIME = SteeringRuntime(shape, get_tensor_model_parallel_rank(),
+                                   get_tensor_model_parallel_world_size(), runner.device)
+    return _RUNTIME

@@ -1,0 +1,443 @@
+"""AdaRAS steering profile: one ``*.safetensors`` file (a public format contract).
+
+Tensors
+    layers   int32 [K]    decoder layer index of each steered neuron
+    neurons  int32 [K]    index within that layer's MLP intermediate dimension
+    delta    float32 [K]  mean-difference steering values S
+    predictor.<key>       optional failure-predictor tensors (FailurePredictor.to_tensors())
+
+Metadata (all values are strings)
+    format          "adaras-profile"
+    format_version  "1"
+    name            ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$, must not contain ".."
+    default_alpha   float >= 0
+    threshold       optional float in [0, 1]
+    model           JSON {"architecture", "num_layers", "intermediate_size", "hidden_size"}
+    provenance      JSON object, free-form (dataset, counts, K, selection options, time, ...)
+    predictor       optional JSON, FailurePredictor.config(); present iff predictor.* tensors are
+
+Model compatibility rule (ModelShape.compatible_with): num_layers, intermediate_size
+and hidden_size must be equal. Architecture names are compared case-insensitively
+after dropping a leading "Steered" (so "LlamaForCausalLM" matches vLLM's
+"SteeredLlamaForCausalLM"); an empty architecture means "unknown" and matches any.
+
+This module does not import vllm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .predictor import FailurePredictor
+
+FORMAT = "adaras-profile"
+FORMAT_VERSION = "1"
+PREDICTOR_PREFIX = "predictor."
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHAPE_INTS = ("num_layers", "intermediate_size", "hidden_size")
+
+
+class ProfileError(ValueError):
+    """A steering profile is unusable. The message names the file (when known),
+    the problem, and the fix where there is one."""
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    num_layers: int
+    intermediate_size: int
+    hidden_size: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelShape":
+        """From a transformers PretrainedConfig (or any object/dict with
+        .architectures/.num_hidden_layers/.intermediate_size/.hidden_size).
+        Multimodal configs: the sizes are read from .text_config when it has them."""
+
+        def get(obj, key):
+            if obj is None:
+                return None
+            return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+        text = get(config, "text_config")
+
+        def pick(key):
+            for src in (text, config):
+                value = get(src, key)
+                if value is not None:
+                    return value
+            raise ProfileError(f"cannot read the model shape: the model config has no '{key}'")
+
+        archs = get(config, "architectures") or get(text, "architectures") or []
+        return cls(
+            architecture=str(archs[0]) if archs else "",
+            num_layers=int(pick("num_hidden_layers")),
+            intermediate_size=int(pick("intermediate_size")),
+            hidden_size=int(pick("hidden_size")),
+        )
+
+    @staticmethod
+    def _norm_arch(name: str) -> str:
+        name = name.strip().lower()
+        return name[len("steered"):] if name.startswith("steered") else name
+
+    def compatible_with(self, other: "ModelShape") -> bool:
+        """Sizes equal; architectures equal case-insensitively ignoring a 'Steered'
+        prefix, and an empty architecture (unknown) matches anything."""
+        if (self.num_layers, self.intermediate_size, self.hidden_size) != (
+            other.num_layers,
+            other.intermediate_size,
+            other.hidden_size,
+        ):
+            return False
+        a, b = self._norm_arch(self.architecture), self._norm_arch(other.architecture)
+        return not a or not b or a == b
+
+    def describe(self) -> str:
+        return (
+            f"{self.architecture or '<unknown architecture>'} (num_layers={self.num_layers}, "
+            f"intermediate_size={self.intermediate_size}, hidden_size={self.hidden_size})"
+        )
+
+
+def _shape_problem(shape) -> str | None:
+    if not isinstance(shape, ModelShape):
+        return f"model must be a ModelShape, got {type(shape).__name__}"
+    if not isinstance(shape.architecture, str):
+        return "model 'architecture' must be a string"
+    for key in _SHAPE_INTS:
+        value = getattr(shape, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"model '{key}' must be a positive integer, got {value!r}"
+    return None
+
+
+# ------------------------------------------------------------------- profile
+@dataclass
+class SteeringProfile:
+    name: str
+    layers: Tensor  # int32 [K]
+    neurons: Tensor  # int32 [K]
+    delta: Tensor  # float32 [K]
+    model: ModelShape
+    default_alpha: float = 0.3
+    threshold: float | None = None
+    provenance: dict = field(default_factory=dict)
+    predictor: FailurePredictor | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.layers.numel())
+
+    # ------------------------------------------------------------ validation
+    def validate(self, expect: ModelShape | None = None) -> None:
+        """Raise ProfileError if the profile is unusable (for the model `expect`, if given)."""
+        self._check(expect, f"steering profile {self.name!r}")
+
+    def _check(self, expect: ModelShape | None, where: str) -> None:
+        def fail(msg: str):
+            raise ProfileError(f"{where}: {msg}")
+
+        name = self.name
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+            fail(
+                f"invalid profile name {name!r}; use 1-64 characters from letters, digits, '.', '_' "
+                f"and '-', starting with a letter or digit and without '..'"
+            )
+        problem = _shape_problem(self.model)
+        if problem:
+            fail(problem)
+        if expect is not None and not self.model.compatible_with(expect):
+            fail(
+                f"built for another model shape: the profile is for {self.model.describe()}, "
+                f"but the served model is {expect.describe()}; use a profile made for this model"
+            )
+        for tname, want in (("layers", torch.int32), ("neurons", torch.int32), ("delta", torch.float32)):
+            t = getattr(self, tname)
+            if not isinstance(t, Tensor):
+                fail(f"'{tname}' must be a tensor, got {type(t).__name__}")
+            if t.dtype != want:
+                fail(f"tensor '{tname}' has dtype {_dt(t.dtype)}, expected {_dt(want)}")
+            if t.dim() != 1:
+                fail(f"tensor '{tname}' must be 1-D [K], got shape {list(t.shape)}")
+        lengths = (self.layers.numel(), self.neurons.numel(), self.delta.numel())
+        if len(set(lengths)) != 1:
+            fail(
+                "mismatched tensor lengths: 'layers', 'neurons' and 'delta' must all have K entries, "
+                f"got {lengths[0]}, {lengths[1]} and {lengths[2]}"
+            )
+        m = self.model
+        self._check_indices(self.layers, self.neurons, m, "", fail)
+        bad = (~torch.isfinite(self.delta)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            fail(f"delta contains NaN or Inf (entry {i}: {float(self.delta[i])}); re-create the profile")
+        if self.k:
+            key = self.layers.long() * m.intermediate_size + self.neurons.long()  # [K]
+            sorted_key, order = torch.sort(key, stable=True)
+            same = (sorted_key[1:] == sorted_key[:-1]).nonzero()
+            if same.numel():
+                j = int(same[0])
+                a, b = sorted((int(order[j]), int(order[j + 1])))
+                fail(
+                    f"duplicate (layer, neuron) pair ({int(self.layers[a])}, {int(self.neurons[a])}) "
+                    f"at entries {a} and {b}; each pair may appear only once (merge or drop one)"
+                )
+        alpha = self.default_alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+            fail(f"default_alpha must be a finite number >= 0, got {alpha!r}")
+        thr = self.threshold
+        if thr is not None and (
+            not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 1.0
+        ):
+            fail(f"threshold must be a probability in [0, 1] (or absent), got {thr!r}")
+        if not isinstance(self.provenance, dict):
+            fail(f"provenance must be a JSON object (dict), got {type(self.provenance).__name__}")
+        try:
+            json.dumps(self.provenance, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            fail(f"provenance is not JSON-serialisable: {e}")
+        p = self.predictor
+        if p is not None:
+            if not isinstance(p, FailurePredictor):
+                fail(f"predictor must be a FailurePredictor, got {type(p).__name__}")
+            self._check_indices(p.feature_layers, p.feature_neurons, m, "predictor feature ", fail)
+            for key, t in p.to_tensors().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    fail(f"predictor tensor '{PREDICTOR_PREFIX}{key}' contains NaN or Inf")
+        if self.k == 0:
+            warnings.warn(f"{where}: K = 0, this profile steers nothing", UserWarning, stacklevel=3)
+
+    @staticmethod
+    def _check_indices(layers: Tensor, neurons: Tensor, m: ModelShape, what: str, fail) -> None:
+        for tname, t, hi, label in (
+            ("layer", layers, m.num_layers, "num_layers"),
+            ("neuron", neurons, m.intermediate_size, "intermediate_size"),
+        ):
+            bad = ((t < 0) | (t >= hi)).nonzero()
+            if bad.numel():
+                i = int(bad[0])
+                fail(
+                    f"{what}entry {i}: {tname} index {int(t[i])} is out of range; valid range is "
+                    f"0..{hi - 1} ({label} = {hi}); is this profile for another model?"
+                )
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path) -> None:
+        """Validate, then write atomically (temp file + rename) to `path`."""
+        from safetensors.torch import save_file
+
+        self.validate()
+        path = Path(path)
+        tensors = {
+            "layers": self.layers.detach().cpu().contiguous().clone(),  # int32 [K]
+            "neurons": self.neurons.detach().cpu().contiguous().clone(),  # int32 [K]
+            "delta": self.delta.detach().cpu().contiguous().clone(),  # float32 [K]
+        }
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "default_alpha": repr(float(self.default_alpha)),
+            "model": json.dumps(asdict(self.model)),
+            "provenance": json.dumps(self.provenance),
+        }
+        if self.threshold is not None:
+            metadata["threshold"] = repr(float(self.threshold))
+        if self.predictor is not None:
+            for key, t in self.predictor.to_tensors().items():
+                tensors[PREDICTOR_PREFIX + key] = t
+            metadata["predictor"] = json.dumps(self.predictor.config())
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except Exception as e:  # OSError, SafetensorError
+            raise ProfileError(f"steering profile {str(path)!r}: cannot write the file ({e})") from e
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @classmethod
+    def load(cls, path, expect: ModelShape | None = None) -> "SteeringProfile":
+        """Read and validate a profile file; every problem is a ProfileError naming the file."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        where = f"steering profile {str(path)!r}"
+
+        def fail(msg: str):
+            raise ProfileError(f"{where}: {msg}")
+
+        if not path.exists():
+            fail("file does not exist; check the path (profiles are *.safetensors files)")
+        if not path.is_file():
+            fail("is not a regular file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # SafetensorError, OSError, ...
+            fail(f"is not a readable safetensors file ({e}); was it written with SteeringProfile.save?")
+
+        fmt = metadata.get("format")
+        if fmt is None:
+            fail("missing metadata key 'format'; this is not an AdaRAS steering profile")
+        if fmt != FORMAT:
+            fail(f"unknown format {fmt!r}, expected {FORMAT!r}")
+        version = metadata.get("format_version")
+        if version is None:
+            fail("missing metadata key 'format_version'")
+        if version != FORMAT_VERSION:
+            fail(
+                f"unsupported format_version {version!r}; this server reads version {FORMAT_VERSION!r} "
+                f"(upgrade the server or re-export the profile)"
+            )
+        for key in ("name", "default_alpha", "model", "provenance"):
+            if key not in metadata:
+                fail(f"missing metadata key '{key}'")
+        for key in ("layers", "neurons", "delta"):
+            if key not in tensors:
+                fail(f"missing tensor '{key}'")
+        extra = [k for k in tensors if k not in ("layers", "neurons", "delta") and not k.startswith(PREDICTOR_PREFIX)]
+        if extra:
+            fail(f"unexpected tensor '{extra[0]}'")
+
+        def parse_json(key: str):
+            try:
+                value = json.loads(metadata[key])
+            except json.JSONDecodeError as e:
+                fail(f"metadata '{key}' is malformed JSON ({e})")
+            if not isinstance(value, dict):
+                fail(f"metadata '{key}' must be a JSON object, got {type(value).__name__}")
+            return value
+
+        model_json = parse_json("model")
+        for key in ("architecture", *_SHAPE_INTS):
+            if key not in model_json:
+                fail(f"metadata 'model' is missing the field '{key}'")
+        model = ModelShape(**{k: model_json[k] for k in ("architecture", *_SHAPE_INTS)})
+        problem = _shape_problem(model)
+        if problem:
+            fail(f"metadata {problem}")
+        provenance = parse_json("provenance")
+
+        def parse_float(key: str) -> float:
+            try:
+                return float(metadata[key])
+            except ValueError:
+                fail(f"metadata '{key}' is not a number: {metadata[key]!r}")
+
+        default_alpha = parse_float("default_alpha")
+        threshold = parse_float("threshold") if "threshold" in metadata else None
+
+        pred_tensors = {k[len(PREDICTOR_PREFIX):]: t for k, t in tensors.items() if k.startswith(PREDICTOR_PREFIX)}
+        predictor = None
+        if "predictor" in metadata:
+            if not pred_tensors:
+                fail("metadata 'predictor' is present but there are no 'predictor.*' tensors")
+            config = parse_json("predictor")
+            try:
+                predictor = FailurePredictor.from_tensors(pred_tensors, config, key_prefix=PREDICTOR_PREFIX)
+            except ValueError as e:
+                fail(f"invalid predictor: {e}")
+        elif pred_tensors:
+            fail("has 'predictor.*' tensors but no 'predictor' metadata (the predictor config)")
+
+        profile = cls(
+            name=metadata["name"],
+            layers=tensors["layers"],
+            neurons=tensors["neurons"],
+            delta=tensors["delta"],
+            model=model,
+            default_alpha=default_alpha,
+            threshold=threshold,
+            provenance=provenance,
+            predictor=predictor,
+        )
+        profile._check(expect, where)
+        return profile
+
+    # ------------------------------------------------------------- queries
+    def by_layer(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """layer -> (neurons int64 [k_l] sorted ascending, delta float32 [k_l] aligned)."""
+        out = {}
+        for layer in torch.unique(self.layers).tolist():
+            sel = self.layers == layer  # [K] bool
+            neurons = self.neurons[sel].long()
+            order = torch.argsort(neurons)
+            out[int(layer)] = (neurons[order], self.delta[sel][order].to(torch.float32))
+        return out
+
+    def layer_histogram(self) -> list[int]:
+        """Number of steered neurons per layer, length num_layers."""
+        return torch.bincount(self.layers.long(), minlength=self.model.num_layers).tolist()
+
+    def fingerprint(self) -> str:
+        """16-hex-digit SHA-256 of (sorted (layer, neuron, delta) entries, model shape).
+
+        Independent of entry order; changes with any delta bit or the model shape.
+        Not covered: name, default_alpha, threshold, provenance, predictor."""
+        key = self.layers.long() * self.model.intermediate_size + self.neurons.long()  # [K]
+        order = torch.argsort(key)
+        h = hashlib.sha256(b"adaras-profile-v1\0")
+        h.update(json.dumps(asdict(self.model), sort_keys=True).encode())
+        for t, dtype in ((self.layers, "<i4"), (self.neurons, "<i4"), (self.delta, "<f4")):
+            h.update(t.detach().cpu()[order].numpy().astype(dtype).tobytes())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "k": self.k,
+            "default_alpha": self.default_alpha,
+            "threshold": self.threshold,
+            "model": asdict(self.model),
+            "provenance": self.provenance,
+            "layer_histogram": self.layer_histogram(),
+            "has_predictor": self.predictor is not None,
+            "fingerprint": self.fingerprint(),
+        }
+
+    @classmethod
+    def random(
+        cls,
+        name: str,
+        model: ModelShape,
+        k: int,
+        *,
+        seed: int = 0,
+        scale: float = 1.0,
+        default_alpha: float = 0.3,
+    ) -> "SteeringProfile":
+        """Synthetic profile for tests: k unique (layer, neuron) pairs sorted, delta ~ N(0, scale)."""
+        total = model.num_layers * model.intermediate_size
+        if not 0 <= k <= total:
+            raise ProfileError(f"cannot pick k = {k} unique neurons from a model with {total}")
+        g = torch.Generator().manual_seed(seed)
+        flat = torch.randperm(total, generator=g)[:k].sort().values  # [k] int64
+        return cls(
+            name=name,
+            layers=(flat // model.intermediate_size).to(torch.int32),
+            neurons=(flat % model.intermediate_size).to(torch.int32),
+            delta=(torch.randn(k, generator=g) * scale).to(torch.float32),
+            model=model,
+            default_alpha=default_alpha,
+            provenance={"synthetic": True, "seed": seed, "scale": scale},
+        )

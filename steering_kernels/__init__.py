@@ -1,0 +1,23 @@
+"""Steering kernels: fused SiLU-and-mul + sparse steering add + feature gather.
+
+See :mod:`steering_kernels.silu_and_mul_steer` for the math.  Importing this
+package does not require triton (``HAS_TRITON`` tells whether it is available).
+"""
+
+from .silu_and_mul_steer import (
+    HAS_TRITON,
+    apply_sparse_steer_,
+    gather_features,
+    silu_and_mul_steer,
+    silu_and_mul_steer_auto,
+    silu_and_mul_steer_native,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "apply_sparse_steer_",
+    "gather_features",
+    "silu_and_mul_steer",
+    "silu_and_mul_steer_auto",
+    "silu_and_mul_steer_native",
+]
