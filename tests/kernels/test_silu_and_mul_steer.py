@@ -1,10 +1,11 @@
 """Tests for steering_kernels.silu_and_mul_steer.
 
-The Triton kernel is run on CPU through the Triton interpreter
-(TRITON_INTERPRET=1, also set in conftest.py) and compared against the
-pure-torch reference, which is itself checked against a naive Python loop.
-TRITON_INTERPRET=1 is set in conftest.py; the package jits its kernel lazily at
-first launch, so the variable only has to be set before the first kernel call.
+The Triton kernel is run on CPU through the Triton interpreter and compared
+against the pure-torch reference, which is itself checked against a naive
+Python loop.  TRITON_INTERPRET=1 is set in conftest.py; the package jits its
+kernel lazily at first launch, so the variable only has to be set before the
+first kernel call.  Because the interpreter skips the compiler, one test also
+compiles the kernel to a CUDA cubin (no GPU needed).
 """
 
 import importlib
@@ -243,14 +244,18 @@ def test_kernel_features_are_pre_steer_and_padding_is_zero(kernel):
     T, I = 3, 16
     gate_up = torch.randn(T, 2 * I)
     rs = torch.tensor([1, 0, 2], dtype=torch.int32)
-    si = torch.tensor([[-1, -1], [4, -1], [4, 4]], dtype=torch.int32)
-    sv = torch.tensor([[0.0, 0.0], [100.0, 0.0], [1.0, 2.0]])
+    si = torch.tensor([[-1, -1], [4, I], [4, 4]], dtype=torch.int32)  # I: out of range -> padding
+    sv = torch.tensor([[0.0, 0.0], [100.0, 7.0], [1.0, 2.0]])
     fi = torch.tensor([4, -1, 99], dtype=torch.int32)  # 99: out of range -> treated as padding
     out, feats = kernel(gate_up, rs, si, sv, fi)
+    out_n, feats_n = silu_and_mul_steer_native(gate_up, rs, si, sv, fi)
+    torch.testing.assert_close(out, out_n)
+    torch.testing.assert_close(feats, feats_n)
     act = F.silu(gate_up[:, :I]) * gate_up[:, I:]
     torch.testing.assert_close(feats[:, 0], act[:, 4])  # unsteered value even on steered rows
     assert torch.equal(feats[:, 1:], torch.zeros(T, 2))
     torch.testing.assert_close(out[0, 4], act[0, 4] + 100.0)
+    torch.testing.assert_close(out[0, 5:], act[0, 5:])  # the out-of-range 7.0 went nowhere
     torch.testing.assert_close(out[1], act[1])
     torch.testing.assert_close(out[2, 4], act[2, 4] + 3.0)  # duplicates add
 
@@ -264,7 +269,7 @@ def test_kernel_large_k_many_slots(kernel):
 
 
 _COMPILE_SCRIPT = r"""
-import importlib, sys
+import importlib, os, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -283,6 +288,7 @@ for dt in ("bf16", "fp16", "fp32"):
         sig = dict(zip(names, ["*" + dt, "*i32", "*i32", "*fp32", "*i32", "*" + dt, "*fp32",
                                "i32", "i32", "i32", "i64", "i32"]))
         consts = mod._launch_config(I, K, NF)
+        num_warps = consts.pop("num_warps")
         for name, v in (("I", I), ("K", K), ("NF", NF)):
             if v == 1:  # the JIT specializes integer args equal to 1 as constexpr
                 consts[name] = 1
@@ -290,9 +296,15 @@ for dt in ("bf16", "fp16", "fp32"):
             if name in consts:
                 sig[name] = "constexpr"
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                           target=GPUTarget("cuda", 80, 32))
+                           target=GPUTarget("cuda", 80, 32), options={"num_warps": num_warps})
         assert "cubin" in k.asm, list(k.asm)
-        assert ".local" not in k.asm["ptx"], ("register spill", dt, I, K, NF)
+        # re-run ptxas verbosely on the PTX to check for register spills
+        ptx = os.path.join(os.environ["TRITON_CACHE_DIR"], "check.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        info = subprocess.run([ptxas, "-arch=sm_80", "-v", ptx, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+        assert " 0 bytes spill stores" in info, (dt, I, K, NF, info)
 print("OK")
 """
 
@@ -354,14 +366,22 @@ def test_bad_input_kernel(kernel, case):
         kernel(*args)
 
 
-def test_bad_input_helpers(kernel):
+def test_bad_input_helpers():
     g, rs, si, sv, fi = _good()
     out = torch.zeros(4, 6)
     with pytest.raises(ValueError, match="out"):
         apply_sparse_steer_(out[0], rs, si, sv)
     with pytest.raises(ValueError, match="row_slot"):
         apply_sparse_steer_(out, rs.long(), si, sv)
+    with pytest.raises(ValueError, match="steer_val"):
+        apply_sparse_steer_(out, rs, si, sv[:, :1])
     with pytest.raises(ValueError, match="feat_idx"):
         gather_features(g, fi.long())
+    with pytest.raises(ValueError, match="gate_up"):
+        gather_features(g[:, :5], fi)
+
+
+def test_bad_input_kernel_last_dim_stride(kernel):
+    g, rs, si, sv, fi = _good()
     with pytest.raises(ValueError, match="gate_up"):
         kernel(g.t().contiguous().t(), rs, si, sv, fi)  # last-dim stride != 1

@@ -29,6 +29,30 @@ ARCHS = {
     "LlamaForCausalLM": "adaras.engine.models:SteeredLlamaForCausalLM",
 }
 _registered = False
+# Profile names this frontend process knows are loaded in its workers: from
+# ADARAS_PROFILES, plus what `adaras.engine.load_profile` added. None = unknown
+# (then only the workers can tell, and they report the error).
+known_profiles: set[str] | None = None
+
+
+def _known_profiles() -> set[str] | None:
+    global known_profiles
+    if known_profiles is None:
+        from adaras.engine.runtime import PROFILES_ENV, parse_profiles_env
+
+        names = set(parse_profiles_env(os.environ.get(PROFILES_ENV)))
+        known_profiles = names or None
+    return known_profiles
+
+
+def check_profile_name(steering) -> None:
+    from adaras.engine.config import SteeringConfigError
+
+    known = _known_profiles()
+    if steering.active and steering.profile is not None and known is not None \
+            and steering.profile not in known:
+        raise SteeringConfigError(
+            "profile", f"unknown profile {steering.profile!r}; loaded profiles: {sorted(known)}")
 
 
 def enabled() -> bool:
@@ -78,6 +102,7 @@ def _patch_frontend() -> None:
         if isinstance(params, SamplingParams) and params.extra_args:
             if EXTRA_ARGS_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
+                check_profile_name(steering)
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if steering is not None and steering.active:
             salt = steering_salt(request.sampling_params.extra_args)
