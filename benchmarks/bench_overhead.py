@@ -138,7 +138,7 @@ def worker_main(name: str, spec_path: str, result_fd: int) -> None:
     spec = json.loads(Path(spec_path).read_text())
     results = os.fdopen(result_fd, "w", buffering=1)
     t0 = time.perf_counter()
-    llm = LLM(spec["model"], enable_prefix_caching=False, seed=0)
+    llm = LLM(spec["model"], dtype=spec["dtype"], enable_prefix_caching=False, seed=0)
     results.write(json.dumps({"ready": time.perf_counter() - t0}) + "\n")
     prompts, max_tokens = spec["prompts"], spec["max_tokens"]
     for line in sys.stdin:
@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="vLLM dtype (auto = bfloat16 on CPU)")
     ap.add_argument("--gap", type=float, default=1.5, help="seconds of idle before each timed run")
     ap.add_argument("--out", help="write results as JSON here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -233,7 +234,8 @@ def main() -> None:
     n = args.num_prompts
     workdir = Path(tempfile.mkdtemp(prefix="adaras-bench-"))
     profiles = build_profiles(model_dir, workdir)
-    spec = {"model": str(model_dir), "prompts": make_prompts(n), "max_tokens": args.max_tokens}
+    spec = {"model": str(model_dir), "prompts": make_prompts(n), "max_tokens": args.max_tokens,
+            "dtype": args.dtype}
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     print(f"model {model_dir}, {n} prompts x {args.max_tokens} tokens, {args.repeats} repeats; "
@@ -337,7 +339,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({
             "model": str(model_dir), "num_prompts": n, "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "statistic": "median", "gap_s": args.gap,
+            "repeats": args.repeats, "dtype": args.dtype, "statistic": "median", "gap_s": args.gap,
             "startup_s": {w.name: w.startup_s for w in workers.values()},
             "adaptive_threshold": threshold, "adaptive_steered_per_round": steered_per_round,
             "checks": checks, "configs": rows,
