@@ -290,13 +290,22 @@ def _silu_and_mul_steer_kernel(
 
 
 # The kernel is jitted lazily (not with a module-level @triton.jit) because
-# triton decides "compiled vs interpreter" (TRITON_INTERPRET) at decoration time;
-# deciding at first launch makes the env var work regardless of import order.
+# triton decides "compiled vs interpreter" (TRITON_INTERPRET) at decoration time,
+# so importing this module does not freeze the mode.  Triton's own @jit helpers
+# (tl.sum, tl.sigmoid, ...) are frozen when `triton.language` is first imported
+# (e.g. by vllm), so the env var must still be set before that import.
 _JITTED: dict = {}
 
 
 def _kernel():
     interpret = bool(triton.knobs.runtime.interpret)
+    lang_interpreted = not isinstance(tl.sum, triton.runtime.jit.JITFunction)
+    if interpret != lang_interpreted:
+        raise RuntimeError(
+            f"TRITON_INTERPRET={int(interpret)} but triton.language was imported with "
+            f"TRITON_INTERPRET={int(lang_interpreted)}; set the variable before anything "
+            "imports triton (vllm does)"
+        )
     fn = _JITTED.get(interpret)
     if fn is None:
         fn = _JITTED[interpret] = triton.jit(_silu_and_mul_steer_kernel)

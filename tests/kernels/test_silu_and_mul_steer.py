@@ -87,16 +87,48 @@ def naive(gate_up, row_slot, steer_idx, steer_val, feat_idx):
     return torch.tensor(out, dtype=torch.float64), torch.tensor(feats, dtype=torch.float64)
 
 
-@pytest.fixture(scope="module")
+def _interpreter_problem():
+    """None if Triton kernels can run in this process on CPU tensors, else why not."""
+    if not sk.HAS_TRITON:
+        return "triton not importable"
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if not triton.knobs.runtime.interpret:
+        return "TRITON_INTERPRET is not 1 (CPU tensors need the interpreter)"
+    if isinstance(tl.sum, JITFunction):
+        # triton.language's own @jit helpers were built before TRITON_INTERPRET=1
+        # (e.g. tests/engine imported vllm first).
+        return "triton.language was imported before TRITON_INTERPRET=1"
+    return None
+
+
+@pytest.fixture
 def kernel():
     pytest.importorskip("triton")
-    if not sk.HAS_TRITON:
-        pytest.skip("triton not importable")
-    import triton
-
-    if not (triton.knobs.runtime.interpret or torch.cuda.is_available()):
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    problem = _interpreter_problem()
+    if problem:
+        pytest.skip(f"{problem}; covered by test_kernel_tests_in_fresh_process")
     return sk.silu_and_mul_steer
+
+
+def test_kernel_tests_in_fresh_process(tmp_path):
+    """If the kernel tests cannot run in this process (see conftest.py), rerun the
+    whole file in a clean interpreter with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    if _interpreter_problem() is None:
+        pytest.skip("kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not fresh_process"],
+        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, (
+        res.stdout[-4000:] + res.stderr[-2000:]
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -190,10 +222,6 @@ def test_auto_dispatch_cpu_uses_native():
 # kernel vs native
 # --------------------------------------------------------------------------- #
 def test_interpreter_is_active(kernel):
-    import triton
-
-    if torch.cuda.is_available() and not triton.knobs.runtime.interpret:
-        pytest.skip("running compiled on CUDA")
     from triton.runtime.interpreter import InterpretedFunction
 
     # The package attribute `silu_and_mul_steer` is the function; get the module itself.

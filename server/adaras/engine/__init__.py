@@ -23,21 +23,19 @@ def load_profile(llm, name: str, path: str) -> dict:
     """Load a profile file into every worker under `name`; returns its summary.
     The prefix cache is reset so no KV computed under an older profile of the
     same name is reused."""
-    from adaras.engine import plugin
-
     summary = _rpc(llm, "load_profile", name, str(path))
     llm.reset_prefix_cache()
-    plugin.known_profiles = (plugin._known_profiles() or set()) | {name}
+    processor = llm.llm_engine.input_processor
+    processor._adaras_profiles = (getattr(processor, "_adaras_profiles", None) or set()) | {name}
     return summary
 
 
 def unload_profile(llm, name: str) -> bool:
-    from adaras.engine import plugin
-
     found = _rpc(llm, "unload_profile", name)
     llm.reset_prefix_cache()
-    if plugin._known_profiles() is not None:
-        plugin.known_profiles.discard(name)
+    known = getattr(llm.llm_engine.input_processor, "_adaras_profiles", None)
+    if known is not None:
+        known.discard(name)
     return found
 
 

@@ -29,26 +29,19 @@ ARCHS = {
     "LlamaForCausalLM": "adaras.engine.models:SteeredLlamaForCausalLM",
 }
 _registered = False
-# Profile names this frontend process knows are loaded in its workers: from
-# ADARAS_PROFILES, plus what `adaras.engine.load_profile` added. None = unknown
-# (then only the workers can tell, and they report the error).
-known_profiles: set[str] | None = None
 
 
-def _known_profiles() -> set[str] | None:
-    global known_profiles
-    if known_profiles is None:
-        from adaras.engine.runtime import PROFILES_ENV, parse_profiles_env
-
-        names = set(parse_profiles_env(os.environ.get(PROFILES_ENV)))
-        known_profiles = names or None
-    return known_profiles
+def known_profiles(input_processor) -> set[str] | None:
+    """Profile names one engine's workers hold, as its frontend knows them:
+    ADARAS_PROFILES at engine creation plus `adaras.engine.load_profile` calls.
+    None = unknown (then only the workers can tell, and they report it)."""
+    return getattr(input_processor, "_adaras_profiles", None)
 
 
-def check_profile_name(steering) -> None:
+def check_profile_name(input_processor, steering) -> None:
     from adaras.engine.config import SteeringConfigError
 
-    known = _known_profiles()
+    known = known_profiles(input_processor)
     if steering.active and steering.profile is not None and known is not None \
             and steering.profile not in known:
         raise SteeringConfigError(
@@ -95,14 +88,22 @@ def _patch_frontend() -> None:
 
     if getattr(InputProcessor, "_adaras", False):
         return
+    from adaras.engine.runtime import PROFILES_ENV, parse_profiles_env
+
+    orig_init = InputProcessor.__init__
     orig_process = InputProcessor.process_inputs
+
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        names = set(parse_profiles_env(os.environ.get(PROFILES_ENV)))
+        self._adaras_profiles = names or None
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steering = None
         if isinstance(params, SamplingParams) and params.extra_args:
             if EXTRA_ARGS_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
-                check_profile_name(steering)
+                check_profile_name(self, steering)
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if steering is not None and steering.active:
             salt = steering_salt(request.sampling_params.extra_args)
@@ -111,6 +112,7 @@ def _patch_frontend() -> None:
                 request.sampling_params.skip_reading_prefix_cache = True
         return request
 
+    InputProcessor.__init__ = __init__
     InputProcessor.process_inputs = process_inputs
     InputProcessor._adaras = True
 

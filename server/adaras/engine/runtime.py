@@ -53,7 +53,7 @@ def parse_profiles_env(value: str | None) -> dict[str, str]:
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a reloaded profile is a new key
 class LoadedProfile:
     """A profile laid out for this rank's shard of the MLP neurons."""
 
@@ -238,10 +238,10 @@ class SteeringRuntime:
         global _CURRENT
         for rid in finished:
             self.requests.pop(rid, None)
-        slots: dict[tuple[str, float], int] = {}
+        slots: dict[tuple[LoadedProfile, float], int] = {}
         row_slot = None
         spans = []
-        feat_profiles: dict[str, int] = {}
+        feat_profiles: dict[LoadedProfile, int] = {}
         feat_rows: list[np.ndarray] = []
         n_feat_rows = 0
         start = 0
@@ -259,18 +259,18 @@ class SteeringRuntime:
             # Rows of this request that are decode tokens (position >= prompt length).
             first_decode = max(prompt - computed, 0) if not state.steer_prompt else 0
             if state.applied and first_decode < n:
-                key = (state.profile.profile.name, state.alpha)
+                # Keyed by the profile object the request started with, so a
+                # reload or unload never changes a request in flight.
+                key = (state.profile, state.alpha)
                 slot = slots.setdefault(key, len(slots) + 1)
                 if row_slot is None:
                     row_slot = np.zeros(int(num_scheduled[: len(req_ids)].sum()), dtype=np.int32)
                 row_slot[start + first_decode: start + n] = slot
             if state.pool is not None and state.p_fail is None and computed < prompt:
                 m = min(n, prompt - computed)
-                name = state.profile.profile.name
-                if name not in feat_profiles:
-                    feat_profiles[name] = len(feat_profiles)
+                feat_profiles.setdefault(state.profile, len(feat_profiles))
                 feat_rows.append(np.arange(start, start + m))
-                spans.append((rid, slice(n_feat_rows, n_feat_rows + m), name,
+                spans.append((rid, slice(n_feat_rows, n_feat_rows + m), state.profile,
                               computed + n >= prompt))
                 n_feat_rows += m
             start += n
@@ -285,33 +285,34 @@ class SteeringRuntime:
             ctx.feat_idx, offsets = self._feature_table(tuple(feat_profiles))
             ctx.feat_rows = torch.from_numpy(np.concatenate(feat_rows)).to(self.device)
             ctx.feats = torch.zeros(n_feat_rows, ctx.feat_idx.shape[1], device=self.device)
-            ctx.spans = [(rid, rows, offsets[name], done) for rid, rows, name, done in spans]
+            ctx.spans = [(rid, rows, offsets[p], done) for rid, rows, p, done in spans]
         _CURRENT = ctx
         return ctx
 
-    def _slot_tables(self, keys: tuple[tuple[str, float], ...]):
-        if keys != self._table_key:
+    def _slot_tables(self, keys: tuple[tuple[LoadedProfile, float], ...]):
+        # Cached by identity: the same batch composition reuses its tables.
+        ident = tuple((id(p), a) for p, a in keys)
+        if ident != self._table_key:
             L = self.shape.num_layers
-            k = max(self.profiles[name].idx.shape[1] for name, _ in keys)
+            k = max(p.idx.shape[1] for p, _ in keys)
             idx = torch.full((len(keys) + 1, L, k), -1, dtype=torch.int32, device=self.device)
             val = torch.zeros((len(keys) + 1, L, k), dtype=torch.float32, device=self.device)
-            for s, (name, alpha) in enumerate(keys, start=1):
-                p = self.profiles[name]
+            for s, (p, alpha) in enumerate(keys, start=1):
                 kp = p.idx.shape[1]
                 idx[s, :, :kp] = p.idx
                 val[s, :, :kp] = p.delta * alpha
-            self._table_key, self._tables = keys, (idx, val)
+            self._table_key, self._tables, self._table_refs = ident, (idx, val), keys
         return self._tables
 
-    def _feature_table(self, names: tuple[str, ...]):
-        offsets, cols, o = {}, [], 0
-        for name in names:
-            fi = self.profiles[name].feat_idx
-            offsets[name] = slice(o, o + fi.shape[1])
-            cols.append(fi)
-            o += fi.shape[1]
-        if names != self._feat_key:
-            self._feat_key, self._feat_idx = names, torch.cat(cols, dim=1)
+    def _feature_table(self, profiles: tuple[LoadedProfile, ...]):
+        offsets, o = {}, 0
+        for p in profiles:
+            offsets[p] = slice(o, o + p.feat_idx.shape[1])
+            o += p.feat_idx.shape[1]
+        ident = tuple(id(p) for p in profiles)
+        if ident != self._feat_key:
+            self._feat_key, self._feat_refs = ident, profiles
+            self._feat_idx = torch.cat([p.feat_idx for p in profiles], dim=1)
         return self._feat_idx, offsets
 
     def end_step(self) -> None:
