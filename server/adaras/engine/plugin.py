@@ -130,15 +130,15 @@ def _patch_runner() -> None:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
-        rt = runtime.get_runtime(self)
         batch = self.input_batch
         n = batch.num_reqs
-        rt.begin_step(
+        runtime.get_runtime(self).begin_step(
             batch.req_ids[:n],
+            batch.req_id_to_index,
             num_scheduled_tokens,
             batch.num_computed_tokens_cpu[:n],
             batch.num_prompt_tokens[:n],
-            self.requests,
+            [(r.req_id, r.sampling_params) for r in scheduler_output.scheduled_new_reqs],
             scheduler_output.finished_req_ids,
         )
         return out

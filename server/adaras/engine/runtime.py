@@ -31,6 +31,7 @@ import torch
 from adaras.engine.config import SteeringRequest, steering_from_extra_args
 from adaras.predictor import FailurePredictor, PoolState
 from adaras.profile import ModelShape, SteeringProfile
+from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_features, plan_sparse_steer
 
 logger = logging.getLogger("adaras.engine")
 
@@ -126,6 +127,8 @@ class StepContext:
     steer_val: torch.Tensor | None = None  # fp32 [S, L, K]
     feat_rows: torch.Tensor | None = None  # int64 [R]
     feat_idx: torch.Tensor | None = None  # int32 [L, F]
+    plan: SteerPlan | None = None  # per-layer flat indices/values of the sparse add
+    feat_plan: FeaturePlan | None = None  # per-layer feature columns
     feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
     # (req_id, rows slice into feats, feature slice, prompt completes this step)
     spans: list[tuple[str, slice, slice, bool]] = field(default_factory=list)
@@ -187,9 +190,8 @@ class SteeringRuntime:
         else:
             error = None
         if not config.active:
-            if extra and "steering" in extra:
-                state = RequestState(config, None, 0.0, 1.0, error=error)
-                self._put_report(req_id, state)
+            if extra and "steering" in extra:  # explicit "off": still report it
+                self._put_report(req_id, RequestState(config, None, 0.0, 1.0, error=error))
             return None
         name = config.profile or self.default_profile
         loaded = self.profiles.get(name) if name else None
@@ -232,39 +234,46 @@ class SteeringRuntime:
         return out
 
     # ---- per step -------------------------------------------------------
-    def begin_step(self, req_ids: list[str], num_scheduled: np.ndarray,
-                   num_computed: np.ndarray, num_prompt: np.ndarray, requests: dict,
+    def begin_step(self, req_ids: list[str], req_id_to_index: dict[str, int],
+                   num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray,
+                   new_requests: list[tuple[str, object]] = (),
                    finished: set[str] | frozenset = frozenset()) -> StepContext | None:
+        """Build the step's context. Python work is per *steered* request only:
+        unsteered requests never enter `self.requests`."""
         global _CURRENT
         for rid in finished:
             self.requests.pop(rid, None)
+        for rid, sampling_params in new_requests:
+            state = self._new_request(rid, sampling_params)
+            if state is not None:
+                self.requests[rid] = state
+        if not self.requests:
+            _CURRENT = None
+            return None
+        ends = np.cumsum(num_scheduled[: len(req_ids)])  # token offset after request i
         slots: dict[tuple[LoadedProfile, float], int] = {}
         row_slot = None
         spans = []
         feat_profiles: dict[LoadedProfile, int] = {}
         feat_rows: list[np.ndarray] = []
         n_feat_rows = 0
-        start = 0
-        for i, rid in enumerate(req_ids):
+        for rid, state in self.requests.items():
+            i = req_id_to_index.get(rid)
+            if i is None or i >= len(req_ids):
+                continue  # not scheduled this step
             n = int(num_scheduled[i])
-            state = self.requests.get(rid)
-            if state is None and rid not in self.requests:
-                req = requests.get(rid)
-                state = self._new_request(rid, req.sampling_params if req else None)
-                self.requests[rid] = state
-            if state is None:
-                start += n
+            if n == 0:
                 continue
+            start = int(ends[i]) - n
             computed, prompt = int(num_computed[i]), int(num_prompt[i])
             # Rows of this request that are decode tokens (position >= prompt length).
-            first_decode = max(prompt - computed, 0) if not state.steer_prompt else 0
+            first_decode = 0 if state.steer_prompt else max(prompt - computed, 0)
             if state.applied and first_decode < n:
                 # Keyed by the profile object the request started with, so a
                 # reload or unload never changes a request in flight.
-                key = (state.profile, state.alpha)
-                slot = slots.setdefault(key, len(slots) + 1)
+                slot = slots.setdefault((state.profile, state.alpha), len(slots) + 1)
                 if row_slot is None:
-                    row_slot = np.zeros(int(num_scheduled[: len(req_ids)].sum()), dtype=np.int32)
+                    row_slot = np.zeros(int(ends[-1]), dtype=np.int32)
                 row_slot[start + first_decode: start + n] = slot
             if state.pool is not None and state.p_fail is None and computed < prompt:
                 m = min(n, prompt - computed)
@@ -273,7 +282,6 @@ class SteeringRuntime:
                 spans.append((rid, slice(n_feat_rows, n_feat_rows + m), state.profile,
                               computed + n >= prompt))
                 n_feat_rows += m
-            start += n
         if row_slot is None and not spans:
             _CURRENT = None
             return None
@@ -281,8 +289,10 @@ class SteeringRuntime:
         if row_slot is not None:
             ctx.row_slot = torch.from_numpy(row_slot).to(self.device)
             ctx.steer_idx, ctx.steer_val = self._slot_tables(tuple(slots))
+            ctx.plan = plan_sparse_steer(ctx.row_slot, ctx.steer_idx, ctx.steer_val,
+                                         self.shard[1] - self.shard[0])
         if spans:
-            ctx.feat_idx, offsets = self._feature_table(tuple(feat_profiles))
+            ctx.feat_idx, ctx.feat_plan, offsets = self._feature_table(tuple(feat_profiles))
             ctx.feat_rows = torch.from_numpy(np.concatenate(feat_rows)).to(self.device)
             ctx.feats = torch.zeros(n_feat_rows, ctx.feat_idx.shape[1], device=self.device)
             ctx.spans = [(rid, rows, offsets[p], done) for rid, rows, p, done in spans]
@@ -313,7 +323,8 @@ class SteeringRuntime:
         if ident != self._feat_key:
             self._feat_key, self._feat_refs = ident, profiles
             self._feat_idx = torch.cat([p.feat_idx for p in profiles], dim=1)
-        return self._feat_idx, offsets
+            self._feat_plan = plan_features(self._feat_idx, self.shard[1] - self.shard[0])
+        return self._feat_idx, self._feat_plan, offsets
 
     def end_step(self) -> None:
         """After the forward: feed gathered features to the predictors."""
