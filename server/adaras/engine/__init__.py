@@ -45,10 +45,12 @@ def pop_reports(llm, request_ids: list[str] | None = None) -> dict[str, dict]:
     raw = _rpc(llm, "pop_reports", request_ids)
     if request_ids is None:
         return raw
+    from adaras.engine.runtime import belongs_to
+
     out = {}
     for rid, rep in raw.items():
-        key = rid if rid in request_ids else rid.rsplit("-", 1)[0]
-        out[key] = rep
+        owner = next(w for w in request_ids if belongs_to(rid, w))
+        out[owner] = rep
     return out
 
 

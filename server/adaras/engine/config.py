@@ -20,6 +20,7 @@ from typing import Any, Literal
 Mode = Literal["off", "always", "adaptive"]
 MODES: tuple[str, ...] = ("off", "always", "adaptive")
 EXTRA_ARGS_KEY = "steering"
+PROFILES_ENV = "ADARAS_PROFILES"  # "name=path,name2=path2", loaded into every worker
 _FIELDS = {"mode", "profile", "alpha", "threshold"}
 
 
@@ -102,3 +103,17 @@ def steering_from_extra_args(extra_args: dict | None) -> SteeringRequest:
     if not extra_args or EXTRA_ARGS_KEY not in extra_args:
         return SteeringRequest()
     return parse_steering(extra_args[EXTRA_ARGS_KEY])
+
+
+def parse_profiles_env(value: str | None) -> dict[str, str]:
+    """`"a=/p/a.safetensors,b=/p/b.safetensors"` -> {"a": ..., "b": ...}."""
+    out: dict[str, str] = {}
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{PROFILES_ENV}: expected name=path, got {item!r}")
+        out[name.strip()] = path.strip()
+    return out

@@ -76,7 +76,7 @@ def steering_salt(extra_args: dict | None) -> str | None:
     config = steering_from_extra_args(extra_args)
     if not config.active:
         return None
-    fingerprint = (extra_args or {}).get("steering_fingerprint", "")
+    fingerprint = (extra_args or {}).get("steering_fingerprint", "")  # the profile's version
     return "adaras:" + json.dumps([config.to_dict(), fingerprint], sort_keys=True)
 
 
@@ -88,7 +88,7 @@ def _patch_frontend() -> None:
 
     if getattr(InputProcessor, "_adaras", False):
         return
-    from adaras.engine.runtime import PROFILES_ENV, parse_profiles_env
+    from adaras.engine.config import PROFILES_ENV, parse_profiles_env
 
     orig_init = InputProcessor.__init__
     orig_process = InputProcessor.process_inputs

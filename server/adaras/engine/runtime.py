@@ -20,38 +20,82 @@ decode steps are steered.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from adaras.engine.config import SteeringRequest, steering_from_extra_args
+from adaras.engine.config import (PROFILES_ENV, SteeringRequest, parse_profiles_env,
+                                  steering_from_extra_args)
 from adaras.predictor import FailurePredictor, PoolState
 from adaras.profile import ModelShape, SteeringProfile
 from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_features, plan_sparse_steer
 
 logger = logging.getLogger("adaras.engine")
 
-PROFILES_ENV = "ADARAS_PROFILES"  # "name=path,name2=path2"
 DEFAULT_PROFILE_ENV = "ADARAS_DEFAULT_PROFILE"
 MAX_REPORTS = 65536
+RETIRE_GRACE_S = 300.0
 
 
-def parse_profiles_env(value: str | None) -> dict[str, str]:
-    """`"a=/p/a.safetensors,b=/p/b.safetensors"` -> {"a": ..., "b": ...}."""
-    out: dict[str, str] = {}
-    for item in (value or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"{PROFILES_ENV}: expected name=path, got {item!r}")
-        out[name.strip()] = path.strip()
-    return out
+_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_CHILD = re.compile(r"^\d+_")
+
+
+def request_base_id(engine_id: str) -> str:
+    """An engine request id without what the engine added: vLLM appends
+    `-<8 hex>` to make ids unique and prefixes `<i>_` for the n > 1 children."""
+    return _CHILD.sub("", _SUFFIX.sub("", engine_id))
+
+
+def belongs_to(engine_id: str, frontend_id: str) -> bool:
+    """Whether an engine request was made for `frontend_id`: the same id, or a
+    sub-request of it (the OpenAI server adds `-<prompt index>` or `_<i>`)."""
+    base = request_base_id(engine_id)
+    return base == frontend_id or base.startswith((frontend_id + "-", frontend_id + "_"))
+
+
+def file_version(path) -> str:
+    """Short sha256 of a profile file: the same bytes give the same version in
+    every process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_CHILD = re.compile(r"^\d+_")
+
+
+def request_base_id(engine_id: str) -> str:
+    """An engine request id without what the engine added: vLLM appends
+    `-<8 hex>` to make ids unique and prefixes `<i>_` for the n > 1 children."""
+    return _CHILD.sub("", _SUFFIX.sub("", engine_id))
+
+
+def belongs_to(engine_id: str, frontend_id: str) -> bool:
+    """Whether an engine request was made for `frontend_id`: the same id, or a
+    sub-request of it (the OpenAI server adds `-<prompt index>` or `_<i>`)."""
+    base = request_base_id(engine_id)
+    return base == frontend_id or base.startswith((frontend_id + "-", frontend_id + "_"))
+
+
+def file_version(path) -> str:
+    """Short sha256 of a profile file: the same bytes give the same version in
+    every process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 @dataclass(eq=False)  # hashed by identity: a reloaded profile is a new key
@@ -59,13 +103,14 @@ class LoadedProfile:
     """A profile laid out for this rank's shard of the MLP neurons."""
 
     profile: SteeringProfile
+    version: str  # sha256 of the file: identifies this exact profile across processes
     idx: torch.Tensor  # int32 [L, Kp] local columns, -1 pad
     delta: torch.Tensor  # fp32 [L, Kp]
     feat_idx: torch.Tensor | None  # int32 [L, F] local column of feature f if in layer l here, else -1
 
     @classmethod
-    def build(cls, profile: SteeringProfile, num_layers: int, shard: tuple[int, int],
-              device: torch.device) -> LoadedProfile:
+    def build(cls, profile: SteeringProfile, version: str, num_layers: int,
+              shard: tuple[int, int], device: torch.device) -> LoadedProfile:
         start, end = shard
         per_layer = [[] for _ in range(num_layers)]
         for layer, neuron, d in zip(profile.layers.tolist(), profile.neurons.tolist(),
@@ -88,7 +133,7 @@ class LoadedProfile:
                 if start <= neuron < end:
                     feat_idx[layer, f] = neuron - start
             feat_idx = feat_idx.to(device)
-        return cls(profile, idx.to(device), delta.to(device), feat_idx)
+        return cls(profile, version, idx.to(device), delta.to(device), feat_idx)
 
 
 @dataclass
@@ -151,6 +196,8 @@ class SteeringRuntime:
         self.shard = (tp_rank * shard, (tp_rank + 1) * shard)
         self.device = device
         self.profiles: dict[str, LoadedProfile] = {}
+        self.versions: dict[str, LoadedProfile] = {}  # version -> profile, incl. retired
+        self.retired: dict[str, float] = {}  # version -> when it was replaced/unloaded
         self.default_profile: str | None = os.environ.get(DEFAULT_PROFILE_ENV) or None
         self.requests: dict[str, RequestState] = {}
         self.reports: OrderedDict[str, dict] = OrderedDict()
@@ -163,22 +210,49 @@ class SteeringRuntime:
 
     # ---- profiles -------------------------------------------------------
     def load_profile(self, name: str, path: str) -> dict:
+        """Load (or atomically replace) `name`. Requests already admitted keep
+        the profile object they started with."""
         profile = SteeringProfile.load(path, expect=self.shape)
         profile.name = name
-        self.profiles[name] = LoadedProfile.build(
-            profile, self.shape.num_layers, self.shard, self.device)
+        loaded = LoadedProfile.build(profile, file_version(path), self.shape.num_layers,
+                                     self.shard, self.device)
+        self._retire(self.profiles.get(name))
+        self.profiles[name] = loaded
+        self.versions[loaded.version] = loaded
         if self.default_profile is None:
             self.default_profile = name
         self._table_key = self._feat_key = None
-        logger.info("adaras: loaded profile %s (K=%d) from %s", name, profile.k, path)
-        return profile.summary()
+        logger.info("adaras: loaded profile %s (K=%d, version %s) from %s",
+                    name, profile.k, loaded.version, path)
+        return {**profile.summary(), "version": loaded.version}
 
     def unload_profile(self, name: str) -> bool:
-        found = self.profiles.pop(name, None) is not None
+        loaded = self.profiles.pop(name, None)
+        self._retire(loaded)
         if self.default_profile == name:
             self.default_profile = next(iter(self.profiles), None)
         self._table_key = self._feat_key = None
-        return found
+        return loaded is not None
+
+    def set_default_profile(self, name: str | None) -> None:
+        if name is not None and name not in self.profiles:
+            raise ValueError(f"unknown profile {name!r}")
+        self.default_profile = name
+
+    def _retire(self, loaded: LoadedProfile | None) -> None:
+        """Keep a replaced profile reachable by version for requests that were
+        admitted by the frontend before the swap but reach the worker after."""
+        now = time.monotonic()
+        if loaded is not None:
+            self.retired[loaded.version] = now
+        in_use = {s.profile.version for s in self.requests.values() if s.profile}
+        current = {p.version for p in self.profiles.values()}
+        for version, since in list(self.retired.items()):
+            if version in current:
+                del self.retired[version]
+            elif now - since > RETIRE_GRACE_S and version not in in_use:
+                del self.retired[version]
+                self.versions.pop(version, None)
 
     # ---- requests -------------------------------------------------------
     def _new_request(self, req_id: str, sampling_params) -> RequestState | None:
@@ -194,7 +268,10 @@ class SteeringRuntime:
                 self._put_report(req_id, RequestState(config, None, 0.0, 1.0, error=error))
             return None
         name = config.profile or self.default_profile
-        loaded = self.profiles.get(name) if name else None
+        version = (extra or {}).get("steering_fingerprint")
+        loaded = self.versions.get(version) if version else None
+        if loaded is None:
+            loaded = self.profiles.get(name) if name else None
         if loaded is None:
             state = RequestState(config, None, 0.0, 1.0,
                                  error=f"unknown steering profile {name!r}; loaded: {sorted(self.profiles)}")
@@ -221,15 +298,14 @@ class SteeringRuntime:
             self.reports.popitem(last=False)
 
     def pop_reports(self, req_ids: list[str] | None = None) -> dict[str, dict]:
-        """Reports keyed by engine request id. With `req_ids`, match either the
-        exact id or the external id vLLM extends with a `-<suffix>`."""
+        """Reports keyed by engine request id; with `req_ids`, only those that
+        belong to one of these frontend ids (see `request_base_id`)."""
         if req_ids is None:
             out, self.reports = dict(self.reports), OrderedDict()
             return out
-        wanted = set(req_ids)
         out = {}
         for rid in list(self.reports):
-            if rid in wanted or rid.rsplit("-", 1)[0] in wanted:
+            if any(belongs_to(rid, w) for w in req_ids):
                 out[rid] = self.reports.pop(rid)
         return out
 

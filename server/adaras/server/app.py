@@ -1,0 +1,97 @@
+"""Assemble and run the server: vLLM's OpenAI app (chat, completions, models,
+health, metrics, tokenizer endpoints) plus our profile router and middleware.
+
+Nothing here re-implements an OpenAI endpoint; see `middleware.py` for what the
+`steering` extension adds on the way in and out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from starlette.middleware import Middleware
+
+from adaras.profile import ModelShape
+from adaras.server import glue
+from adaras.server.middleware import ApiKeyMiddleware, SteeringMiddleware
+from adaras.server.profiles import ProfileRegistry
+from adaras.server.profiles import router as profiles_router
+from adaras.server.settings import Settings
+
+logger = logging.getLogger("adaras.server")
+
+
+def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> argparse.Namespace:
+    """vLLM's own serve arguments: ours first, then any engine flags passed through."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="adaras serve"))
+    argv = ["--model", model_path, "--host", settings.host, "--port", str(settings.port),
+            "--served-model-name", settings.model_name]
+    if not any(a.startswith("--shutdown-timeout") for a in passthrough):
+        argv += ["--shutdown-timeout", "30"]  # SIGTERM drains requests in flight for up to 30 s
+    argv += passthrough
+    args = parser.parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+async def build_app(settings: Settings, args: argparse.Namespace, engine):
+    """The FastAPI app around a running engine client."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app as build_vllm_app
+
+    glue.install_request_hooks()
+    supported_tasks = await engine.get_supported_tasks()
+    app = build_vllm_app(args, supported_tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, supported_tasks)
+
+    shape = ModelShape.from_hf_config(engine.model_config.hf_config)
+    upload_dir = Path(settings.profile_dir or Path(os.environ.get("ADARAS_CACHE", Path.home() /
+                                                                   ".cache/adaras")) / "uploads")
+    registry = ProfileRegistry(engine, shape, upload_dir, settings.default_mode)
+    for name, path in settings.profiles.items():
+        await registry.load(name, path, default=name == settings.default_profile)
+    app.state.adaras_profiles = registry
+    app.state.adaras_settings = settings
+    app.include_router(profiles_router)
+    # Outermost first: auth, then steering, then vLLM's own middleware. vLLM
+    # has already built the middleware stack, so insert and let it rebuild.
+    app.user_middleware[:0] = [
+        Middleware(ApiKeyMiddleware, api_key=settings.api_key, admin_key=settings.admin_key,
+                   model=settings.model_name),
+        Middleware(SteeringMiddleware, registry=registry, model=settings.model_name,
+                   report_timeout_s=settings.report_timeout_s),
+    ]
+    app.middleware_stack = None
+    return app
+
+
+async def serve(settings: Settings, passthrough: list[str]) -> None:
+    """Start the engine, build the app, serve until SIGINT/SIGTERM, then drain."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+
+    from adaras.engine import plugin
+    from adaras.zoo import resolve_model
+
+    plugin.register()
+    model_path = str(resolve_model(settings.model))
+    args = vllm_args(settings, model_path, passthrough)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine:
+        app = await build_app(settings, args, engine)
+        logger.info("adaras: serving %s on %s (default steering mode %s, profiles %s)",
+                    settings.model_name, listen_address, settings.default_mode,
+                    sorted(app.state.adaras_profiles.entries))
+        shutdown_task = await serve_http(
+            app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log)
+    try:
+        await shutdown_task
+    finally:
+        sock.close()

@@ -1,0 +1,248 @@
+"""The server's profile registry and the `/v1/steering/profiles` router.
+
+The registry mirrors what the engine workers hold. Loading validates the file
+here first (a profile for another model is a 400), then loads it into every
+worker through `collective_rpc`, then swaps the entry. Each request resolves
+its profile once, at admission, and carries the profile's *version* (sha256
+of the file) to the engine, so a request in flight finishes on the profile it
+started with even if the name is reloaded or unloaded meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, UploadFile
+
+from adaras.engine.config import SteeringConfigError, parse_steering
+from adaras.engine.runtime import file_version
+from adaras.profile import ModelShape, ProfileError, SteeringProfile
+from adaras.server.glue import engine_rpc
+from adaras.server.protocol import ProfileInfo, ProfileList, ProfileLoad, SteeringReport
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SteeringError(ValueError):
+    """Bad `steering` in a request: HTTP 400 naming `param`."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One request's steering, fixed at admission."""
+
+    mode: str
+    profile: str | None = None
+    alpha: float | None = None
+    threshold: float | None = None
+    neurons: int = 0
+    version: str = ""
+
+    def engine_steering(self) -> dict:
+        out = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha}
+        if self.mode == "adaptive":
+            out["threshold"] = self.threshold
+        return out
+
+    def report(self, engine: dict | None = None) -> SteeringReport:
+        engine = engine or {}
+        return SteeringReport(
+            mode=self.mode, profile=self.profile, alpha=self.alpha,
+            failure_probability=engine.get("failure_probability"),
+            applied=engine.get("applied", self.mode == "always"),
+            neurons=self.neurons if self.mode != "off" else 0,
+            threshold=self.threshold if self.mode == "adaptive" else None,
+        )
+
+
+@dataclass
+class Entry:
+    profile: SteeringProfile
+    version: str
+    source: str
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name) or ".." in name:
+        raise ProfileError(f"profile name {name!r} must match {_NAME.pattern} "
+                           "(letters, digits, '.', '_', '-'; no paths)")
+    return name
+
+
+class ProfileRegistry:
+    def __init__(self, engine, shape: ModelShape, upload_dir: Path, default_mode: str = "off"):
+        self.engine = engine
+        self.shape = shape
+        self.upload_dir = upload_dir
+        self.default_mode = default_mode
+        self.entries: dict[str, Entry] = {}
+        self.default: str | None = None
+        self._lock = asyncio.Lock()
+
+    # ---- admission ---------------------------------------------------------
+    def resolve(self, raw) -> Resolved:
+        """Validate a request's raw `steering` value; raises SteeringError."""
+        try:
+            req = parse_steering(raw, default_mode=self.default_mode)
+        except SteeringConfigError as e:
+            raise SteeringError(f"steering.{e.field}".replace("steering.<object>", "steering"),
+                                str(e)) from None
+        if req.mode == "off":
+            return Resolved("off")
+        name = req.profile or self.default
+        if name is None:
+            raise SteeringError("steering.profile", "no steering profile is loaded on this server")
+        entry = self.entries.get(name)
+        if entry is None:
+            raise SteeringError("steering.profile",
+                                f"unknown profile {name!r}; loaded: {sorted(self.entries)}")
+        prof = entry.profile
+        if req.mode == "adaptive" and prof.predictor is None:
+            raise SteeringError("steering.mode",
+                                f"profile {name!r} has no failure predictor; use mode 'always'")
+        alpha = prof.default_alpha if req.alpha is None else req.alpha
+        threshold = None
+        if req.mode == "adaptive":
+            threshold = req.threshold if req.threshold is not None else (
+                prof.threshold if prof.threshold is not None else 0.5)
+        return Resolved(req.mode, name, alpha, threshold, prof.k, entry.version)
+
+    # ---- management --------------------------------------------------------
+    def info(self, name: str) -> ProfileInfo:
+        entry = self.entries[name]
+        s = entry.profile.summary()
+        return ProfileInfo(
+            name=name, k=s["k"], default_alpha=s["default_alpha"], threshold=s["threshold"],
+            model=s["model"], provenance=s["provenance"], layer_histogram=s["layer_histogram"],
+            has_predictor=s["has_predictor"], fingerprint=entry.version,
+            default=name == self.default, source=entry.source)
+
+    async def load(self, name: str, path: str | Path, *, default: bool = False,
+                   source: str | None = None) -> ProfileInfo:
+        check_name(name)
+        path = Path(path)
+        profile = SteeringProfile.load(path, expect=self.shape)  # ProfileError -> 400
+        async with self._lock:
+            await engine_rpc(self.engine, "load_profile", name, str(path))
+            self.entries[name] = Entry(profile, file_version(path), source or str(path))
+            if default or self.default is None:
+                self.default = name
+                await engine_rpc(self.engine, "set_default_profile", name)
+        return self.info(name)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self.entries:
+                raise KeyError(name)
+            await engine_rpc(self.engine, "unload_profile", name)
+            del self.entries[name]
+            if self.default == name:
+                self.default = next(iter(self.entries), None)
+                await engine_rpc(self.engine, "set_default_profile", self.default)
+
+
+# ---- router ------------------------------------------------------------------
+
+def get_registry(request: Request) -> ProfileRegistry:
+    return request.app.state.adaras_profiles
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None,
+                  x_admin_key: Annotated[str | None, Header()] = None) -> None:
+    import secrets
+
+    admin_key = request.app.state.adaras_settings.admin_key
+    if admin_key is None:
+        raise HTTPException(403, "profile management is disabled: start the server with "
+                                 "--admin-key (or ADARAS_ADMIN_KEY)")
+    given = x_admin_key or (authorization or "").removeprefix("Bearer ").strip()
+    if not secrets.compare_digest(given.encode(), admin_key.encode()):
+        raise HTTPException(401, "this endpoint needs the admin key "
+                                 "(Authorization: Bearer <admin key> or X-Admin-Key)")
+
+
+RegistryDep = Annotated[ProfileRegistry, Depends(get_registry)]
+AdminDep = Annotated[None, Depends(require_admin)]
+
+router = APIRouter(prefix="/v1/steering/profiles", tags=["steering"])
+
+
+@router.get("", response_model=ProfileList)
+async def list_profiles(registry: RegistryDep) -> ProfileList:
+    """List the loaded steering profiles with their metadata."""
+    return ProfileList(default=registry.default,
+                       data=[registry.info(n) for n in sorted(registry.entries)])
+
+
+@router.get("/{name}", response_model=ProfileInfo)
+async def show_profile(name: str, registry: RegistryDep) -> ProfileInfo:
+    """One profile: metadata, layer histogram, provenance, predictor presence."""
+    if name not in registry.entries:
+        raise HTTPException(404, f"unknown profile {name!r}")
+    return registry.info(name)
+
+
+@router.post("", response_model=ProfileInfo, status_code=201)
+async def load_profile(request: Request, registry: RegistryDep, _: AdminDep) -> ProfileInfo:
+    """Load (or atomically replace) a profile. Body: JSON `{"name", "path",
+    "default"}` naming a file on the server, or multipart form fields `name`,
+    `file` (the .safetensors upload) and optional `default`. Needs the admin key."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            return await _load_upload(request, registry)
+        body = ProfileLoad.model_validate(await request.json())
+        return await registry.load(body.name, body.path, default=body.default)
+    except ProfileError as e:
+        raise HTTPException(400, str(e)) from None
+    except ValueError as e:  # pydantic / JSON errors
+        raise HTTPException(400, str(e)) from None
+
+
+async def _load_upload(request: Request, registry: ProfileRegistry) -> ProfileInfo:
+    settings = request.app.state.adaras_settings
+    form = await request.form()
+    name, upload = form.get("name"), form.get("file")
+    if not isinstance(name, str) or not isinstance(upload, UploadFile):
+        raise HTTPException(400, "multipart upload needs fields `name` and `file`")
+    check_name(name)
+    data = await upload.read()
+    if len(data) > settings.max_upload_mb * 2**20:
+        raise HTTPException(413, f"profile larger than {settings.max_upload_mb} MB")
+    registry.upload_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=registry.upload_dir, suffix=".safetensors",
+                                     delete=False) as f:
+        f.write(data)
+    tmp = Path(f.name)
+    try:
+        SteeringProfile.load(tmp, expect=registry.shape)  # refuse before it replaces anything
+        final = registry.upload_dir / f"{name}.{file_version(tmp)}.safetensors"
+        tmp.replace(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    default = str(form.get("default", "false")).lower() in ("1", "true", "yes")
+    return await registry.load(name, final, default=default, source=f"upload:{upload.filename}")
+
+
+@router.delete("/{name}", status_code=204)
+async def unload_profile(name: str, registry: RegistryDep, _: AdminDep) -> None:
+    """Unload a profile. Requests already running on it finish on it. Needs the admin key."""
+    try:
+        await registry.unload(name)
+    except KeyError:
+        raise HTTPException(404, f"unknown profile {name!r}") from None
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
