@@ -202,6 +202,7 @@ class SteeringRuntime:
         self.requests: dict[str, RequestState] = {}
         self.reports: OrderedDict[str, dict] = OrderedDict()
         self._table_key: tuple | None = None
+        self._plan_cache: tuple | None = None  # (tables, row_slot array, row_slot tensor, plan)
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._feat_key: tuple | None = None
         self._feat_idx: torch.Tensor | None = None
@@ -363,10 +364,15 @@ class SteeringRuntime:
             return None
         ctx = StepContext()
         if row_slot is not None:
-            ctx.row_slot = torch.from_numpy(row_slot).to(self.device)
-            ctx.steer_idx, ctx.steer_val = self._slot_tables(tuple(slots))
-            ctx.plan = plan_sparse_steer(ctx.row_slot, ctx.steer_idx, ctx.steer_val,
-                                         self.shard[1] - self.shard[0])
+            tables = self._slot_tables(tuple(slots))
+            prev = self._plan_cache
+            if prev is not None and prev[0] is tables and np.array_equal(prev[1], row_slot):
+                ctx.row_slot, ctx.plan = prev[2], prev[3]  # steady decode: same rows, same slots
+            else:
+                ctx.row_slot = torch.from_numpy(row_slot).to(self.device)
+                ctx.plan = plan_sparse_steer(ctx.row_slot, *tables, self.shard[1] - self.shard[0])
+                self._plan_cache = (tables, row_slot, ctx.row_slot, ctx.plan)
+            ctx.steer_idx, ctx.steer_val = tables
         if spans:
             ctx.feat_idx, ctx.feat_plan, offsets = self._feature_table(tuple(feat_profiles))
             ctx.feat_rows = torch.from_numpy(np.concatenate(feat_rows)).to(self.device)

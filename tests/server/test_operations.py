@@ -1,0 +1,209 @@
+"""Operations: auth, metrics, concurrency, disconnects, logging, draining on
+shutdown, and a schemathesis fuzz pass over the OpenAPI spec."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from .conftest import ADMIN_KEY, API_KEY, MODEL, start_server, stop_server
+
+pytestmark = pytest.mark.engine
+
+USER = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def metric(server, name: str, **labels) -> float:
+    """Sum of a Prometheus sample over series matching `labels`."""
+    total = 0.0
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, value = line.rsplit(" ", 1)
+        got = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+# ---- auth ------------------------------------------------------------------
+
+def test_api_key_is_required_on_v1_only(server):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
+    r = httpx.post(server.url + "/v1/completions", json=body,
+                   headers={"Authorization": "Bearer wrong-key-000"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/v1/models", headers=USER).status_code == 200
+    # the admin key is also a valid API key
+    assert httpx.get(server.url + "/v1/models",
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_no_keys_means_open_api_and_no_profile_admin():
+    """The ASGI layer alone, without a configured key (no engine needed)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from adaras.server.middleware import ApiKeyMiddleware
+
+    inner = Starlette(routes=[Route("/v1/models", lambda r: PlainTextResponse("ok"))])
+    open_app = TestClient(ApiKeyMiddleware(inner, api_key=None, admin_key=None, model="m"))
+    assert open_app.get("/v1/models").status_code == 200
+    locked = TestClient(ApiKeyMiddleware(inner, api_key="k" * 10, admin_key=None, model="m"))
+    assert locked.get("/v1/models").status_code == 401
+    assert locked.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 10}).status_code \
+        == 200
+
+
+# ---- metrics -----------------------------------------------------------------
+
+def test_metrics_move_with_requests(server, client):
+    import openai
+
+    before = {
+        "always": metric(server, "adaras_requests_total", mode="always", profile="a"),
+        "adaptive": metric(server, "adaras_requests_total", mode="adaptive", profile="pred"),
+        "pfail": metric(server, "adaras_failure_probability_count", profile="pred"),
+        "decisions": metric(server, "adaras_steering_decisions_total", profile="pred"),
+        "tokens": metric(server, "adaras_generation_tokens_total", mode="always"),
+        "ttft": metric(server, "adaras_time_to_first_token_seconds_count", mode="always"),
+        "errors": metric(server, "adaras_errors_total", type="bad_request"),
+    }
+    client.completions.create(model=MODEL, prompt="a b c", max_tokens=5, temperature=0,
+                              extra_body={"steering": {"mode": "always", "profile": "a"}})
+    list(client.completions.create(model=MODEL, prompt="a b c", max_tokens=5, stream=True,
+                                   extra_body={"steering": {"mode": "always", "profile": "a"}}))
+    client.completions.create(model=MODEL, prompt="a b c", max_tokens=3,
+                              extra_body={"steering": {"mode": "adaptive", "profile": "pred"}})
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                  extra_body={"steering": {"mode": "nope"}})
+    assert metric(server, "adaras_requests_total", mode="always", profile="a") == \
+        before["always"] + 2
+    assert metric(server, "adaras_requests_total", mode="adaptive", profile="pred") == \
+        before["adaptive"] + 1
+    assert metric(server, "adaras_failure_probability_count", profile="pred") == \
+        before["pfail"] + 1
+    assert metric(server, "adaras_steering_decisions_total", profile="pred") == \
+        before["decisions"] + 1
+    assert metric(server, "adaras_generation_tokens_total", mode="always") == \
+        before["tokens"] + 10
+    assert metric(server, "adaras_time_to_first_token_seconds_count", mode="always") == \
+        before["ttft"] + 1
+    assert metric(server, "adaras_errors_total", type="bad_request") == before["errors"] + 1
+    assert metric(server, "adaras_requests_running") == 0
+    text = httpx.get(server.url + "/metrics").text
+    assert "vllm:num_requests_running" in text  # vLLM's own metrics stay available
+    assert f'model="{MODEL}"' in text
+
+
+# ---- load ----------------------------------------------------------------------
+
+def test_32_concurrent_mixed_streams_have_no_errors(aclient):
+    modes = [{"mode": "off"}, {"mode": "always", "profile": "a", "alpha": 0.5},
+             {"mode": "adaptive", "profile": "pred"}, None]
+
+    async def one(i):
+        kw = {"extra_body": {"steering": modes[i % 4]}} if modes[i % 4] else {}
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"question {i}"}],
+            max_tokens=16, temperature=0.7, seed=i, stream=True, **kw)
+        chunks = [c async for c in stream]
+        return chunks[-1].model_extra["steering"], chunks[-1].choices[0].finish_reason
+
+    async def run():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    for i, (report, finish) in enumerate(results):
+        assert finish == "length"
+        assert report["mode"] == (modes[i % 4] or {"mode": "off"})["mode"]
+        if report["mode"] == "adaptive":
+            assert report["failure_probability"] is not None
+
+
+# ---- disconnects, logging ----------------------------------------------------------
+
+def test_client_disconnect_aborts_the_request(server):
+    before = metric(server, "vllm:request_success_total")
+    body = {"model": MODEL, "prompt": "one", "max_tokens": 400, "stream": True,
+            "steering": {"mode": "always", "profile": "a"}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=USER) as r:
+        for _ in r.iter_lines():
+            break  # hang up after the first event
+    deadline = time.time() + 20
+    while time.time() < deadline and metric(server, "adaras_requests_running") > 0:
+        time.sleep(0.2)
+    assert metric(server, "adaras_requests_running") == 0
+    assert metric(server, "vllm:num_requests_running") == 0
+    # it ended as an abort, not as a completed request
+    assert metric(server, "vllm:request_success_total") == before
+
+
+def test_every_request_is_logged_with_id_mode_and_decision(server, client):
+    out = client.completions.create(model=MODEL, prompt="log me", max_tokens=2,
+                                    extra_body={"steering": {"mode": "adaptive",
+                                                             "profile": "pred"}})
+    rid = out.id.removeprefix("cmpl-")
+    time.sleep(0.5)
+    line = next(ln for ln in server.log_text().splitlines() if rid in ln and "mode=" in ln)
+    assert "mode=adaptive" in line and "applied=" in line and "p_fail=" in line
+
+
+# ---- fuzz ----------------------------------------------------------------------------
+
+def test_schemathesis_finds_no_5xx(server):
+    import schemathesis
+    from schemathesis.specs.openapi.checks import not_a_server_error  # noqa: F401
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schema.include(path_regex=r"^/v1/(steering/profiles|models)")
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        strategy = operation.as_strategy()
+        from hypothesis import HealthCheck, given, settings
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def check(case):
+            response = case.call(base_url=server.url, headers={
+                "Authorization": f"Bearer {ADMIN_KEY}"})
+            if response.status_code >= 500:
+                failures.append((case.method, case.formatted_path, response.status_code))
+
+        check()
+    assert not failures, failures
+
+
+# ---- shutdown ---------------------------------------------------------------------
+
+def test_sigterm_drains_requests_in_flight(server_model, server_profiles, tmp_path):
+    srv = start_server(server_model, {"a": server_profiles["a"]}, tmp_path / "drain.log",
+                       api_key=None, admin_key=None)
+    try:
+        body = {"model": MODEL, "prompt": "one", "max_tokens": 300, "stream": True,
+                "steering": {"mode": "always", "profile": "a"}}
+        finish = None
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if i == 1:
+                    srv.proc.send_signal(15)  # SIGTERM to the server process
+                if '"finish_reason": "length"' in line or '"finish_reason":"length"' in line:
+                    finish = "length"
+        assert finish == "length", "the request in flight was cut off instead of drained"
+    finally:
+        code = stop_server(srv)
+    assert code is not None
