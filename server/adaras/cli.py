@@ -40,7 +40,7 @@ def serve(
     settings = Settings(**overrides)
     if not settings.profiles:
         settings.profiles = default_profiles(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _log_to_stderr("adaras")
     asyncio.run(run(settings, list(ctx.args)))
 
 
@@ -53,6 +53,17 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="known model n
     for name in names or list(KNOWN):
         path = prepare(name, force=force)
         typer.echo(f"{name}: {path}")
+
+
+def _log_to_stderr(name: str) -> None:
+    """Our loggers get their own handler: vLLM configures logging for `vllm.*` only."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
         cmd += ["--api-key", api_key]
     if admin_key:
         cmd += ["--admin-key", admin_key]
-    cmd += ["--", "--max-model-len", "512", "--dtype", "float32", "--max-num-seqs", "32"]
+    cmd += ["--", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "ADARAS_PLUGIN": "1",
            "ADARAS_CACHE": str(log.parent / "cache")}
     f = log.open("w")

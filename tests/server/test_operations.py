@@ -127,7 +127,7 @@ def test_32_concurrent_mixed_streams_have_no_errors(aclient):
     results = asyncio.run(run())
     assert len(results) == 32
     for i, (report, finish) in enumerate(results):
-        assert finish == "length"
+        assert finish in ("length", "stop")
         assert report["mode"] == (modes[i % 4] or {"mode": "off"})["mode"]
         if report["mode"] == "adaptive":
             assert report["failure_probability"] is not None
@@ -165,7 +165,7 @@ def test_every_request_is_logged_with_id_mode_and_decision(server, client):
 
 def test_schemathesis_finds_no_5xx(server):
     import schemathesis
-    from schemathesis.specs.openapi.checks import not_a_server_error  # noqa: F401
+    from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     schema = schema.include(path_regex=r"^/v1/(steering/profiles|models)")
@@ -173,7 +173,6 @@ def test_schemathesis_finds_no_5xx(server):
     for op in schema.get_all_operations():
         operation = op.ok()
         strategy = operation.as_strategy()
-        from hypothesis import HealthCheck, given, settings
 
         @settings(max_examples=15, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))

@@ -4,6 +4,7 @@ key, refusals, and atomic swaps under load."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -97,13 +98,6 @@ def test_refusals(server, tmp_path):
     assert names == {"a", "pred"}
 
 
-def running_requests(server) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("vllm:num_requests_running not exported")
-
-
 def test_swap_is_atomic_for_requests_in_flight(server, client, tmp_path):
     """A stream that starts on profile `swap` v1 finishes on v1 even though
     `swap` is replaced by v2 while it runs."""
@@ -112,8 +106,9 @@ def test_swap_is_atomic_for_requests_in_flight(server, client, tmp_path):
     SteeringProfile.random("swap", shape, k=24, seed=31, scale=3.0).save(v1)
     SteeringProfile.random("swap", shape, k=24, seed=32, scale=3.0).save(v2)
     url = server.url + "/v1/steering/profiles"
-    kw = dict(model=MODEL, prompt="one two three", max_tokens=400, temperature=0,
-              extra_body={"steering": {"mode": "always", "profile": "swap", "alpha": 1.0}})
+    kw = dict(model=MODEL, prompt="one two three", max_tokens=1500, temperature=0,
+              extra_body={"steering": {"mode": "always", "profile": "swap", "alpha": 1.0},
+                          "ignore_eos": True})
 
     assert httpx.post(url, json={"name": "swap", "path": str(v1)}, headers=ADMIN).is_success
     ref_v1 = client.completions.create(**kw).choices[0].text
@@ -130,8 +125,10 @@ def test_swap_is_atomic_for_requests_in_flight(server, client, tmp_path):
             r = httpx.post(url, json={"name": "swap", "path": str(v2)}, headers=ADMIN)
             assert r.is_success
             swapped.set()
-            # The swap really happened while the request was still generating.
-            assert running_requests(server) == 1
+            t_swap = time.perf_counter()
+    # The swap really happened while the request was generating: tokens kept
+    # arriving well after it (1500 tokens take over a second here).
+    assert time.perf_counter() - t_swap > 0.2
     assert swapped.is_set()
     assert "".join(texts) == ref_v1
     assert client.completions.create(**kw).choices[0].text == ref_v2

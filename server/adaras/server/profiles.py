@@ -11,14 +11,14 @@ started with even if the name is reloaded or unloaded meanwhile.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from starlette.datastructures import UploadFile
 
 from adaras.engine.config import SteeringConfigError, parse_steering
 from adaras.engine.runtime import file_version
@@ -243,6 +243,3 @@ async def unload_profile(name: str, registry: RegistryDep, _: AdminDep) -> None:
     except KeyError:
         raise HTTPException(404, f"unknown profile {name!r}") from None
 
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
