@@ -15,7 +15,7 @@ install:
 install-gpu:
 	$(PIP) install -e ".[gpu,test]"
 
-test: install
+test: install lint
 	$(PYTHON) -m pytest -q
 
 # Kernel, profile and predictor tests only (no engine start-up).
@@ -23,7 +23,7 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not engine"
 
 lint:
-	$(PYTHON) -m ruff check server steering_kernels tests benchmarks
+	$(PYTHON) -m ruff check server steering_kernels tests benchmarks scripts
 
 serve: install
 	$(PYTHON) -m adaras.cli serve

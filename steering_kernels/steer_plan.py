@@ -34,7 +34,6 @@ def plan_sparse_steer(row_slot: torch.Tensor, steer_idx: torch.Tensor, steer_val
     if steer_idx.dim() != 3 or steer_idx.shape != steer_val.shape:
         raise ValueError(f"steer_idx/steer_val must both be [S, L, K], got "
                          f"{tuple(steer_idx.shape)} and {tuple(steer_val.shape)}")
-    L = steer_idx.shape[1]
     rows = torch.nonzero(row_slot, as_tuple=True)[0]  # [R]
     slot = row_slot.index_select(0, rows).long()  # [R]
     cols = steer_idx.index_select(0, slot).long().transpose(0, 1)  # [L, R, K]

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch.testing import assert_close
-
 from adaras.predictor import FailurePredictor, PoolState
+from torch.testing import assert_close
 
 F, H = 12, 16
 

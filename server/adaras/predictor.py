@@ -215,7 +215,7 @@ class FailurePredictor(nn.Module):
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], config: dict, *, key_prefix: str = "") -> "FailurePredictor":
+    def from_tensors(cls, tensors: dict[str, Tensor], config: dict, *, key_prefix: str = "") -> FailurePredictor:
         """Rebuild from to_tensors() output + config(). Raises ValueError naming the bad key.
 
         key_prefix is only used in error messages (profile.py passes "predictor.").

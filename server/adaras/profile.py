@@ -65,7 +65,7 @@ class ModelShape:
     hidden_size: int
 
     @classmethod
-    def from_hf_config(cls, config) -> "ModelShape":
+    def from_hf_config(cls, config) -> ModelShape:
         """From a transformers PretrainedConfig (or any object/dict with
         .architectures/.num_hidden_layers/.intermediate_size/.hidden_size).
         Multimodal configs: the sizes are read from .text_config when it has them."""
@@ -97,7 +97,7 @@ class ModelShape:
         name = name.strip().lower()
         return name[len("steered"):] if name.startswith("steered") else name
 
-    def compatible_with(self, other: "ModelShape") -> bool:
+    def compatible_with(self, other: ModelShape) -> bool:
         """Sizes equal; architectures equal case-insensitively ignoring a 'Steered'
         prefix, and an empty architecture (unknown) matches anything."""
         if (self.num_layers, self.intermediate_size, self.hidden_size) != (
@@ -275,7 +275,7 @@ class SteeringProfile:
                 tmp.unlink()
 
     @classmethod
-    def load(cls, path, expect: ModelShape | None = None) -> "SteeringProfile":
+    def load(cls, path, expect: ModelShape | None = None) -> SteeringProfile:
         """Read and validate a profile file; every problem is a ProfileError naming the file."""
         from safetensors import safe_open
 
@@ -425,7 +425,7 @@ class SteeringProfile:
         seed: int = 0,
         scale: float = 1.0,
         default_alpha: float = 0.3,
-    ) -> "SteeringProfile":
+    ) -> SteeringProfile:
         """Synthetic profile for tests: k unique (layer, neuron) pairs sorted, delta ~ N(0, scale)."""
         total = model.num_layers * model.intermediate_size
         if not 0 <= k <= total:

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from vllm import SamplingParams
-
 from adaras.engine import load_profile, plugin, pop_reports, unload_profile
 from adaras.hf import capture_neurons, steering_hooks
 from adaras.profile import SteeringProfile
+from vllm import SamplingParams
 
 from .conftest import generate, prompt_ids
 
@@ -188,7 +187,6 @@ def test_in_engine_p_fail_matches_offline_predictor_under_chunked_prefill(
 
 def test_profiles_load_and_unload_at_runtime(qwen3_llm, qwen3_dir, tmp_path):
     import transformers
-
     from adaras.profile import ModelShape
 
     shape = ModelShape.from_hf_config(transformers.AutoConfig.from_pretrained(qwen3_dir))

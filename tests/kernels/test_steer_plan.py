@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from steering_kernels import apply_sparse_steer_, gather_features
-from steering_kernels.steer_plan import (apply_steer_plan_, gather_planned_features_,
-                                         plan_features, plan_sparse_steer)
+from steering_kernels.steer_plan import (
+    apply_steer_plan_,
+    gather_planned_features_,
+    plan_features,
+    plan_sparse_steer,
+)
 
 
 def tables(S, L, K, I, seed=0):

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from adaras.profile import ModelShape, SteeringProfile
 
 from .conftest import ADMIN_KEY, API_KEY, MODEL

@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adaras.engine.config import (PROFILES_ENV, SteeringRequest, parse_profiles_env,
-                                  steering_from_extra_args)
+from adaras.engine.config import (
+    PROFILES_ENV,
+    SteeringRequest,
+    parse_profiles_env,
+    steering_from_extra_args,
+)
 from adaras.predictor import FailurePredictor, PoolState
 from adaras.profile import ModelShape, SteeringProfile
 from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_features, plan_sparse_steer
@@ -42,33 +46,6 @@ logger = logging.getLogger("adaras.engine")
 DEFAULT_PROFILE_ENV = "ADARAS_DEFAULT_PROFILE"
 MAX_REPORTS = 65536
 RETIRE_GRACE_S = 300.0
-
-
-_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-_CHILD = re.compile(r"^\d+_")
-
-
-def request_base_id(engine_id: str) -> str:
-    """An engine request id without what the engine added: vLLM appends
-    `-<8 hex>` to make ids unique and prefixes `<i>_` for the n > 1 children."""
-    return _CHILD.sub("", _SUFFIX.sub("", engine_id))
-
-
-def belongs_to(engine_id: str, frontend_id: str) -> bool:
-    """Whether an engine request was made for `frontend_id`: the same id, or a
-    sub-request of it (the OpenAI server adds `-<prompt index>` or `_<i>`)."""
-    base = request_base_id(engine_id)
-    return base == frontend_id or base.startswith((frontend_id + "-", frontend_id + "_"))
-
-
-def file_version(path) -> str:
-    """Short sha256 of a profile file: the same bytes give the same version in
-    every process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 _SUFFIX = re.compile(r"-[0-9a-f]{8}$")
@@ -439,8 +416,10 @@ def get_runtime(runner=None) -> SteeringRuntime | None:
     """The worker's runtime, created on first use from the runner's model."""
     global _RUNTIME
     if _RUNTIME is None and runner is not None:
-        from vllm.distributed import (get_tensor_model_parallel_rank,
-                                      get_tensor_model_parallel_world_size)
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
         hf_config = runner.model_config.hf_config
         shape = ModelShape.from_hf_config(hf_config)
         _RUNTIME = SteeringRuntime(shape, get_tensor_model_parallel_rank(),

@@ -6,9 +6,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import warnings
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaras.engine.config import MODES, parse_profiles_env
 
@@ -26,7 +27,9 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="Bearer key required on /v1/* when set")
     admin_key: str | None = Field(None, description="key for loading/unloading profiles")
     default_mode: str = Field("off", description="steering mode for requests without `steering`")
-    profiles: dict[str, str] = Field(default_factory=dict, description="name -> profile path")
+    # NoDecode: ADARAS_PROFILES is "name=path,name=path", not JSON.
+    profiles: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="name -> profile path")
     default_profile: str | None = None
     default_profile_auto: bool = Field(
         True, description="serve the bundled default profile when the default model is served")
