@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from adaras.engine.config import (SteeringConfigError, parse_profiles_env, parse_steering,
-                                  steering_from_extra_args)
+from adaras.engine.config import (
+    SteeringConfigError,
+    parse_profiles_env,
+    parse_steering,
+    steering_from_extra_args,
+)
 from adaras.engine.runtime import belongs_to, request_base_id
 
 

@@ -205,3 +205,31 @@ def test_sigterm_drains_requests_in_flight(server_model, server_profiles, tmp_pa
     finally:
         code = stop_server(srv)
     assert code is not None
+
+
+def test_health_is_503_when_the_engine_dies(server_model, server_profiles, tmp_path,
+                                            monkeypatch):
+    import psutil
+
+    # Keep the HTTP server up after the engine dies so /health can be observed
+    # (by default vLLM's watchdog then stops the server, and the pod restarts).
+    monkeypatch.setenv("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "1")
+    srv = start_server(server_model, {"a": server_profiles["a"]}, tmp_path / "dead.log",
+                       api_key=None, admin_key=None)
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        engines = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+                   if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engines, "no engine core process found"
+        for p in engines:
+            p.kill()
+        deadline = time.time() + 30
+        status = None
+        while time.time() < deadline:
+            status = httpx.get(srv.url + "/health").status_code
+            if status == 503:
+                break
+            time.sleep(0.5)
+        assert status == 503
+    finally:
+        stop_server(srv)
