@@ -92,6 +92,23 @@ def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:
     return out
 
 
+def check_supported(vllm_config) -> None:
+    """Refuse configurations where steering would silently not happen.
+
+    CUDA graphs replay the kernels captured at warm-up, so the per-step
+    steering state would be frozen (no steering, or stale steering). Until the
+    op is verified as a cudagraph splitting op on a GPU, steered models need
+    eager mode there. The CPU backend never uses CUDA graphs.
+    """
+    from vllm.config import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode != CUDAGraphMode.NONE:
+        raise ValueError(
+            f"AdaRAS steering does not support CUDA graphs yet (cudagraph_mode={mode.name}): "
+            "start vLLM with --enforce-eager, or set ADARAS_PLUGIN=0 to serve unsteered")
+
+
 def wrap_mlps(model: nn.Module) -> int:
     """Wrap `mlp.act_fn` of every local decoder layer; returns how many."""
     n = 0
@@ -107,17 +124,20 @@ def wrap_mlps(model: nn.Module) -> int:
 
 class SteeredQwen3ForCausalLM(Qwen3ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
+        check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         wrap_mlps(self)
 
 
 class SteeredQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
+        check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         wrap_mlps(self)
 
 
 class SteeredLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         wrap_mlps(self)
