@@ -98,6 +98,7 @@ def make_prompts(n: int) -> list[str]:
 def build_profiles(model_dir: Path, out_dir: Path) -> dict[str, str]:
     """p0..p7: random K=50 profiles; p0 also gets a random predictor (F=256)."""
     import torch
+
     from adaras.predictor import FailurePredictor
     from adaras.profile import ModelShape, SteeringProfile
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from adaras.engine.config import (
     SteeringConfigError,
     parse_profiles_env,

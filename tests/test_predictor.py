@@ -1,7 +1,8 @@
 import pytest
 import torch
-from adaras.predictor import FailurePredictor, PoolState
 from torch.testing import assert_close
+
+from adaras.predictor import FailurePredictor, PoolState
 
 F, H = 12, 16
 

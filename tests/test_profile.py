@@ -4,9 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from adaras.predictor import FailurePredictor
 from adaras.profile import ModelShape, ProfileError, SteeringProfile
-from safetensors.torch import save_file
 
 SHAPE = ModelShape("LlamaForCausalLM", num_layers=6, intermediate_size=48, hidden_size=16)
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from adaras import zoo
 
 SMOL = "smollm2-135m-instruct"

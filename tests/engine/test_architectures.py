@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from adaras.profile import SteeringProfile
 from adaras.tiny import make_tiny_model
 

@@ -3,8 +3,9 @@
 from types import SimpleNamespace
 
 import pytest
-from adaras.engine.models import check_supported
 from vllm.config import CUDAGraphMode
+
+from adaras.engine.models import check_supported
 
 
 def config(mode):

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from vllm import SamplingParams
+
 from adaras.engine import load_profile, plugin, pop_reports, unload_profile
 from adaras.hf import capture_neurons, steering_hooks
 from adaras.profile import SteeringProfile
-from vllm import SamplingParams
 
 from .conftest import generate, prompt_ids
 
@@ -187,6 +188,7 @@ def test_in_engine_p_fail_matches_offline_predictor_under_chunked_prefill(
 
 def test_profiles_load_and_unload_at_runtime(qwen3_llm, qwen3_dir, tmp_path):
     import transformers
+
     from adaras.profile import ModelShape
 
     shape = ModelShape.from_hf_config(transformers.AutoConfig.from_pretrained(qwen3_dir))
@@ -227,3 +229,38 @@ def test_profile_for_another_model_is_refused(qwen3_llm, tmp_path):
 def test_bad_steering_is_refused_with_the_field_named(qwen3_llm, steering, field):
     with pytest.raises(ValueError, match=f"steering.{field}"):
         generate(qwen3_llm, prompt_ids(1, 8), params(steering))
+
+
+def test_reloading_a_profile_mid_request_keeps_the_old_one(qwen3_llm, qwen3_dir, tmp_path):
+    """Deterministic in-flight swap: step the engine by hand, replace the
+    profile between two decode steps, and the request finishes on the old one."""
+    import transformers
+
+    from adaras.profile import ModelShape
+
+    shape = ModelShape.from_hf_config(transformers.AutoConfig.from_pretrained(qwen3_dir))
+    v1, v2 = tmp_path / "v1.safetensors", tmp_path / "v2.safetensors"
+    SteeringProfile.random("swap", shape, k=24, seed=51, scale=3.0).save(v1)
+    SteeringProfile.random("swap", shape, k=24, seed=52, scale=3.0).save(v2)
+    prompt = prompt_ids(1, 20, seed=53)
+    p = params({"mode": "always", "profile": "swap", "alpha": 1.0}, max_tokens=24)
+    load_profile(qwen3_llm, "swap", str(v1))
+    ref_v1 = tokens(generate(qwen3_llm, prompt, p))[0]
+    load_profile(qwen3_llm, "swap", str(v2))
+    ref_v2 = tokens(generate(qwen3_llm, prompt, p))[0]
+    assert ref_v1 != ref_v2
+    load_profile(qwen3_llm, "swap", str(v1))
+
+    engine = qwen3_llm.llm_engine
+    engine.add_request("swap-in-flight", {"prompt_token_ids": prompt[0]}, p)
+    outs = []
+    for _ in range(4):  # prefill + a few decode steps on v1
+        outs += engine.step()
+    assert not any(o.finished for o in outs)
+    load_profile(qwen3_llm, "swap", str(v2))  # between two steps of the request
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    final = next(o for o in outs if o.finished)
+    assert list(final.outputs[0].token_ids) == ref_v1
+    assert tokens(generate(qwen3_llm, prompt, p))[0] == ref_v2  # new requests get v2
+    unload_profile(qwen3_llm, "swap")

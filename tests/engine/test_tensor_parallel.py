@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from adaras.engine import pop_reports
 
 from .conftest import _env, generate, prompt_ids, shutdown, start_llm

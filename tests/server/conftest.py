@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from adaras.tiny import make_tiny_model
 
+from adaras.tiny import make_tiny_model
 from tests.engine.conftest import make_profiles
 
 API_KEY = "test-api-key-123"

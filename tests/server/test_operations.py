@@ -49,11 +49,12 @@ def test_api_key_is_required_on_v1_only(server):
 
 def test_no_keys_means_open_api_and_no_profile_admin():
     """The ASGI layer alone, without a configured key (no engine needed)."""
-    from adaras.server.middleware import ApiKeyMiddleware
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
     from starlette.testclient import TestClient
+
+    from adaras.server.middleware import ApiKeyMiddleware
 
     inner = Starlette(routes=[Route("/v1/models", lambda r: PlainTextResponse("ok"))])
     open_app = TestClient(ApiKeyMiddleware(inner, api_key=None, admin_key=None, model="m"))

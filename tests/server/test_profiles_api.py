@@ -4,10 +4,10 @@ key, refusals, and atomic swaps under load."""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
+
 from adaras.profile import ModelShape, SteeringProfile
 
 from .conftest import ADMIN_KEY, API_KEY, MODEL
@@ -97,9 +97,11 @@ def test_refusals(server, tmp_path):
     assert names == {"a", "pred"}
 
 
-def test_swap_is_atomic_for_requests_in_flight(server, client, tmp_path):
-    """A stream that starts on profile `swap` v1 finishes on v1 even though
-    `swap` is replaced by v2 while it runs."""
+def test_swap_over_http_keeps_streams_on_their_profile(server, client, tmp_path):
+    """A stream that starts on profile `swap` v1 finishes on v1 when `swap` is
+    replaced by v2 during it; new requests get v2. (Whether the engine was
+    still generating at the swap depends on timing here; the deterministic
+    mid-request swap is tests/engine: test_reloading_a_profile_mid_request.)"""
     shape = shape_of(server)
     v1, v2 = tmp_path / "v1.safetensors", tmp_path / "v2.safetensors"
     SteeringProfile.random("swap", shape, k=24, seed=31, scale=3.0).save(v1)
@@ -124,10 +126,6 @@ def test_swap_is_atomic_for_requests_in_flight(server, client, tmp_path):
             r = httpx.post(url, json={"name": "swap", "path": str(v2)}, headers=ADMIN)
             assert r.is_success
             swapped.set()
-            t_swap = time.perf_counter()
-    # The swap really happened while the request was generating: tokens kept
-    # arriving well after it (1500 tokens take over a second here).
-    assert time.perf_counter() - t_swap > 0.2
     assert swapped.is_set()
     assert "".join(texts) == ref_v1
     assert client.completions.create(**kw).choices[0].text == ref_v2
