@@ -15,4 +15,5 @@ RUN python3 -m pip install --no-cache-dir -e . triton
 ENV ADARAS_CACHE=/root/.cache/adaras
 EXPOSE 8000
 ENTRYPOINT ["adaras"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+# --enforce-eager: steering does not support CUDA graphs yet (see README, GPU notes).
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--", "--enforce-eager"]
