@@ -79,10 +79,11 @@ def test_metrics_move_with_requests(server, client):
         "ttft": metric(server, "adaras_time_to_first_token_seconds_count", mode="always"),
         "errors": metric(server, "adaras_errors_total", type="bad_request"),
     }
+    always = {"steering": {"mode": "always", "profile": "a"}, "ignore_eos": True}
     client.completions.create(model=MODEL, prompt="a b c", max_tokens=5, temperature=0,
-                              extra_body={"steering": {"mode": "always", "profile": "a"}})
+                              extra_body=always)
     list(client.completions.create(model=MODEL, prompt="a b c", max_tokens=5, stream=True,
-                                   extra_body={"steering": {"mode": "always", "profile": "a"}}))
+                                   extra_body=always))
     client.completions.create(model=MODEL, prompt="a b c", max_tokens=3,
                               extra_body={"steering": {"mode": "adaptive", "profile": "pred"}})
     with pytest.raises(openai.BadRequestError):
@@ -137,8 +138,9 @@ def test_32_concurrent_mixed_streams_have_no_errors(aclient):
 
 def test_client_disconnect_aborts_the_request(server):
     before = metric(server, "vllm:request_success_total")
-    body = {"model": MODEL, "prompt": "one", "max_tokens": 400, "stream": True,
-            "steering": {"mode": "always", "profile": "a"}}
+    # ignore_eos + 1800 tokens: it cannot finish on its own before we hang up.
+    body = {"model": MODEL, "prompt": "one", "max_tokens": 1800, "ignore_eos": True,
+            "stream": True, "steering": {"mode": "always", "profile": "a"}}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=USER) as r:
         for _ in r.iter_lines():
             break  # hang up after the first event
@@ -194,8 +196,8 @@ def test_sigterm_drains_requests_in_flight(server_model, server_profiles, tmp_pa
     srv = start_server(server_model, {"a": server_profiles["a"]}, tmp_path / "drain.log",
                        api_key=None, admin_key=None)
     try:
-        body = {"model": MODEL, "prompt": "one", "max_tokens": 300, "stream": True,
-                "steering": {"mode": "always", "profile": "a"}}
+        body = {"model": MODEL, "prompt": "one", "max_tokens": 1500, "ignore_eos": True,
+                "stream": True, "steering": {"mode": "always", "profile": "a"}}
         finish = None
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
             for i, line in enumerate(r.iter_lines()):
