@@ -43,7 +43,13 @@ from .predictor import FailurePredictor
 FORMAT = "adaras-profile"
 FORMAT_VERSION = "1"
 PREDICTOR_PREFIX = "predictor."
+PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # and no ".." anywhere
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_profile_name(name) -> bool:
+    """The one rule for profile names: safe as a file-name component, no paths."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
 _SHAPE_INTS = ("num_layers", "intermediate_size", "hidden_size")
 
 
@@ -155,7 +161,7 @@ class SteeringProfile:
             raise ProfileError(f"{where}: {msg}")
 
         name = self.name
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+        if not valid_profile_name(name):
             fail(
                 f"invalid profile name {name!r}; use 1-64 characters from letters, digits, '.', '_' "
                 f"and '-', starting with a letter or digit and without '..'"

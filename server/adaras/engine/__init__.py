@@ -10,6 +10,7 @@ Offline helpers for an `vllm.LLM` whose process loaded the plugin:
 
 from __future__ import annotations
 
+from adaras.engine import plugin
 from adaras.engine.config import SteeringConfigError, SteeringRequest, parse_steering
 
 
@@ -25,17 +26,14 @@ def load_profile(llm, name: str, path: str) -> dict:
     same name is reused."""
     summary = _rpc(llm, "load_profile", name, str(path))
     llm.reset_prefix_cache()
-    processor = llm.llm_engine.input_processor
-    processor._adaras_profiles = (getattr(processor, "_adaras_profiles", None) or set()) | {name}
+    plugin.remember_profile(llm.llm_engine.input_processor, name, loaded=True)
     return summary
 
 
 def unload_profile(llm, name: str) -> bool:
     found = _rpc(llm, "unload_profile", name)
     llm.reset_prefix_cache()
-    known = getattr(llm.llm_engine.input_processor, "_adaras_profiles", None)
-    if known is not None:
-        known.discard(name)
+    plugin.remember_profile(llm.llm_engine.input_processor, name, loaded=False)
     return found
 
 

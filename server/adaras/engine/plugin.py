@@ -38,6 +38,15 @@ def known_profiles(input_processor) -> set[str] | None:
     return getattr(input_processor, "_adaras_profiles", None)
 
 
+def remember_profile(input_processor, name: str, loaded: bool) -> None:
+    """Record in the frontend that the workers now hold (or no longer hold) `name`."""
+    known = known_profiles(input_processor)
+    if loaded:
+        input_processor._adaras_profiles = (known or set()) | {name}
+    elif known is not None:
+        known.discard(name)
+
+
 def check_profile_name(input_processor, steering) -> None:
     from adaras.engine.config import SteeringConfigError
 

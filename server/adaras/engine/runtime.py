@@ -199,7 +199,6 @@ class SteeringRuntime:
         self.versions[loaded.version] = loaded
         if self.default_profile is None:
             self.default_profile = name
-        self._table_key = self._feat_key = None
         logger.info("adaras: loaded profile %s (K=%d, version %s) from %s",
                     name, profile.k, loaded.version, path)
         return {**profile.summary(), "version": loaded.version}
@@ -209,7 +208,6 @@ class SteeringRuntime:
         self._retire(loaded)
         if self.default_profile == name:
             self.default_profile = next(iter(self.profiles), None)
-        self._table_key = self._feat_key = None
         return loaded is not None
 
     def set_default_profile(self, name: str | None) -> None:

@@ -11,7 +11,6 @@ started with even if the name is reloaded or unloaded meanwhile.
 from __future__ import annotations
 
 import asyncio
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +21,15 @@ from starlette.datastructures import UploadFile
 
 from adaras.engine.config import SteeringConfigError, parse_steering
 from adaras.engine.runtime import file_version
-from adaras.profile import ModelShape, ProfileError, SteeringProfile
+from adaras.profile import (
+    PROFILE_NAME_PATTERN,
+    ModelShape,
+    ProfileError,
+    SteeringProfile,
+    valid_profile_name,
+)
 from adaras.server.glue import engine_rpc
 from adaras.server.protocol import ProfileInfo, ProfileList, ProfileLoad, SteeringReport
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class SteeringError(ValueError):
@@ -73,8 +76,8 @@ class Entry:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
-        raise ProfileError(f"profile name {name!r} must match {_NAME.pattern} "
+    if not valid_profile_name(name):
+        raise ProfileError(f"profile name {name!r} must match {PROFILE_NAME_PATTERN} "
                            "(letters, digits, '.', '_', '-'; no paths)")
     return name
 

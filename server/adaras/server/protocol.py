@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adaras.profile import PROFILE_NAME_PATTERN
+
 
 class SteeringParams(BaseModel):
     """The `steering` object of /v1/chat/completions and /v1/completions."""
@@ -38,7 +40,7 @@ class ProfileLoad(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=PROFILE_NAME_PATTERN)
     path: str
     default: bool = Field(False, description="make it the server's default profile")
 

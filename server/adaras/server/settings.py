@@ -4,7 +4,6 @@ environment variable with the `ADARAS_` prefix (ADARAS_API_KEY, ...)."""
 from __future__ import annotations
 
 import ipaddress
-import re
 import warnings
 from typing import Annotated
 
@@ -12,9 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaras.engine.config import MODES, parse_profiles_env
+from adaras.profile import PROFILE_NAME_PATTERN, valid_profile_name
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class Settings(BaseSettings):
@@ -50,8 +49,9 @@ class Settings(BaseSettings):
     @classmethod
     def _check_profile_names(cls, v: dict[str, str]):
         for name in v:
-            if not _NAME.match(name) or ".." in name:
-                raise ValueError(f"profile name {name!r} must match {_NAME.pattern} (no paths)")
+            if not valid_profile_name(name):
+                raise ValueError(f"profile name {name!r} must match {PROFILE_NAME_PATTERN} "
+                                 "(no paths)")
         return v
 
     @field_validator("default_mode")
