@@ -73,3 +73,25 @@ def capture_neurons(model, layers: torch.Tensor, neurons: torch.Tensor) -> Itera
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def mean_activations(model, input_ids: list[int], start: int = 0) -> torch.Tensor:
+    """Teacher-forced mean of `a` over positions >= `start` of one sequence,
+    for every neuron of every layer -> float32 [L, I]. The reference for the
+    engine's capture path (`extra_args["adaras_capture"]["mean_from"]`)."""
+    downs = _down_projs(model)
+    means: list[torch.Tensor | None] = [None] * len(downs)
+    handles = []
+    for layer, down in enumerate(downs):
+
+        def pre_hook(module, args, layer=layer):
+            means[layer] = args[0][0, start:].float().mean(dim=0)  # [I]
+
+        handles.append(down.register_forward_pre_hook(pre_hook))
+    try:
+        model(torch.tensor([input_ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(means)  # [L, I]

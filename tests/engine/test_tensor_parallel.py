@@ -44,3 +44,25 @@ def test_tp2_predictor_matches_tp1(qwen3_llm, qwen3_tp2):
         reports = pop_reports(llm, [o.request_id for o in outs])
         p[name] = torch.tensor([reports[o.request_id]["failure_probability"] for o in outs])
     torch.testing.assert_close(p["tp2"], p["tp1"], atol=1e-4, rtol=1e-4)
+
+
+def test_tp2_capture_joins_the_neuron_shards(qwen3_llm, qwen3_tp2):
+    from vllm import SamplingParams
+
+    from adaras.engine import pop_captures
+
+    prompts = [prompt_ids(1, n, seed=50 + n)[0] for n in (40, 75)]
+    # features on both sides of the shard boundary (I = 192 -> 96 per rank)
+    spec = {"mean_from": 7, "features": [[0, 3], [1, 160], [0, 95], [1, 96]]}
+    sp = SamplingParams(max_tokens=1, extra_args={"adaras_capture": spec})
+    got = {}
+    for name, llm in (("tp1", qwen3_llm), ("tp2", qwen3_tp2)):
+        outs = generate(llm, prompts, sp)
+        caps = pop_captures(llm, [o.request_id for o in outs])
+        got[name] = [caps[o.request_id] for o in outs]
+    for a, b in zip(got["tp1"], got["tp2"]):
+        assert b["mean"].shape == a["mean"].shape
+        torch.testing.assert_close(torch.from_numpy(b["mean"]), torch.from_numpy(a["mean"]),
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(b["tokens"]), torch.from_numpy(a["tokens"]),
+                                   atol=1e-4, rtol=1e-4)

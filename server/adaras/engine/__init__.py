@@ -52,5 +52,30 @@ def pop_reports(llm, request_ids: list[str] | None = None) -> dict[str, dict]:
     return out
 
 
+def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
+    """Finished activation captures (`extra_args["adaras_capture"]`) keyed by
+    the request ids you pass: {"count", "mean": float32 [L, I], "tokens":
+    float32 [T, F]}. Tensor-parallel shards of `mean` are joined here."""
+    import numpy as np
+
+    from adaras.engine.runtime import belongs_to
+
+    def array(raw) -> np.ndarray:
+        data, shape = raw
+        return np.frombuffer(data, dtype=np.float32).reshape(shape)
+
+    per_rank = llm.collective_rpc("adaras_rpc", args=("pop_captures", request_ids))
+    out = {}
+    for rid, first in per_rank[0].items():
+        owner = next(w for w in request_ids if belongs_to(rid, w))
+        result = dict(first)
+        if "mean" in first:  # each rank holds its slice of the neurons
+            result["mean"] = np.concatenate([array(r[rid]["mean"]) for r in per_rank], axis=1)
+        if "tokens" in first:  # all-reduced: the same on every rank
+            result["tokens"] = array(first["tokens"])
+        out[owner] = result
+    return out
+
+
 __all__ = ["SteeringConfigError", "SteeringRequest", "parse_steering",
-           "load_profile", "unload_profile", "pop_reports"]
+           "load_profile", "unload_profile", "pop_reports", "pop_captures"]

@@ -117,3 +117,75 @@ def parse_profiles_env(value: str | None) -> dict[str, str]:
             raise ValueError(f"{PROFILES_ENV}: expected name=path, got {item!r}")
         out[name.strip()] = path.strip()
     return out
+
+
+# ---- activation capture (the offline pipeline's teacher-forced capture path) ----
+
+CAPTURE_KEY = "adaras_capture"
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """`SamplingParams.extra_args["adaras_capture"]`: record the prompt's
+    pre-steering MLP activations `act(gate)*up` while the engine prefills it.
+
+    mean_from : mean over prompt positions >= mean_from of every neuron of
+                every layer -> float32 [L, I]  (None: no mean)
+    features  : (layer, neuron) pairs whose per-token values are recorded for
+                prompt positions < tokens_until -> float32 [T, F]  (None: none)
+    """
+
+    mean_from: int | None = None
+    features: tuple[tuple[int, int], ...] | None = None
+    tokens_until: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.mean_from is not None:
+            out["mean_from"] = self.mean_from
+        if self.features is not None:
+            out["features"] = [list(f) for f in self.features]
+        if self.tokens_until is not None:
+            out["tokens_until"] = self.tokens_until
+        return out
+
+
+def _index(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{CAPTURE_KEY}.{field}: must be an integer >= 0, got {value!r}")
+    return value
+
+
+def parse_capture(obj: Any) -> CaptureRequest | None:
+    """Validate a raw capture object; None when there is nothing to capture."""
+    if obj is None:
+        return None
+    if isinstance(obj, CaptureRequest):
+        return obj
+    if not isinstance(obj, dict):
+        raise ValueError(f"{CAPTURE_KEY}: must be an object, got {type(obj).__name__}")
+    unknown = set(obj) - {"mean_from", "features", "tokens_until"}
+    if unknown:
+        raise ValueError(f"{CAPTURE_KEY}.{sorted(unknown)[0]}: unknown field")
+    mean_from = obj.get("mean_from")
+    if mean_from is not None:
+        mean_from = _index("mean_from", mean_from)
+    features = obj.get("features")
+    if features is not None:
+        if not isinstance(features, (list, tuple)) or not features:
+            raise ValueError(f"{CAPTURE_KEY}.features: must be a non-empty list of [layer, neuron]")
+        pairs = []
+        for f in features:
+            if not isinstance(f, (list, tuple)) or len(f) != 2:
+                raise ValueError(f"{CAPTURE_KEY}.features: each entry must be [layer, neuron], "
+                                 f"got {f!r}")
+            pairs.append((_index("features", f[0]), _index("features", f[1])))
+        features = tuple(pairs)
+    until = obj.get("tokens_until")
+    if until is not None:
+        until = _index("tokens_until", until)
+        if features is None:
+            raise ValueError(f"{CAPTURE_KEY}.tokens_until: needs 'features'")
+    if mean_from is None and features is None:
+        return None
+    return CaptureRequest(mean_from=mean_from, features=features, tokens_until=until)

@@ -31,6 +31,11 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     ctx = runtime.current()
     if ctx is None:
         return
+    if ctx.cap_sum is not None:  # capture reads the activation before steering
+        ctx.cap_sum[layer].index_add_(0, ctx.cap_seg, act.index_select(0, ctx.cap_rows).float())
+    if ctx.cap_feats is not None:
+        gather_planned_features_(ctx.cap_feats, gate_up, ctx.cap_tok_rows, ctx.cap_feat_plan,
+                                 layer)
     if ctx.feats is not None:  # prompt rows of adaptive requests -> predictor features
         gather_planned_features_(ctx.feats, gate_up, ctx.feat_rows, ctx.feat_plan, layer)
     if ctx.plan is not None:
@@ -71,7 +76,8 @@ def _use_fused(gate_up: torch.Tensor) -> bool:
     # so the graph never captures per-step state.
     if torch.compiler.is_compiling() or not gate_up.is_cuda:
         return False
-    return silu_and_mul_steer is not None and runtime.current() is not None
+    ctx = runtime.current()  # capture steps take the torch path
+    return silu_and_mul_steer is not None and ctx is not None and not ctx.cap_spans
 
 
 def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ What it installs:
     requests get a prefix-cache salt so KV computed under steering is never
     served to a request steered differently (or not at all); adaptive requests
     skip reading the prefix cache so the predictor sees every prompt token;
+    `adaras_capture` requests (the pipeline's activation capture) are
+    validated and skip reading the prefix cache too;
   * worker: the model runner builds the step's steering context before each
     forward and feeds the predictors after it (`adaras.engine.runtime`);
   * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`.
@@ -93,7 +95,12 @@ def _patch_frontend() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from adaras.engine.config import EXTRA_ARGS_KEY, steering_from_extra_args
+    from adaras.engine.config import (
+        CAPTURE_KEY,
+        EXTRA_ARGS_KEY,
+        parse_capture,
+        steering_from_extra_args,
+    )
 
     if getattr(InputProcessor, "_adaras", False):
         return
@@ -108,12 +115,15 @@ def _patch_frontend() -> None:
         self._adaras_profiles = names or None
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        steering = None
+        steering = capture = None
         if isinstance(params, SamplingParams) and params.extra_args:
             if EXTRA_ARGS_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
                 check_profile_name(self, steering)
+            capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
+        if capture is not None:  # every prompt token must run through the MLPs
+            request.sampling_params.skip_reading_prefix_cache = True
         if steering is not None and steering.active:
             salt = steering_salt(request.sampling_params.extra_args)
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"

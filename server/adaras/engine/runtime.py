@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from adaras.engine.config import (
+    CAPTURE_KEY,
     PROFILES_ENV,
+    CaptureRequest,
     SteeringRequest,
+    parse_capture,
     parse_profiles_env,
     steering_from_extra_args,
 )
@@ -143,6 +146,29 @@ class RequestState:
 
 
 @dataclass
+class CaptureState:
+    """Running capture of one request's prompt activations (this rank's shard)."""
+
+    spec: CaptureRequest
+    feat_idx: torch.Tensor | None  # int32 [L, F] local columns, -1 = elsewhere
+    total: torch.Tensor | None = None  # fp32 [L, I_shard] sum over positions >= mean_from
+    count: int = 0
+    tokens: list[torch.Tensor] = field(default_factory=list)  # fp32 [t, F] chunks
+
+    def result(self) -> dict:
+        """Arrays travel as raw float32 bytes + shape (RPC turns arrays into lists)."""
+        out: dict = {"count": self.count}
+        if self.total is not None:
+            mean = (self.total / max(self.count, 1)).float().cpu()  # [L, I_shard]
+            out["mean"] = (mean.numpy().tobytes(), list(mean.shape))
+        if self.spec.features is not None:
+            F = len(self.spec.features)
+            tokens = torch.cat(self.tokens) if self.tokens else torch.zeros(0, F)  # [T, F]
+            out["tokens"] = (tokens.float().numpy().tobytes(), list(tokens.shape))
+        return out
+
+
+@dataclass
 class StepContext:
     row_slot: torch.Tensor | None = None  # int32 [T]
     steer_idx: torch.Tensor | None = None  # int32 [S, L, K]
@@ -154,6 +180,15 @@ class StepContext:
     feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
     # (req_id, rows slice into feats, feature slice, prompt completes this step)
     spans: list[tuple[str, slice, slice, bool]] = field(default_factory=list)
+    # activation capture (offline pipeline); read before steering is added
+    cap_rows: torch.Tensor | None = None  # int64 [Rm] rows that enter a mean
+    cap_seg: torch.Tensor | None = None  # int64 [Rm] which capturing request each row is
+    cap_sum: torch.Tensor | None = None  # fp32 [L, Nm, I_shard]
+    cap_tok_rows: torch.Tensor | None = None  # int64 [Rt]
+    cap_feats: torch.Tensor | None = None  # fp32 [Rt, F_all]
+    cap_feat_plan: FeaturePlan | None = None
+    # (req_id, mean segment or -1, token rows slice, feature slice, rows in mean, done)
+    cap_spans: list[tuple[str, int, slice, slice, int, bool]] = field(default_factory=list)
 
 
 _CURRENT: StepContext | None = None
@@ -178,6 +213,9 @@ class SteeringRuntime:
         self.default_profile: str | None = os.environ.get(DEFAULT_PROFILE_ENV) or None
         self.requests: dict[str, RequestState] = {}
         self.reports: OrderedDict[str, dict] = OrderedDict()
+        self.captures: dict[str, CaptureState] = {}
+        self.capture_results: OrderedDict[str, dict] = OrderedDict()
+        self._capture_cols: dict[tuple, torch.Tensor] = {}
         self._table_key: tuple | None = None
         self._plan_cache: tuple | None = None  # (tables, row_slot array, row_slot tensor, plan)
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -295,11 +333,14 @@ class SteeringRuntime:
         global _CURRENT
         for rid in finished:
             self.requests.pop(rid, None)
+        for rid in finished:
+            self.captures.pop(rid, None)
         for rid, sampling_params in new_requests:
             state = self._new_request(rid, sampling_params)
             if state is not None:
                 self.requests[rid] = state
-        if not self.requests:
+            self._new_capture(rid, sampling_params)
+        if not self.requests and not self.captures:
             _CURRENT = None
             return None
         ends = np.cumsum(num_scheduled[: len(req_ids)])  # token offset after request i
@@ -334,10 +375,13 @@ class SteeringRuntime:
                 spans.append((rid, slice(n_feat_rows, n_feat_rows + m), state.profile,
                               computed + n >= prompt))
                 n_feat_rows += m
-        if row_slot is None and not spans:
+        ctx = StepContext()
+        if self.captures:
+            self._plan_captures(ctx, req_ids, req_id_to_index, num_scheduled, num_computed,
+                                num_prompt, ends)
+        if row_slot is None and not spans and not ctx.cap_spans:
             _CURRENT = None
             return None
-        ctx = StepContext()
         if row_slot is not None:
             tables = self._slot_tables(tuple(slots))
             prev = self._plan_cache
@@ -383,11 +427,134 @@ class SteeringRuntime:
             self._feat_plan = plan_features(self._feat_idx, self.shard[1] - self.shard[0])
         return self._feat_idx, self._feat_plan, offsets
 
+    # ---- capture ----------------------------------------------------------
+    def _new_capture(self, req_id: str, sampling_params) -> None:
+        extra = getattr(sampling_params, "extra_args", None) if sampling_params else None
+        if not extra or CAPTURE_KEY not in extra:
+            return
+        try:
+            spec = parse_capture(extra[CAPTURE_KEY])
+            if spec is None:
+                return
+            feat_idx = self._capture_columns(spec.features) if spec.features else None
+        except ValueError as e:  # validated in the frontend; belt and braces
+            self._put_capture(req_id, {"error": str(e)})
+            return
+        self.captures[req_id] = CaptureState(spec, feat_idx)
+
+    def _capture_columns(self, features: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """int32 [L, F] local columns of `features` (cached: the pipeline sends
+        one feature list with many requests)."""
+        if features in self._capture_cols:
+            return self._capture_cols[features]
+        L, I = self.shape.num_layers, self.shape.intermediate_size
+        start, end = self.shard
+        idx = torch.full((L, len(features)), -1, dtype=torch.int32)
+        for f, (layer, neuron) in enumerate(features):
+            if layer >= L or neuron >= I:
+                raise ValueError(f"{CAPTURE_KEY}.features: ({layer}, {neuron}) is outside the "
+                                 f"model ({L} layers x {I} neurons)")
+            if start <= neuron < end:
+                idx[layer, f] = neuron - start
+        if len(self._capture_cols) > 16:
+            self._capture_cols.clear()
+        self._capture_cols[features] = idx = idx.to(self.device)
+        return idx
+
+    def _plan_captures(self, ctx: StepContext, req_ids, req_id_to_index, num_scheduled,
+                       num_computed, num_prompt, ends) -> None:
+        mean_rows, mean_seg, tok_rows = [], [], []
+        tok_sets: dict[tuple, tuple[torch.Tensor, slice]] = {}  # features -> (idx, cols)
+        n_tok, n_seg, n_feat = 0, 0, 0
+        for rid, cap in self.captures.items():
+            i = req_id_to_index.get(rid)
+            if i is None or i >= len(req_ids) or int(num_scheduled[i]) == 0:
+                continue
+            n = int(num_scheduled[i])
+            start = int(ends[i]) - n
+            computed, prompt = int(num_computed[i]), int(num_prompt[i])
+            m = max(min(n, prompt - computed), 0)  # prompt rows this step
+            seg, in_mean = -1, 0
+            if cap.spec.mean_from is not None:
+                first = max(cap.spec.mean_from - computed, 0)
+                if first < m:
+                    seg, in_mean = n_seg, m - first
+                    mean_rows.append(np.arange(start + first, start + m))
+                    mean_seg.append(np.full(in_mean, n_seg))
+                    n_seg += 1
+            rows, cols = slice(0, 0), slice(0, 0)
+            if cap.feat_idx is not None:
+                until = prompt if cap.spec.tokens_until is None else cap.spec.tokens_until
+                t = max(min(m, until - computed), 0)
+                if t:
+                    key = cap.spec.features
+                    if key not in tok_sets:
+                        F = cap.feat_idx.shape[1]
+                        tok_sets[key] = (cap.feat_idx, slice(n_feat, n_feat + F))
+                        n_feat += F
+                    cols = tok_sets[key][1]
+                    tok_rows.append(np.arange(start, start + t))
+                    rows = slice(n_tok, n_tok + t)
+                    n_tok += t
+            ctx.cap_spans.append((rid, seg, rows, cols, in_mean, computed + n >= prompt))
+        if n_seg:
+            I_shard = self.shard[1] - self.shard[0]
+            ctx.cap_rows = torch.from_numpy(np.concatenate(mean_rows)).to(self.device)
+            ctx.cap_seg = torch.from_numpy(np.concatenate(mean_seg)).to(self.device)
+            ctx.cap_sum = torch.zeros(self.shape.num_layers, n_seg, I_shard, device=self.device)
+        if n_tok:
+            feat_idx = torch.cat([idx for idx, _ in tok_sets.values()], dim=1)  # [L, F_all]
+            ctx.cap_feat_plan = plan_features(feat_idx, self.shard[1] - self.shard[0])
+            ctx.cap_tok_rows = torch.from_numpy(np.concatenate(tok_rows)).to(self.device)
+            ctx.cap_feats = torch.zeros(n_tok, n_feat, device=self.device)
+
+    def _end_captures(self, ctx: StepContext) -> None:
+        feats = ctx.cap_feats
+        if feats is not None:
+            if self.tp_size > 1:  # each rank gathered only the features in its shard
+                from vllm.distributed import tensor_model_parallel_all_reduce
+                feats = tensor_model_parallel_all_reduce(feats)
+            feats = feats.float().cpu()
+        for rid, seg, rows, cols, in_mean, done in ctx.cap_spans:
+            cap = self.captures.get(rid)
+            if cap is None:
+                continue
+            if seg >= 0:
+                part = ctx.cap_sum[:, seg]  # [L, I_shard]
+                cap.total = part.clone() if cap.total is None else cap.total + part
+                cap.count += in_mean
+            if rows.stop > rows.start:
+                cap.tokens.append(feats[rows, cols])
+            if done:
+                if cap.total is None and cap.spec.mean_from is not None:
+                    cap.total = torch.zeros(self.shape.num_layers, self.shard[1] - self.shard[0])
+                self._put_capture(rid, cap.result())
+                del self.captures[rid]
+
+    def _put_capture(self, req_id: str, result: dict) -> None:
+        self.capture_results[req_id] = result
+        while len(self.capture_results) > MAX_REPORTS:
+            self.capture_results.popitem(last=False)
+
+    def pop_captures(self, req_ids: list[str]) -> dict[str, dict]:
+        """Finished captures of requests that belong to these frontend ids,
+        keyed by engine request id. `mean` is this rank's neuron shard."""
+        out = {}
+        for rid in list(self.capture_results):
+            if any(belongs_to(rid, w) for w in req_ids):
+                out[rid] = self.capture_results.pop(rid)
+        return out
+
     def end_step(self) -> None:
-        """After the forward: feed gathered features to the predictors."""
+        """After the forward: feed gathered features to the predictors, and
+        fold captured activations into their requests."""
         global _CURRENT
         ctx, _CURRENT = _CURRENT, None
-        if ctx is None or not ctx.spans:
+        if ctx is None:
+            return
+        if ctx.cap_spans:
+            self._end_captures(ctx)
+        if not ctx.spans:
             return
         feats = ctx.feats
         if self.tp_size > 1:  # each rank gathered only the features in its shard
