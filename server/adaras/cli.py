@@ -1,4 +1,6 @@
-"""`adaras` command line: serve, and prepare offline models."""
+"""`adaras` command line: serve, prepare offline models, and the pipeline
+(collect -> identify -> train-predictor -> eval) that builds and tests
+steering profiles."""
 
 from __future__ import annotations
 
@@ -53,6 +55,204 @@ def models(names: Annotated[list[str] | None, typer.Argument(help="known model n
     for name in names or list(KNOWN):
         path = prepare(name, force=force)
         typer.echo(f"{name}: {path}")
+
+
+# ---- pipeline -------------------------------------------------------------------
+
+RunOpt = Annotated[str, typer.Option("--run", help="run directory (created; holds manifest.json)")]
+ModelOpt = Annotated[str | None, typer.Option(
+    help="known name, HF model dir or hub id (default: the run's collect model, "
+         "else smollm2-135m-instruct)")]
+DtypeOpt = Annotated[str, typer.Option(help="engine dtype")]
+LenOpt = Annotated[int, typer.Option(help="engine max_model_len")]
+SeqsOpt = Annotated[int, typer.Option(help="engine max_num_seqs (batch size)")]
+TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel size")]
+KvOpt = Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU)")]
+RestartOpt = Annotated[bool, typer.Option(help="discard this stage's earlier results")]
+
+
+def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib):
+    from adaras.pipeline.engine import EngineOptions
+    from adaras.pipeline.run import Run
+
+    if model is None:  # later stages default to the model the run collected with
+        entry = Run(run).stage_entry("collect")
+        model = entry["args"]["engine"]["model"] if entry else EngineOptions.model
+    return EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len,
+                         max_num_seqs=max_num_seqs, tensor_parallel_size=tp,
+                         kv_cache_gib=kv_cache_gib)
+
+
+def _options(items: list[str] | None) -> dict | None:
+    import json
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--option")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out or None
+
+
+def _floats(text: str | None) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()] if text else []
+
+
+def _pipeline_errors(fn):
+    """Expected failures (bad arguments, missing stages) as one clean line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from adaras.pipeline.engine import close_engines
+        from adaras.pipeline.run import StageArgsChanged
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, StageArgsChanged) as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        finally:
+            close_engines()
+    return wrapper
+
+
+@app.command()
+@_pipeline_errors
+def collect(
+    run: RunOpt,
+    dataset: Annotated[str, typer.Option(
+        help="rg:<task> (reasoning-gym), humaneval, <file>.jsonl or hf:<name>[:<config>][@split]"
+    )] = "rg:gsm_symbolic",
+    problems: Annotated[int, typer.Option(help="greedy-labelled problems (predictor data)")] = 200,
+    probe: Annotated[int, typer.Option(help="of these, how many get sampled traces")] = 16,
+    samples: Annotated[int, typer.Option(help="traces per probe problem")] = 8,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_tokens: int = 512,
+    pairs_per_problem: int = 4,
+    difficulty: Annotated[float | None, typer.Option(help="reasoning-gym difficulty")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="dataset option key=value")] = None,
+    seed: int = 0,
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    restart: RestartOpt = False,
+) -> None:
+    """Sample traces, grade them, pair correct with incorrect; greedy labels."""
+    from adaras.pipeline.collect import CollectArgs
+    from adaras.pipeline.collect import collect as run_collect
+    from adaras.pipeline.run import Run
+
+    args = CollectArgs(dataset=dataset, problems=problems, probe=probe, samples=samples,
+                       temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                       pairs_per_problem=pairs_per_problem, difficulty=difficulty, seed=seed,
+                       options=_options(option))
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    summary = run_collect(Run(run), args, engine, restart=restart)
+    typer.echo(f"collect: {summary}")
+
+
+@app.command()
+@_pipeline_errors
+def identify(
+    run: RunOpt,
+    k: Annotated[int, typer.Option("--k", help="number of RCNs")] = 50,
+    selection: Annotated[str, typer.Option(
+        help="mean-diff | no-polarity | no-ranking | random (ablations)")] = "mean-diff",
+    alpha: Annotated[float, typer.Option(help="the profile's default alpha")] = 0.3,
+    name: Annotated[str | None, typer.Option(help="profile name")] = None,
+    seed: int = 0,
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    restart: RestartOpt = False,
+) -> None:
+    """Capture trace activations, rank neurons by polarity-aware mean difference, write a profile."""
+    from adaras.pipeline.identify import IdentifyArgs
+    from adaras.pipeline.identify import identify as run_identify
+    from adaras.pipeline.run import Run
+
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    path = run_identify(Run(run), IdentifyArgs(k=k, selection=selection, alpha=alpha, name=name,
+                                               seed=seed), engine, restart=restart)
+    typer.echo(f"identify: {path}")
+
+
+@app.command("train-predictor")
+@_pipeline_errors
+def train_predictor(
+    run: RunOpt,
+    features: Annotated[int, typer.Option(help="ANOVA-selected neurons")] = 256,
+    profile: Annotated[str | None, typer.Option(help="profile to extend "
+                                                     "(default: the run's identify profile)")] = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    max_epochs: int = 2000,
+    patience: int = 10,
+    seed: int = 0,
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    restart: RestartOpt = False,
+) -> None:
+    """Train the failure predictor; report AUROC; store predictor + threshold in the profile."""
+    from adaras.pipeline.run import Run
+    from adaras.pipeline.train import TrainArgs
+    from adaras.pipeline.train import train_predictor as run_train
+
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    args = TrainArgs(features=features, profile=profile, val_fraction=val_fraction,
+                     test_fraction=test_fraction, max_epochs=max_epochs, patience=patience,
+                     seed=seed)
+    path = run_train(Run(run), args, engine, restart=restart)
+    typer.echo(f"train-predictor: {path}")
+
+
+@app.command("eval")
+@_pipeline_errors
+def eval_(
+    run: RunOpt,
+    dataset: Annotated[str, typer.Option(help="as for collect")] = "rg:gsm_symbolic",
+    problems: int = 100,
+    seed: Annotated[int, typer.Option(help="dataset seed (use another than collect's)")] = 1,
+    difficulty: float | None = None,
+    option: Annotated[list[str] | None, typer.Option(help="dataset option key=value")] = None,
+    modes: Annotated[str, typer.Option(help="comma list of baseline,always,adaptive,random")]
+    = "baseline,always,adaptive,random",
+    alpha: Annotated[float | None, typer.Option(help="default: the profile's")] = None,
+    alphas: Annotated[str | None, typer.Option(help="alpha sweep, e.g. 0.1,0.3,0.5,0.7")] = None,
+    ks: Annotated[str | None, typer.Option(help="K sweep, e.g. 10,25,50")] = None,
+    ablation: Annotated[list[str] | None, typer.Option(
+        help="name=profile.safetensors, evaluated always-on (e.g. identify ablations)")] = None,
+    threshold: float | None = None,
+    max_tokens: int = 512,
+    profile: Annotated[str | None, typer.Option(help="default: the run's latest profile")] = None,
+    stage: Annotated[str, typer.Option(help="output folder in the run")] = "eval",
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    restart: RestartOpt = False,
+) -> None:
+    """Accuracy with/without steering, paired-bootstrap CIs, gate rate, plots, report.md."""
+    from adaras.pipeline.evaluate import EvalArgs, evaluate
+    from adaras.pipeline.run import Run
+
+    abl = {}
+    for item in ablation or []:
+        key, sep, path = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected name=path, got {item!r}", param_hint="--ablation")
+        abl[key] = path
+    args = EvalArgs(dataset=dataset, problems=problems, seed=seed, difficulty=difficulty,
+                    options=_options(option), modes=[m for m in modes.split(",") if m],
+                    alpha=alpha, alphas=_floats(alphas),
+                    ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
+                    max_tokens=max_tokens, profile=profile, stage=stage)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    results = evaluate(Run(run), args, engine, restart=restart)
+    typer.echo((Run(run).root / stage / "report.md").read_text())
+    del results
 
 
 def _log_to_stderr(name: str) -> None:

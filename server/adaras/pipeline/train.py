@@ -1,0 +1,324 @@
+"""`adaras train-predictor`: the failure predictor of DESIGN §1.
+
+Data: every collected problem, labelled 1 when the model's greedy answer is
+wrong. Problems are split into train / validation / test (stratified).
+
+    1. capture each prompt's mean activation of every neuron (engine, prefill)
+    2. ANOVA F-score on the training problems -> top F (256) neurons
+    3. capture those F neurons per prompt token
+    4. FailurePredictor: standardise, attention-pool over tokens, Linear-ReLU-
+       Dropout(0.3)-Linear; BCE, Adam(lr 1e-4, wd 1e-5), early stopping on the
+       validation loss (patience 10)
+    5. baselines: L1 logistic regression on last-token and on mean-pooled values
+       of the same F neurons
+    6. AUROC on the held-out test problems (+ bootstrap CI), ROC plot; the
+       threshold is calibrated on the validation problems (Youden's J) and
+       stored in the profile with the predictor.
+
+Artifacts in <run>/train-predictor/: profile.safetensors (the identify
+profile + predictor + threshold), metrics.json, roc.png, training.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaras.pipeline.engine import EngineOptions, Job, capture_params, open_engine, run_captures
+from adaras.pipeline.identify import load_parts, save_part
+from adaras.pipeline.run import Run, read_jsonl, write_json
+from adaras.predictor import FailurePredictor
+from adaras.profile import SteeringProfile
+
+
+@dataclass
+class TrainArgs:
+    features: int = 256
+    hidden: int = 256
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    batch_size: int = 16
+    max_epochs: int = 2000
+    patience: int = 10
+    seed: int = 0
+    profile: str | None = None  # default: <run>/identify/profile.safetensors
+
+
+def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
+                    restart: bool = False) -> Path:
+    run.require("collect")
+    source = Path(args.profile) if args.profile else run.root / "identify" / "profile.safetensors"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found; run `adaras identify` first or pass --profile")
+    with run.stage("train-predictor", {**vars(args), "engine": engine.to_dict()},
+                   restart=restart) as out:
+        rows = read_jsonl(run.root / "collect" / "greedy.jsonl")
+        keys = [r["key"] for r in rows]
+        prompts = {r["key"]: r["prompt"] for r in rows}
+        y = np.array([0 if r["correct"] else 1 for r in rows])  # 1 = greedy answer wrong
+        split = split_problems(y, args.val_fraction, args.test_fraction, args.seed)
+        profile = SteeringProfile.load(source)
+        shape = profile.model
+
+        means = capture_prompts(run, keys, prompts, engine, {"mean_from": 0}, "prompt-mean")
+        X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
+        flat = select_features(X[split["train"]], y[split["train"]], args.features)
+        layers = (flat // shape.intermediate_size).astype(np.int32)
+        neurons = (flat % shape.intermediate_size).astype(np.int32)
+        feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
+        tag = hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
+        tokens = capture_prompts(run, keys, prompts, engine, {"features": feats},
+                                 f"prompt-tokens-{tag}")
+        seqs = [torch.from_numpy(np.ascontiguousarray(tokens[k])) for k in keys]  # [T_i, F]
+
+        torch.manual_seed(args.seed)
+        model, history = fit(seqs, y, split, layers, neurons, args)
+        probs = predict(model, seqs)  # [N]
+        threshold = youden_threshold(y[split["val"]], probs[split["val"]])
+        baselines = fit_baselines(seqs, y, split, args.seed)
+        metrics = {
+            "n": {name: int(idx.size) for name, idx in split.items()},
+            "failure_rate": {name: float(y[idx].mean()) if idx.size else None
+                             for name, idx in split.items()},
+            "auroc_test": auroc(y[split["test"]], probs[split["test"]]),
+            "auroc_test_ci95": bootstrap_auroc(y[split["test"]], probs[split["test"]], args.seed),
+            "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
+            "auroc_train": auroc(y[split["train"]], probs[split["train"]]),
+            "baselines_auroc_test": {k: v["auroc_test"] for k, v in baselines.items()},
+            "threshold": threshold,
+            "gate_rate_test": float((probs[split["test"]] >= threshold).mean())
+            if split["test"].size else None,
+            "epochs": len(history), "best_epoch": int(np.argmin([h["val"] for h in history])) + 1,
+            "features": args.features,
+        }
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "predictions.json", {
+            "keys": keys, "label_failure": y.tolist(), "p_fail": probs.tolist(),
+            "split": {k: v.tolist() for k, v in split.items()}})
+        plot_roc(y, probs, baselines, split, out / "roc.png")
+        plot_history(history, out / "training.png")
+
+        profile.predictor = model
+        profile.threshold = threshold
+        profile.provenance = {**profile.provenance, "predictor": {
+            "auroc_test": metrics["auroc_test"], "n": metrics["n"],
+            "features": f"ANOVA top-{args.features} of prompt-mean activations",
+            "threshold_rule": "Youden's J on validation problems"}}
+        path = out / "profile.safetensors"
+        profile.save(path)
+        SteeringProfile.load(path, expect=shape)  # round trip: what we wrote is loadable
+        run.record("train-predictor", **{k: metrics[k] for k in (
+            "auroc_test", "auroc_test_ci95", "auroc_val", "baselines_auroc_test", "threshold",
+            "gate_rate_test", "n")})
+        return path
+
+
+def split_problems(y: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
+    """Stratified train/val/test indices (stratification is dropped when a
+    class is too small for it)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(y.size)
+    if not 0 < val < 1 or not 0 < test < 1 or val + test >= 1:
+        raise ValueError(f"val/test fractions must be in (0, 1) with a sum < 1, got {val}, {test}")
+
+    def strat(labels):
+        return labels if np.bincount(labels, minlength=2).min() >= 2 else None
+
+    rest, te = train_test_split(idx, test_size=test, random_state=seed, stratify=strat(y))
+    tr, va = train_test_split(rest, test_size=val / (1 - test), random_state=seed,
+                              stratify=strat(y[rest]))
+    if np.unique(y[tr]).size < 2:
+        raise ValueError(
+            f"the training problems have only one label (greedy failure rate {y.mean():.2f}); "
+            "the predictor needs both right and wrong greedy answers: collect more problems or "
+            "pick a difficulty where the model fails about half the time")
+    return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
+
+
+def capture_prompts(run: Run, keys: list[str], prompts: dict[str, list[int]],
+                    engine: EngineOptions, spec: dict, name: str) -> dict[str, np.ndarray]:
+    cache = run.stage_dir("capture")
+    have = load_parts(cache, name)
+    todo = [k for k in keys if k not in have]
+    if todo:
+        llm = open_engine(engine)
+        jobs = [Job(k, prompts[k], capture_params(spec)) for k in todo]
+        field = "mean" if "mean_from" in spec else "tokens"
+        count = [len(have)]
+
+        def on_done(results):
+            save_part(cache / f"{name}-{count[0]:06d}.npz", {j.key: c[field] for j, c in results})
+            count[0] += len(results)
+
+        run_captures(llm, jobs, on_done, f"capture {name}")
+        have = load_parts(cache, name)
+    return {k: have[k] for k in keys}
+
+
+def select_features(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Flat neuron indices of the top-k ANOVA F-scores (ties broken by index)."""
+    from sklearn.feature_selection import f_classif
+
+    if k > X.shape[1]:
+        raise ValueError(f"--features {k} exceeds the model's {X.shape[1]} neurons")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f, _ = f_classif(X, y)
+    f = np.nan_to_num(f, nan=0.0, posinf=0.0)  # constant neurons carry no signal
+    return np.sort(np.argsort(-f, kind="stable")[:k])
+
+
+def _batch(seqs: list[torch.Tensor], idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad sequences idx -> x [B, T, F], mask [B, T]."""
+    T = max(seqs[i].shape[0] for i in idx)
+    F = seqs[idx[0]].shape[1]
+    x = torch.zeros(len(idx), T, F)
+    mask = torch.zeros(len(idx), T, dtype=torch.bool)
+    for b, i in enumerate(idx):
+        n = seqs[i].shape[0]
+        x[b, :n], mask[b, :n] = seqs[i], True
+    return x, mask
+
+
+def fit(seqs, y, split, layers, neurons, args: TrainArgs):
+    model = FailurePredictor(torch.from_numpy(layers), torch.from_numpy(neurons), hidden=args.hidden)
+    train_tokens = torch.cat([seqs[i] for i in split["train"]])  # [sum T, F]
+    with torch.no_grad():
+        model.mean.copy_(train_tokens.mean(dim=0))
+        model.std.copy_(train_tokens.std(dim=0).clamp_min(1e-6))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    yt = torch.from_numpy(y).float()
+    # unbalanced labels: weigh the positive (failure) class so both count equally
+    pos = float(yt[split["train"]].sum())
+    pos_weight = torch.tensor((len(split["train"]) - pos) / max(pos, 1.0))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    val_idx = split["val"] if split["val"].size else split["train"]
+    xv, mv = _batch(seqs, val_idx)
+    rng = np.random.default_rng(args.seed)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    for _epoch in range(args.max_epochs):
+        model.train()
+        order = rng.permutation(split["train"])
+        total = 0.0
+        for i in range(0, order.size, args.batch_size):
+            idx = order[i:i + args.batch_size]
+            x, m = _batch(seqs, idx)
+            loss = loss_fn(model(x, m), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * idx.size
+        model.eval()
+        with torch.no_grad():
+            val = float(loss_fn(model(xv, mv), yt[val_idx]))
+        history.append({"train": total / order.size, "val": val})
+        if val < best - 1e-6:
+            best, bad = val, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= args.patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+@torch.no_grad()
+def predict(model: FailurePredictor, seqs) -> np.ndarray:
+    return np.array([model.prob(s) for s in seqs])
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if np.unique(y).size == 2 else None
+
+
+def bootstrap_auroc(y, p, seed: int, n: int = 2000) -> list[float] | None:
+    if np.unique(y).size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        i = rng.integers(0, y.size, y.size)
+        a = auroc(y[i], p[i])
+        if a is not None:
+            values.append(a)
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The p_fail cut that maximises TPR - FPR on (y, p); 0.5 when y has one class."""
+    from sklearn.metrics import roc_curve
+
+    if np.unique(y).size < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thr[best], 0.0, 1.0))
+
+
+def fit_baselines(seqs, y, split, seed: int) -> dict[str, dict]:
+    """L1 logistic regression on the last prompt token and on the token mean."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    views = {"l1_logreg_last_token": np.stack([s[-1].numpy() for s in seqs]),
+             "l1_logreg_mean_pool": np.stack([s.mean(dim=0).numpy() for s in seqs])}
+    out = {}
+    for name, X in views.items():
+        clf = make_pipeline(StandardScaler(), LogisticRegression(
+            penalty="l1", solver="liblinear", C=0.1, class_weight="balanced", random_state=seed))
+        clf.fit(X[split["train"]], y[split["train"]])
+        p = clf.predict_proba(X)[:, 1]
+        out[name] = {"p": p, "auroc_test": auroc(y[split["test"]], p[split["test"]])}
+    return out
+
+
+def plot_roc(y, probs, baselines, split, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    te = split["test"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if np.unique(y[te]).size == 2:
+        curves = {"attention-pool MLP": probs, **{k: v["p"] for k, v in baselines.items()}}
+        for name, p in curves.items():
+            fpr, tpr, _ = roc_curve(y[te], p[te])
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(y[te], p[te]):.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"Failure predictor, {te.size} held-out problems")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h["train"] for h in history], label="train")
+    ax.plot([h["val"] for h in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("BCE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
