@@ -116,6 +116,9 @@ class Run:
             entry["artifacts"] = sorted(str(p.relative_to(self.root)) for p in path.rglob("*")
                                         if p.is_file())
             manifest = self.manifest()
+            results = manifest["stages"].get(stage, {}).get("results")  # from record()
+            if results is not None:
+                entry["results"] = results
             manifest["stages"][stage] = entry
             self._write(manifest)
 

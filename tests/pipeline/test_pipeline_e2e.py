@@ -1,0 +1,262 @@
+"""The whole pipeline on a tiny random model, through the steered engine:
+collect -> identify (+ ablations) -> train-predictor -> eval (+ sweeps), with
+the CLI, resuming, and the behaviour each stage promises.
+
+A random model does not solve problems, so the test first samples the
+model's answers with the same seeds the pipeline will use and then writes a
+JSONL problem set whose reference answers make some traces right and some
+wrong (and some greedy answers right, some wrong). The pipeline itself runs
+unchanged on that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from adaras.pipeline.collect import CollectArgs, collect
+from adaras.pipeline.data import load_problems
+from adaras.pipeline.engine import EngineOptions, open_engine
+from adaras.pipeline.evaluate import EvalArgs, evaluate
+from adaras.pipeline.identify import IdentifyArgs, identify, load_parts
+from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
+from adaras.pipeline.train import TrainArgs, train_predictor
+from adaras.profile import SteeringProfile
+from adaras.tiny import make_tiny_model
+
+pytestmark = pytest.mark.engine
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+N_PROBLEMS, PROBE, SAMPLES, MAX_TOKENS = 24, 6, 6, 24
+COLLECT = dict(problems=N_PROBLEMS, probe=PROBE, samples=SAMPLES, temperature=1.0,
+               max_tokens=MAX_TOKENS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("pipe-model") / "qwen3", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from adaras.pipeline.engine import close_engines
+
+    yield EngineOptions(model=str(tiny), dtype="float32", max_model_len=512, max_num_seqs=32,
+                        kv_cache_gib=1, chunk=64)
+    close_engines()
+
+
+def _last_number(text: str) -> str | None:
+    from math_verify import parse
+
+    got = parse(text)
+    return str(got[-1]) if got else None
+
+
+def write_problems(path, n, offset=0, answers=None):
+    with path.open("w") as f:
+        for i in range(n):
+            answer = (answers or {}).get(i, "12345")
+            f.write(json.dumps({"id": f"t{offset + i}",
+                                "question": f"what is {offset + i} plus {i % 7}?",
+                                "answer": answer}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, engine):
+    """A run whose collect stage saw both right and wrong answers."""
+    root = tmp_path_factory.mktemp("pipe-run")
+    data = root / "problems.jsonl"
+    write_problems(data, N_PROBLEMS)
+    # Dry run with placeholder answers: what the model says, with the pipeline's seeds.
+    dry = Run(root / "dry")
+    with pytest.raises(RuntimeError, match="no probe problem has both"):  # all answers wrong
+        collect(dry, CollectArgs(dataset=str(data), **COLLECT), engine)
+    answers = {}
+    greedy = read_jsonl(dry.root / "collect" / "greedy.jsonl")
+    samples = read_jsonl(dry.root / "collect" / "samples.jsonl")
+    for i, r in enumerate(greedy):
+        said = _last_number(r["completion"])
+        if i < PROBE:  # probe: the answer of one sampled trace that another trace missed
+            said_s = [_last_number(s["completion"]) for s in samples if s["problem"] == r["problem"]]
+            found = [a for a in said_s if a is not None and said_s.count(a) < len(said_s)]
+            if found:
+                answers[i] = found[0]
+        elif said is not None and i % 2 == 0:  # every other greedy answer right
+            answers[i] = said
+    write_problems(data, N_PROBLEMS, answers=answers)
+    assert sum(i < PROBE for i in answers) >= 2, "the tiny model said too few numbers"
+    real = Run(root / "run")
+    collect(real, CollectArgs(dataset=str(data), **COLLECT), engine)
+    return real
+
+
+def test_collect_pairs_right_with_wrong_traces_of_the_same_prompt(run):
+    out = run.root / "collect"
+    samples = {r["key"]: r for r in read_jsonl(out / "samples.jsonl")}
+    assert len(samples) == PROBE * SAMPLES
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert pairs
+    for p in pairs:
+        a, b = samples[p["correct"]], samples[p["incorrect"]]
+        assert a["correct"] and not b["correct"]
+        assert a["problem"] == b["problem"] == p["problem"] and a["prompt"] == b["prompt"]
+    per_problem = {}
+    for p in pairs:
+        per_problem[p["problem"]] = per_problem.get(p["problem"], 0) + 1
+    assert max(per_problem.values()) <= 4
+    greedy = read_jsonl(out / "greedy.jsonl")
+    assert len(greedy) == N_PROBLEMS
+    assert 0 < sum(r["correct"] for r in greedy) < N_PROBLEMS  # both labels
+    entry = run.stage_entry("collect")
+    assert entry["status"] == "done" and entry["results"]["pairs"] == len(pairs)
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_collect_resumes_without_generating_again(run, engine):
+    before = (run.root / "collect" / "samples.jsonl").read_text()
+    args = run.stage_entry("collect")["args"]
+    collect(run, CollectArgs(**{k: v for k, v in args.items() if k != "engine"}), engine)
+    assert (run.root / "collect" / "samples.jsonl").read_text() == before
+    with pytest.raises(StageArgsChanged, match="samples"):
+        collect(run, CollectArgs(**{**{k: v for k, v in args.items() if k != "engine"},
+                                    "samples": 3}), engine)
+
+
+@pytest.fixture(scope="module")
+def profile_path(run, engine):
+    return identify(run, IdentifyArgs(k=8, alpha=0.5), engine)
+
+
+def test_identify_captures_teacher_forced_means_and_selects_by_polarity(run, engine, tiny,
+                                                                         profile_path):
+    import transformers
+
+    from adaras.hf import mean_activations
+
+    prof = SteeringProfile.load(profile_path)
+    assert prof.k == 8 and prof.default_alpha == 0.5
+    assert sum(prof.layer_histogram()) == 8
+    assert prof.provenance["selection"] == "mean-diff"
+    pairs = json.loads((run.root / "collect" / "pairs.json").read_text())
+    means = load_parts(run.root / "capture", "trace")
+    # the engine's capture equals a teacher-forced HF forward over the trace
+    trace = next(r for r in read_jsonl(run.root / "collect" / "samples.jsonl")
+                 if r["key"] == pairs[0]["correct"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    want = mean_activations(model, trace["prompt"] + trace["completion_ids"], len(trace["prompt"]))
+    torch.testing.assert_close(torch.from_numpy(means[trace["key"]]), want, atol=1e-4, rtol=1e-4)
+    # every chosen neuron flips sign, delta = S there, and none left out beats them
+    pos = np.mean([means[p["correct"]] for p in pairs], axis=0)
+    neg = np.mean([means[p["incorrect"]] for p in pairs], axis=0)
+    s = pos - neg
+    ls, ns = prof.layers.numpy(), prof.neurons.numpy()
+    assert (pos[ls, ns] * neg[ls, ns] < 0).all()
+    np.testing.assert_allclose(prof.delta.numpy(), s[ls, ns], rtol=1e-4, atol=1e-6)
+    mask = (pos * neg < 0)
+    mask[ls, ns] = False
+    assert np.abs(s[mask]).max() <= np.abs(prof.delta.numpy()).min() + 1e-6
+    assert (run.root / "identify" / "rcn_layers.png").exists()
+
+
+@pytest.mark.parametrize("selection", ["no-polarity", "no-ranking", "random"])
+def test_identify_ablations_write_their_own_profiles(run, engine, profile_path, selection):
+    path = identify(run, IdentifyArgs(k=8, selection=selection), engine)
+    assert path.parent.name == f"identify-{selection}"
+    prof = SteeringProfile.load(path)
+    main = SteeringProfile.load(profile_path)
+    assert prof.k == 8 and prof.provenance["selection"] == selection
+    if selection == "random":
+        np.testing.assert_allclose(np.sort(prof.delta.numpy()), np.sort(main.delta.numpy()))
+
+
+@pytest.fixture(scope="module")
+def trained(run, engine, profile_path):
+    return train_predictor(run, TrainArgs(features=16, hidden=32, max_epochs=60, lr=1e-3), engine)
+
+
+def test_train_predictor_stores_a_working_predictor_and_threshold(run, trained):
+    prof = SteeringProfile.load(trained)
+    assert prof.predictor is not None and prof.predictor.num_features == 16
+    assert 0.0 <= prof.threshold <= 1.0
+    metrics = json.loads((run.root / "train-predictor" / "metrics.json").read_text())
+    assert sum(metrics["n"].values()) == N_PROBLEMS
+    assert set(metrics["baselines_auroc_test"]) == {"l1_logreg_last_token", "l1_logreg_mean_pool"}
+    preds = json.loads((run.root / "train-predictor" / "predictions.json").read_text())
+    # the stored predictor reproduces the predictions it was evaluated with
+    tokens = load_parts(run.root / "capture", next(
+        f.name.split("-0")[0] for f in (run.root / "capture").glob("prompt-tokens-*.npz")))
+    key = preds["keys"][0]
+    assert prof.predictor.prob(torch.from_numpy(tokens[key])) == pytest.approx(
+        preds["p_fail"][0], abs=1e-6)
+    for name in ("roc.png", "training.png"):
+        assert (run.root / "train-predictor" / name).exists()
+
+
+def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
+    data = tmp_path / "eval.jsonl"
+    write_problems(data, 8, offset=100)
+    args = EvalArgs(dataset=str(data), problems=8, alphas=[0.0, 1.0], ks=[2, 4], max_tokens=12,
+                    threshold=0.5, bootstrap=500)
+    results = evaluate(run, args, engine)
+    configs = results["configs"]
+    assert set(configs) >= {"baseline", "always", "adaptive", "random", "alpha=0", "alpha=1",
+                            "k=2", "k=4"}
+    rows = read_jsonl(run.root / "eval" / "generations.jsonl")
+    by = {(r["config"], r["problem"]): r for r in rows}
+    ids = [p.id for p in load_problems(str(data))]
+    for name, r in configs.items():
+        got = [by[(name, i)]["correct"] for i in ids]
+        assert r["accuracy"] == pytest.approx(np.mean(got))
+        assert r["ci95"][0] <= r["delta"] <= r["ci95"][1]
+    # alpha = 0 is the unsteered model
+    assert [by[("alpha=0", i)]["completion"] for i in ids] == \
+        [by[("baseline", i)]["completion"] for i in ids]
+    # the gate: steered requests decode like `always`, the others like baseline
+    alpha = configs["always"]["steering"]["alpha"]
+    assert configs["adaptive"]["steering"]["alpha"] == alpha
+    for i in ids:
+        rep = by[("adaptive", i)]["steering"]
+        assert rep["applied"] == (rep["failure_probability"] >= 0.5)
+        twin = "always" if rep["applied"] else "baseline"
+        assert by[("adaptive", i)]["completion"] == by[(twin, i)]["completion"]
+    assert configs["adaptive"]["gate_rate"] == pytest.approx(
+        np.mean([by[("adaptive", i)]["steering"]["applied"] for i in ids]))
+    report = (run.root / "eval" / "report.md").read_text()
+    assert "paired bootstrap 95% CI" in report and "| adaptive |" in report
+    for name in ("accuracy.png", "sweep-alpha.png", "sweep-k.png"):
+        assert (run.root / "eval" / name).exists()
+    # resuming generates nothing new
+    n = len(rows)
+    evaluate(run, args, engine)
+    assert len(read_jsonl(run.root / "eval" / "generations.jsonl")) == n
+
+
+def test_cli_runs_a_stage_and_reports_bad_input(run, engine, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaras.cli import app
+
+    runner = CliRunner()
+    model = ["--model", engine.model, "--dtype", "float32", "--max-model-len", "512",
+             "--max-num-seqs", "32", "--kv-cache-gib", "1"]
+    data = tmp_path / "eval.jsonl"
+    write_problems(data, 3, offset=200)
+    res = runner.invoke(app, ["eval", "--run", str(run.root), "--dataset", str(data),
+                              "--problems", "3", "--modes", "baseline,always",
+                              "--max-tokens", "4", "--stage", "eval-cli", *model])
+    assert res.exit_code == 0, res.output
+    assert "| always |" in res.output
+    bad = runner.invoke(app, ["eval", "--run", str(run.root), "--modes", "sometimes", *model])
+    assert bad.exit_code == 2 and "unknown --modes" in bad.output
+    empty = runner.invoke(app, ["identify", "--run", str(tmp_path / "nothing"), *model])
+    assert empty.exit_code == 2 and "adaras collect" in empty.output
+
+
+def test_engine_is_shared_between_stages(engine):
+    assert open_engine(engine) is open_engine(engine)

@@ -1,0 +1,170 @@
+"""The pipeline's numerical pieces on data whose answer is known: mean
+difference, polarity filter, selection ablations, bootstrap CI, threshold
+calibration, the run manifest. No engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adaras.pipeline.evaluate import paired_bootstrap, randomize, truncate
+from adaras.pipeline.identify import load_parts, mean_difference, save_part, select
+from adaras.pipeline.run import Run, StageArgsChanged, append_jsonl, read_jsonl
+from adaras.pipeline.train import select_features, split_problems, youden_threshold
+from adaras.profile import ModelShape, SteeringProfile
+
+L, I = 3, 10
+
+
+def synthetic_means(rng):
+    """Pairs where neuron (0,1) flips sign (+2 correct / -2 incorrect), neuron
+    (1,4) differs hugely but keeps its sign (10 vs 4), (2,7) flips weakly."""
+    means, pairs = {}, []
+    for k in range(4):
+        pos = rng.normal(0, 0.01, (L, I)).astype(np.float32)
+        neg = rng.normal(0, 0.01, (L, I)).astype(np.float32)
+        pos[0, 1], neg[0, 1] = 2.0, -2.0
+        pos[1, 4], neg[1, 4] = 10.0, 4.0
+        pos[2, 7], neg[2, 7] = -0.5, 0.5
+        means[f"p{k}"], means[f"n{k}"] = pos, neg
+        pairs.append({"problem": f"q{k}", "correct": f"p{k}", "incorrect": f"n{k}"})
+    return pairs, means
+
+
+def test_mean_difference_is_the_mean_of_pair_differences():
+    pairs, means = synthetic_means(np.random.default_rng(0))
+    score = mean_difference(pairs, means)
+    want = np.mean([means[p["correct"]] - means[p["incorrect"]] for p in pairs], axis=0)
+    np.testing.assert_allclose(score["s"], want, rtol=1e-6, atol=1e-6)
+    assert score["survivors"][0, 1] and score["survivors"][2, 7]
+    assert not score["survivors"][1, 4]  # same sign on both sides: filtered
+
+
+def test_polarity_filter_and_ranking():
+    pairs, means = synthetic_means(np.random.default_rng(1))
+    score = mean_difference(pairs, means)
+    layers, neurons, delta = select(score, 2, "mean-diff")
+    assert list(zip(layers.tolist(), neurons.tolist())) == [(0, 1), (2, 7)]
+    np.testing.assert_allclose(delta.numpy(), [4.0, -1.0], atol=0.05)
+    # without the filter the big same-sign neuron wins
+    layers, neurons, _ = select(score, 1, "no-polarity")
+    assert (layers.item(), neurons.item()) == (1, 4)
+
+
+def test_no_ranking_draws_from_survivors_and_random_keeps_the_deltas():
+    pairs, means = synthetic_means(np.random.default_rng(2))
+    score = mean_difference(pairs, means)
+    survivors = set(zip(*np.nonzero(score["survivors"])))
+    layers, neurons, delta = select(score, 5, "no-ranking", seed=3)
+    assert set(zip(layers.tolist(), neurons.tolist())) <= survivors
+    np.testing.assert_allclose(delta.numpy(), score["s"][layers.numpy(), neurons.numpy()])
+    real = select(score, 5, "mean-diff")[2].numpy()
+    _, _, rdelta = select(score, 5, "random", seed=3)
+    np.testing.assert_allclose(np.sort(rdelta.numpy()), np.sort(real))
+    a = select(score, 5, "random", seed=3)
+    b = select(score, 5, "random", seed=4)
+    assert (a[0].tolist(), a[1].tolist()) != (b[0].tolist(), b[1].tolist())
+
+
+def test_selection_refuses_an_unknown_mode():
+    pairs, means = synthetic_means(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown selection"):
+        select(mean_difference(pairs, means), 2, "best")
+
+
+def _profile(k=6) -> SteeringProfile:
+    shape = ModelShape("Qwen3ForCausalLM", L, I, 8)
+    return SteeringProfile.random("p", shape, k=k, seed=0, scale=1.0, default_alpha=0.3)
+
+
+def test_randomize_moves_the_same_values_and_truncate_keeps_the_largest():
+    prof = _profile()
+    rnd = randomize(prof, seed=1)
+    rnd.validate(prof.model)
+    np.testing.assert_allclose(np.sort(rnd.delta.numpy()), np.sort(prof.delta.numpy()))
+    assert set(zip(rnd.layers.tolist(), rnd.neurons.tolist())) != \
+        set(zip(prof.layers.tolist(), prof.neurons.tolist()))
+    top = truncate(prof, 2)
+    assert sorted(np.abs(top.delta.numpy())) == sorted(np.abs(prof.delta.numpy()))[-2:]
+
+
+def test_paired_bootstrap_ci():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.5
+    same = paired_bootstrap(base, base.copy(), 2000)
+    assert same == [0.0, 0.0]
+    better = base | (rng.random(400) < 0.3)  # strictly fixes some problems
+    lo, hi = paired_bootstrap(base, better, 2000)
+    true = better.mean() - base.mean()
+    assert 0 < lo < true < hi
+
+
+def test_youden_threshold_separates_separable_scores():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    t = youden_threshold(y, p)
+    assert 0.3 < t <= 0.6
+    assert youden_threshold(np.zeros(4, int), p[:4]) == 0.5
+
+
+def test_anova_finds_the_informative_neuron():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    X = rng.normal(size=(40, 50))
+    X[:, 17] += 3 * y
+    assert 17 in select_features(X, y, 3)
+    with pytest.raises(ValueError, match="exceeds"):
+        select_features(X, y, 51)
+
+
+def test_split_is_stratified_and_disjoint():
+    y = np.array([0] * 30 + [1] * 20)
+    split = split_problems(y, 0.2, 0.2, seed=0)
+    idx = np.concatenate(list(split.values()))
+    assert sorted(idx.tolist()) == list(range(50))
+    assert y[split["test"]].sum() == 4
+    with pytest.raises(ValueError, match="only one label"):
+        split_problems(np.zeros(20, int), 0.2, 0.2, seed=0)
+
+
+def test_parts_round_trip_any_keys_and_shapes(tmp_path):
+    arrays = {"rg:x:s1:0#3": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "humaneval:HumanEval/0#greedy": np.ones((4, 1), np.float32)}
+    save_part(tmp_path / "t-000000.npz", arrays)
+    back = load_parts(tmp_path, "t")
+    assert set(back) == set(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(back[k], arrays[k])
+
+
+def test_run_manifest_records_and_refuses_other_arguments(tmp_path):
+    run = Run(tmp_path / "r")
+    with run.stage("collect", {"a": 1}) as out:
+        (out / "x.txt").write_text("x")
+    entry = run.stage_entry("collect")
+    assert entry["status"] == "done" and "collect/x.txt" in entry["artifacts"]
+    assert "python" in entry["versions"] and entry["seconds"] >= 0
+    with pytest.raises(StageArgsChanged, match="a"):
+        with run.stage("collect", {"a": 2}):
+            pass
+    with run.stage("collect", {"a": 2}, restart=True) as out:
+        assert not (out / "x.txt").exists()
+    with pytest.raises(RuntimeError):
+        with run.stage("identify", {}):
+            raise RuntimeError("boom")
+    assert run.stage_entry("identify")["status"] == "failed"
+    with pytest.raises(FileNotFoundError, match="adaras identify"):
+        run.require("identify")
+
+
+def test_jsonl_drops_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "g.jsonl"
+    append_jsonl(path, [{"k": 1}, {"k": 2}])
+    with path.open("a") as f:
+        f.write('{"k": 3')  # interrupted write
+    assert read_jsonl(path) == [{"k": 1}, {"k": 2}]
+    append_jsonl(path, [{"k": 3}])
+    assert [r["k"] for r in read_jsonl(path)] == [1, 2, 3]
+    path.write_text('{"k": 1}\n{bad\n{"k": 2}\n')
+    with pytest.raises(ValueError, match=":2"):
+        read_jsonl(path)
