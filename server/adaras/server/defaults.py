@@ -1,7 +1,10 @@
 """The default profile served with the default model.
 
-Until the pipeline's real profile for SmolLM2 is committed, the default
-model gets a clearly labelled placeholder: random neurons, made here, named
+The package ships the profile that the project's own pipeline built for
+SmolLM2-135M-Instruct (`adaras/profiles/<model>.safetensors`; how it was made
+and what it does: docs/results/). It is served under the name stored in the
+file. Only if that file is missing (a trimmed install) does the default model
+get a clearly labelled placeholder: random neurons, named
 `placeholder-random`, with `provenance.placeholder = true`. Requests steer
 only when they ask to (the default mode is `off`).
 """
@@ -26,7 +29,9 @@ def default_profiles(settings: Settings) -> dict[str, str]:
         return {}
     bundled = bundled_profile(settings.model)
     if bundled is not None:
-        return {settings.model.split("-")[0]: str(bundled)}
+        from adaras.profile import SteeringProfile
+
+        return {SteeringProfile.load(bundled).name: str(bundled)}
     return {PLACEHOLDER: str(placeholder_profile(settings.model))}
 
 
