@@ -84,9 +84,11 @@ SeqsOpt = Annotated[int, typer.Option(help="engine max_num_seqs (batch size)")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel size")]
 KvOpt = Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU)")]
 RestartOpt = Annotated[bool, typer.Option(help="discard this stage's earlier results")]
+ChunkOpt = Annotated[int, typer.Option(help="requests per engine call; finished chunks are "
+                                            "checkpointed for resuming")]
 
 
-def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib):
+def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk=64):
     from adaras.pipeline.engine import EngineOptions
     from adaras.pipeline.run import Run
 
@@ -95,7 +97,7 @@ def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gi
         model = entry["args"]["engine"]["model"] if entry else EngineOptions.model
     return EngineOptions(model=model, dtype=dtype, max_model_len=max_model_len,
                          max_num_seqs=max_num_seqs, tensor_parallel_size=tp,
-                         kv_cache_gib=kv_cache_gib)
+                         kv_cache_gib=kv_cache_gib, chunk=chunk)
 
 
 def _options(items: list[str] | None) -> dict | None:
@@ -155,7 +157,7 @@ def collect(
     seed: int = 0,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    restart: RestartOpt = False,
+    chunk: ChunkOpt = 64, restart: RestartOpt = False,
 ) -> None:
     """Sample traces, grade them, pair correct with incorrect; greedy labels."""
     from adaras.pipeline.collect import CollectArgs
@@ -166,7 +168,7 @@ def collect(
                        temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                        pairs_per_problem=pairs_per_problem, difficulty=difficulty, seed=seed,
                        options=_options(option))
-    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     summary = run_collect(Run(run), args, engine, restart=restart)
     typer.echo(f"collect: {summary}")
 
@@ -183,14 +185,14 @@ def identify(
     seed: int = 0,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    restart: RestartOpt = False,
+    chunk: ChunkOpt = 64, restart: RestartOpt = False,
 ) -> None:
     """Capture trace activations, rank neurons by polarity-aware mean difference, write a profile."""
     from adaras.pipeline.identify import IdentifyArgs
     from adaras.pipeline.identify import identify as run_identify
     from adaras.pipeline.run import Run
 
-    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     path = run_identify(Run(run), IdentifyArgs(k=k, selection=selection, alpha=alpha, name=name,
                                                seed=seed), engine, restart=restart)
     typer.echo(f"identify: {path}")
@@ -210,14 +212,14 @@ def train_predictor(
     seed: int = 0,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    restart: RestartOpt = False,
+    chunk: ChunkOpt = 64, restart: RestartOpt = False,
 ) -> None:
     """Train the failure predictor; report AUROC; store predictor + threshold in the profile."""
     from adaras.pipeline.run import Run
     from adaras.pipeline.train import TrainArgs
     from adaras.pipeline.train import train_predictor as run_train
 
-    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     args = TrainArgs(features=features, profile=profile, val_fraction=val_fraction,
                      test_fraction=test_fraction, max_epochs=max_epochs, patience=patience,
                      seed=seed)
@@ -247,7 +249,7 @@ def eval_(
     stage: Annotated[str, typer.Option(help="output folder in the run")] = "eval",
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    restart: RestartOpt = False,
+    chunk: ChunkOpt = 64, restart: RestartOpt = False,
 ) -> None:
     """Accuracy with/without steering, paired-bootstrap CIs, gate rate, plots, report.md."""
     from adaras.pipeline.evaluate import EvalArgs, evaluate
@@ -264,7 +266,7 @@ def eval_(
                     alpha=alpha, alphas=_floats(alphas),
                     ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
                     max_tokens=max_tokens, profile=profile, stage=stage)
-    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())
     del results

@@ -31,7 +31,11 @@ class EngineOptions:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What decides the results (recorded in the manifest); `chunk` only
+        sets how often work is checkpointed, so it may change between resumes."""
+        out = asdict(self)
+        out.pop("chunk")
+        return out
 
 
 def progress() -> Progress:
@@ -48,7 +52,7 @@ def open_engine(opts: EngineOptions):
     options and process: stages run in one process share it."""
     import json
 
-    key = json.dumps({k: v for k, v in opts.to_dict().items() if k != "chunk"}, sort_keys=True)
+    key = json.dumps(opts.to_dict(), sort_keys=True)
     if key in _ENGINES:
         return _ENGINES[key]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(opts.kv_cache_gib)))
