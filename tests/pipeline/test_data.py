@@ -278,3 +278,20 @@ def test_problem_validates_kind_and_is_hashable():
         Problem("a", "q", "1", "proof", {})
     p = Problem("a", "q", "1", "math", {"x": [1]})
     assert len({p, Problem("a", "q", "1", "math", {"x": [1]})}) == 1
+
+
+def test_load_distinct_skips_repeats_and_the_excluded_set():
+    from adaras.pipeline.data import distinct, load_distinct
+
+    spec = "rg:chain_sum"
+    small = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+             "allow_negation": False}
+    raw = load_problems(spec, n=200, seed=0, options=small)
+    kept, repeats = distinct(raw)
+    assert repeats > 0  # a one-digit task repeats itself
+    got, _ = load_distinct(spec, 40, seed=0, options=small)
+    assert len(got) == 40 and len({p.question for p in got}) == 40
+    other, dropped = load_distinct(spec, 20, seed=1, options=small, exclude=got)
+    assert dropped > 0 and not {p.question for p in other} & {p.question for p in got}
+    with pytest.raises(ValueError, match="distinct problems"):
+        load_distinct(spec, 500, seed=0, options=small)  # the task has fewer than 500

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaras.pipeline.data import Problem, build_messages, load_problems
+from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.engine import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
@@ -44,11 +44,8 @@ def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool
                          f"got {args.samples}")
     with run.stage("collect", {**vars(args), "engine": engine.to_dict()},
                    restart=restart) as out:
-        problems = load_problems(args.dataset, n=args.problems, seed=args.seed,
-                                 difficulty=args.difficulty, options=args.options)
-        if len(problems) < args.problems:
-            raise ValueError(f"{args.dataset} has only {len(problems)} problems, "
-                             f"asked for {args.problems}")
+        problems, _ = load_distinct(args.dataset, args.problems, seed=args.seed,
+                                    difficulty=args.difficulty, options=args.options)
         write_problems(out / "problems.jsonl", problems)
         llm = open_engine(engine)
         tok = llm.get_tokenizer()

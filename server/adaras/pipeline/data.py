@@ -118,6 +118,41 @@ def dedupe_against(
     return kept, len(problems) - len(kept)
 
 
+def distinct(problems: Iterable[Problem]) -> tuple[list[Problem], int]:
+    """Keep the first of problems with the same normalised question; return (kept, dropped).
+    Generated tasks with a small space (e.g. one-digit sums) repeat questions, and a
+    repeat would sit on both sides of a train/test split."""
+    seen: set[str] = set()
+    kept = []
+    problems = list(problems)
+    for p in problems:
+        key = _normalise(p.question)
+        if key not in seen:
+            seen.add(key)
+            kept.append(p)
+    return kept, len(problems) - len(kept)
+
+
+def load_distinct(spec: str, n: int, seed: int = 0, difficulty: float | None = None,
+                  options: dict | None = None,
+                  exclude: Iterable[Problem] = ()) -> tuple[list[Problem], int]:
+    """`n` distinct problems, none of them in `exclude`; returns (problems, dropped).
+    Raises ValueError naming the shortfall when the source cannot provide `n`."""
+    exclude = list(exclude)
+    size = n
+    while True:
+        raw = load_problems(spec, n=size, seed=seed, difficulty=difficulty, options=options)
+        kept, repeats = distinct(raw)
+        kept, overlap = dedupe_against(kept, exclude)
+        if len(kept) >= n:
+            return kept[:n], repeats + overlap
+        if len(raw) < size or size >= 8 * n or not spec.startswith("rg:"):
+            raise ValueError(
+                f"{spec} gave only {len(kept)} distinct problems (asked for {n}; {repeats} "
+                f"repeated, {overlap} already in the probe set); ask for fewer or widen the task")
+        size *= 2
+
+
 def build_messages(problem: Problem) -> list[dict]:
     """The chat messages we send for `problem`: a single user message."""
     if problem.kind == "code":

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from adaras.pipeline.collect import read_problems
-from adaras.pipeline.data import build_messages, dedupe_against, load_problems
+from adaras.pipeline.data import build_messages, load_distinct
 from adaras.pipeline.engine import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import select
@@ -76,14 +76,12 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         raise ValueError(f"--k values must be in 1..{profile.k} (the profile's K), got {args.ks}")
     with run.stage(args.stage, {**vars(args), "profile": str(source), "engine": engine.to_dict()},
                    restart=restart) as out:
-        problems = load_problems(args.dataset, n=args.problems, seed=args.seed,
-                                 difficulty=args.difficulty, options=args.options)
         probe_file = run.root / "collect" / "problems.jsonl"
-        dropped = 0
-        if probe_file.exists():  # never evaluate on a problem the profile was built from
-            problems, dropped = dedupe_against(problems, read_problems(probe_file))
-        if not problems:
-            raise ValueError("no evaluation problems left after removing the probe problems")
+        # never evaluate on a problem the profile or the predictor was built from
+        probe = read_problems(probe_file) if probe_file.exists() else []
+        problems, dropped = load_distinct(args.dataset, args.problems, seed=args.seed,
+                                          difficulty=args.difficulty, options=args.options,
+                                          exclude=probe)
         profiles = write_profiles(out, profile, args)
         configs = build_configs(profile, profiles, args)
         llm = open_engine(engine)
@@ -249,7 +247,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
 def write_report(out: Path, results: dict, args: EvalArgs) -> None:
     lines = [f"# Evaluation: {results['dataset']}", "",
              f"{results['problems']} problems (seed {args.seed}; "
-             f"{results['removed_probe_overlap']} overlapping probe problems removed), greedy "
+             f"{results['removed_probe_overlap']} repeated or probe-set problems skipped), greedy "
              f"decoding, max {args.max_tokens} tokens. Profile: `{results['profile']}`.", "",
              "| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | fixed | broken "
              "| gate rate |", "|---|---|---|---|---|---|---|"]
