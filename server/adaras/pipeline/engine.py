@@ -99,21 +99,27 @@ class Job:
     params: object  # vllm.SamplingParams
 
 
-def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
-             description: str, chunk: int = 256) -> None:
-    """Generate `jobs` in chunks; after each chunk call `on_done` with
-    (job, RequestOutput, steering report) triples so the caller can checkpoint."""
-    from adaras.engine import pop_reports
-
+def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, pop):
+    """Generate `jobs` `chunk` at a time under a progress bar; yields each
+    chunk's (jobs, RequestOutputs, pop(llm, request ids))."""
     with progress() as bar:
         task = bar.add_task(description, total=len(jobs))
         for i in range(0, len(jobs), chunk):
             part = jobs[i:i + chunk]
             outs = llm.generate([{"prompt_token_ids": j.prompt} for j in part],
                                 [j.params for j in part], use_tqdm=False)
-            reports = pop_reports(llm, [o.request_id for o in outs])
-            on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
+            yield part, outs, pop(llm, [o.request_id for o in outs])
             bar.advance(task, len(part))
+
+
+def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
+             description: str, chunk: int = 64) -> None:
+    """Generate `jobs`; after each chunk call `on_done` with (job,
+    RequestOutput, steering report) triples so the caller can checkpoint."""
+    from adaras.engine import pop_reports
+
+    for part, outs, reports in _in_chunks(llm, jobs, description, chunk, pop_reports):
+        on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
 
 
 def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
@@ -122,22 +128,15 @@ def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, di
     (max_tokens=1) with `extra_args["adaras_capture"]` set in its params."""
     from adaras.engine import pop_captures
 
-    with progress() as bar:
-        task = bar.add_task(description, total=len(jobs))
-        for i in range(0, len(jobs), chunk):
-            part = jobs[i:i + chunk]
-            outs = llm.generate([{"prompt_token_ids": j.prompt} for j in part],
-                                [j.params for j in part], use_tqdm=False)
-            caps = pop_captures(llm, [o.request_id for o in outs])
-            results = []
-            for j, o in zip(part, outs):
-                cap = caps.get(o.request_id)
-                if cap is None or "error" in cap:
-                    raise RuntimeError(f"capture of {j.key} failed: "
-                                       f"{(cap or {}).get('error', 'no result from the engine')}")
-                results.append((j, cap))
-            on_done(results)
-            bar.advance(task, len(part))
+    for part, outs, caps in _in_chunks(llm, jobs, description, chunk, pop_captures):
+        results = []
+        for j, o in zip(part, outs):
+            cap = caps.get(o.request_id)
+            if cap is None or "error" in cap:
+                raise RuntimeError(f"capture of {j.key} failed: "
+                                   f"{(cap or {}).get('error', 'no result from the engine')}")
+            results.append((j, cap))
+        on_done(results)
 
 
 def capture_params(spec: dict):
