@@ -146,7 +146,7 @@ def load_distinct(spec: str, n: int, seed: int = 0, difficulty: float | None = N
         kept, overlap = dedupe_against(kept, exclude)
         if len(kept) >= n:
             return kept[:n], repeats + overlap
-        if len(raw) < size or size >= 8 * n or not spec.startswith("rg:"):
+        if len(raw) < size or size >= 64 * n or not spec.startswith("rg:"):
             raise ValueError(
                 f"{spec} gave only {len(kept)} distinct problems (asked for {n}; {repeats} "
                 f"repeated, {overlap} already in the probe set); ask for fewer or widen the task")

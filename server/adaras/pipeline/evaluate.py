@@ -251,7 +251,8 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
              f"decoding, max {args.max_tokens} tokens. Profile: `{results['profile']}`.", "",
              "| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | fixed | broken "
              "| gate rate |", "|---|---|---|---|---|---|---|"]
-    for name, r in results["configs"].items():
+    for name in sorted(results["configs"], key=config_order):
+        r = results["configs"][name]
         gate = f"{r['gate_rate']:.2f}" if "gate_rate" in r else ""
         ci = "" if name == "baseline" else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         delta = "" if name == "baseline" else f"{r['delta']:+.3f}"
@@ -267,6 +268,17 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
+def config_order(name: str) -> tuple:
+    """baseline, always, adaptive, random, then the alpha and K sweeps by value,
+    then ablation profiles."""
+    if name in MODES:
+        return (MODES.index(name), 0.0, name)
+    for rank, prefix in ((4, "alpha="), (5, "k=")):
+        if name.startswith(prefix):
+            return (rank, float(name[len(prefix):]), name)
+    return (6, 0.0, name)
+
+
 def plot_results(out: Path, results: dict) -> None:
     import matplotlib
 
@@ -275,7 +287,7 @@ def plot_results(out: Path, results: dict) -> None:
 
     configs = results["configs"]
     base = configs["baseline"]["accuracy"]
-    names = list(configs)
+    names = sorted(configs, key=config_order)
     acc = [configs[n]["accuracy"] for n in names]
     # error bars: the CI of the difference, drawn around baseline + delta
     lo = [base + configs[n]["ci95"][0] for n in names]
@@ -286,7 +298,8 @@ def plot_results(out: Path, results: dict) -> None:
     ax.bar(names, acc, yerr=err, capsize=3, color="#4472c4")
     ax.axhline(base, color="k", lw=0.8, ls="--")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{results['dataset']} ({results['problems']} problems)")
+    ax.set_title(f"{results['dataset']} ({results['problems']} problems)\n"
+                 "error bars: paired-bootstrap 95% CI of the change", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
