@@ -168,3 +168,17 @@ def test_jsonl_drops_a_torn_last_line_only(tmp_path):
     path.write_text('{"k": 1}\n{bad\n{"k": 2}\n')
     with pytest.raises(ValueError, match=":2"):
         read_jsonl(path)
+
+
+def test_cpu_binding_splits_the_usable_cores_over_tp_ranks(monkeypatch):
+    import os
+
+    from adaras.pipeline.engine import cpu_binding
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_binding(1) == "0-3"
+    assert cpu_binding(2) == "0-1|2-3"
+    assert cpu_binding(4) == "0|1|2|3"
+    assert cpu_binding(8) is None  # fewer cores than ranks: leave vLLM's default
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 6})
+    assert cpu_binding(2) == "0,2|5,6"

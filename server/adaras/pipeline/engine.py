@@ -5,7 +5,8 @@ generation loop."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from rich.progress import (
@@ -46,6 +47,35 @@ def progress() -> Progress:
 _ENGINES: dict[str, object] = {}
 
 
+def cpu_binding(tp: int) -> str | None:
+    """CPU vLLM's compute-thread binding for an offline run: all usable cores,
+    split evenly over the TP ranks ("0-1" for one rank on two cores; "0|1" for
+    two). vLLM's own default keeps one core for the frontend, which an offline
+    batch run barely uses: on 2 cores SmolLM2 decodes 1308 tok/s with "0-1"
+    against 920 tok/s with the default. None when the cores cannot be split."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per = len(cores) // tp if tp else 0
+    if per < 1:
+        return None
+    groups = [cores[r * per:(r + 1) * per] for r in range(tp)]
+    if any(g[-1] - g[0] != len(g) - 1 for g in groups):  # not contiguous: list them
+        return "|".join(",".join(map(str, g)) for g in groups)
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+@contextmanager
+def _env_defaults(values: dict[str, str | None]) -> Iterator[None]:
+    """Set variables the user has not set, for the duration of the block."""
+    added = [k for k, v in values.items() if v is not None and k not in os.environ]
+    for k in added:
+        os.environ[k] = values[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def open_engine(opts: EngineOptions):
     """A vLLM `LLM` with the AdaRAS plugin active (the plugin registers itself
     through its entry point in every vLLM process). One engine per set of
@@ -55,20 +85,19 @@ def open_engine(opts: EngineOptions):
     key = json.dumps(opts.to_dict(), sort_keys=True)
     if key in _ENGINES:
         return _ENGINES[key]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(opts.kv_cache_gib)))
-    if opts.tensor_parallel_size > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                              "|".join(str(i) for i in range(opts.tensor_parallel_size)))
     from vllm import LLM
 
     from adaras.engine import plugin
     from adaras.zoo import resolve_model
 
     plugin.register()
-    llm = LLM(str(resolve_model(opts.model)), dtype=opts.dtype,
-              max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
-              tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
-              enable_prefix_caching=True, **opts.extra)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(int(opts.kv_cache_gib)),
+           "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(opts.tensor_parallel_size)}
+    with _env_defaults(env):  # the engine processes spawned here inherit these
+        llm = LLM(str(resolve_model(opts.model)), dtype=opts.dtype,
+                  max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
+                  tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
+                  enable_prefix_caching=True, **opts.extra)
     _ENGINES[key] = llm
     return llm
 
