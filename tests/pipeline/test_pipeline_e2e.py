@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from adaras.pipeline.capture import load_parts
 from adaras.pipeline.collect import CollectArgs, collect
 from adaras.pipeline.data import load_problems
 from adaras.pipeline.engine import EngineOptions, open_engine
 from adaras.pipeline.evaluate import EvalArgs, evaluate
-from adaras.pipeline.identify import IdentifyArgs, identify, load_parts
+from adaras.pipeline.identify import IdentifyArgs, identify
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from adaras.pipeline.capture import load_parts, save_part
 from adaras.pipeline.evaluate import paired_bootstrap, randomize, truncate
-from adaras.pipeline.identify import load_parts, mean_difference, save_part, select
+from adaras.pipeline.identify import mean_difference, select
 from adaras.pipeline.run import Run, StageArgsChanged, append_jsonl, read_jsonl
 from adaras.pipeline.train import select_features, split_problems, youden_threshold
 from adaras.profile import ModelShape, SteeringProfile

@@ -43,13 +43,14 @@ def pop_reports(llm, request_ids: list[str] | None = None) -> dict[str, dict]:
     raw = _rpc(llm, "pop_reports", request_ids)
     if request_ids is None:
         return raw
+    return {_owner(rid, request_ids): rep for rid, rep in raw.items()}
+
+
+def _owner(engine_id: str, request_ids: list[str]) -> str:
+    """Which of the caller's request ids an engine request id belongs to."""
     from adaras.engine.runtime import belongs_to
 
-    out = {}
-    for rid, rep in raw.items():
-        owner = next(w for w in request_ids if belongs_to(rid, w))
-        out[owner] = rep
-    return out
+    return next(w for w in request_ids if belongs_to(engine_id, w))
 
 
 def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
@@ -58,8 +59,6 @@ def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
     float32 [T, F]}. Tensor-parallel shards of `mean` are joined here."""
     import numpy as np
 
-    from adaras.engine.runtime import belongs_to
-
     def array(raw) -> np.ndarray:
         data, shape = raw
         return np.frombuffer(data, dtype=np.float32).reshape(shape)
@@ -67,13 +66,12 @@ def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
     per_rank = llm.collective_rpc("adaras_rpc", args=("pop_captures", request_ids))
     out = {}
     for rid, first in per_rank[0].items():
-        owner = next(w for w in request_ids if belongs_to(rid, w))
         result = dict(first)
         if "mean" in first:  # each rank holds its slice of the neurons
             result["mean"] = np.concatenate([array(r[rid]["mean"]) for r in per_rank], axis=1)
         if "tokens" in first:  # all-reduced: the same on every rank
             result["tokens"] = array(first["tokens"])
-        out[owner] = result
+        out[_owner(rid, request_ids)] = result
     return out
 
 

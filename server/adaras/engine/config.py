@@ -139,16 +139,6 @@ class CaptureRequest:
     features: tuple[tuple[int, int], ...] | None = None
     tokens_until: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.mean_from is not None:
-            out["mean_from"] = self.mean_from
-        if self.features is not None:
-            out["features"] = [list(f) for f in self.features]
-        if self.tokens_until is not None:
-            out["tokens_until"] = self.tokens_until
-        return out
-
 
 def _index(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

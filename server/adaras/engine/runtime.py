@@ -68,6 +68,20 @@ def belongs_to(engine_id: str, frontend_id: str) -> bool:
     return base == frontend_id or base.startswith((frontend_id + "-", frontend_id + "_"))
 
 
+def put_bounded(store: OrderedDict, key: str, value) -> None:
+    """Insert, dropping the oldest entries beyond MAX_REPORTS (results nobody pops)."""
+    store[key] = value
+    while len(store) > MAX_REPORTS:
+        store.popitem(last=False)
+
+
+def pop_belonging(store: OrderedDict, frontend_ids: list[str]) -> dict:
+    """Remove and return the entries whose engine request id belongs to one of
+    `frontend_ids` (see `belongs_to`)."""
+    return {rid: store.pop(rid) for rid in list(store)
+            if any(belongs_to(rid, w) for w in frontend_ids)}
+
+
 def file_version(path) -> str:
     """Short sha256 of a profile file: the same bytes give the same version in
     every process."""
@@ -307,9 +321,7 @@ class SteeringRuntime:
         return state
 
     def _put_report(self, req_id: str, state: RequestState) -> None:
-        self.reports[req_id] = state.report()
-        while len(self.reports) > MAX_REPORTS:
-            self.reports.popitem(last=False)
+        put_bounded(self.reports, req_id, state.report())
 
     def pop_reports(self, req_ids: list[str] | None = None) -> dict[str, dict]:
         """Reports keyed by engine request id; with `req_ids`, only those that
@@ -317,11 +329,7 @@ class SteeringRuntime:
         if req_ids is None:
             out, self.reports = dict(self.reports), OrderedDict()
             return out
-        out = {}
-        for rid in list(self.reports):
-            if any(belongs_to(rid, w) for w in req_ids):
-                out[rid] = self.reports.pop(rid)
-        return out
+        return pop_belonging(self.reports, req_ids)
 
     # ---- per step -------------------------------------------------------
     def begin_step(self, req_ids: list[str], req_id_to_index: dict[str, int],
@@ -333,7 +341,6 @@ class SteeringRuntime:
         global _CURRENT
         for rid in finished:
             self.requests.pop(rid, None)
-        for rid in finished:
             self.captures.pop(rid, None)
         for rid, sampling_params in new_requests:
             state = self._new_request(rid, sampling_params)
@@ -438,7 +445,7 @@ class SteeringRuntime:
                 return
             feat_idx = self._capture_columns(spec.features) if spec.features else None
         except ValueError as e:  # validated in the frontend; belt and braces
-            self._put_capture(req_id, {"error": str(e)})
+            put_bounded(self.capture_results, req_id, {"error": str(e)})
             return
         self.captures[req_id] = CaptureState(spec, feat_idx)
 
@@ -508,13 +515,16 @@ class SteeringRuntime:
             ctx.cap_tok_rows = torch.from_numpy(np.concatenate(tok_rows)).to(self.device)
             ctx.cap_feats = torch.zeros(n_tok, n_feat, device=self.device)
 
+    def _gathered(self, feats: torch.Tensor) -> torch.Tensor:
+        """Per-token feature values [R, F] as fp32 on the CPU. Each rank gathered
+        only the features in its neuron shard (zeros elsewhere): sum the ranks."""
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+            feats = tensor_model_parallel_all_reduce(feats)
+        return feats.float().cpu()
+
     def _end_captures(self, ctx: StepContext) -> None:
-        feats = ctx.cap_feats
-        if feats is not None:
-            if self.tp_size > 1:  # each rank gathered only the features in its shard
-                from vllm.distributed import tensor_model_parallel_all_reduce
-                feats = tensor_model_parallel_all_reduce(feats)
-            feats = feats.float().cpu()
+        feats = self._gathered(ctx.cap_feats) if ctx.cap_feats is not None else None
         for rid, seg, rows, cols, in_mean, done in ctx.cap_spans:
             cap = self.captures.get(rid)
             if cap is None:
@@ -528,22 +538,13 @@ class SteeringRuntime:
             if done:
                 if cap.total is None and cap.spec.mean_from is not None:
                     cap.total = torch.zeros(self.shape.num_layers, self.shard[1] - self.shard[0])
-                self._put_capture(rid, cap.result())
+                put_bounded(self.capture_results, rid, cap.result())
                 del self.captures[rid]
-
-    def _put_capture(self, req_id: str, result: dict) -> None:
-        self.capture_results[req_id] = result
-        while len(self.capture_results) > MAX_REPORTS:
-            self.capture_results.popitem(last=False)
 
     def pop_captures(self, req_ids: list[str]) -> dict[str, dict]:
         """Finished captures of requests that belong to these frontend ids,
         keyed by engine request id. `mean` is this rank's neuron shard."""
-        out = {}
-        for rid in list(self.capture_results):
-            if any(belongs_to(rid, w) for w in req_ids):
-                out[rid] = self.capture_results.pop(rid)
-        return out
+        return pop_belonging(self.capture_results, req_ids)
 
     def end_step(self) -> None:
         """After the forward: feed gathered features to the predictors, and
@@ -556,11 +557,7 @@ class SteeringRuntime:
             self._end_captures(ctx)
         if not ctx.spans:
             return
-        feats = ctx.feats
-        if self.tp_size > 1:  # each rank gathered only the features in its shard
-            from vllm.distributed import tensor_model_parallel_all_reduce
-            feats = tensor_model_parallel_all_reduce(feats)
-        feats = feats.float().cpu()
+        feats = self._gathered(ctx.feats)
         for rid, rows, cols, done in ctx.spans:
             state = self.requests.get(rid)
             if state is None or state.pool is None:

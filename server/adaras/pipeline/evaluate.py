@@ -17,7 +17,6 @@ report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,7 +318,3 @@ def plot_results(out: Path, results: dict) -> None:
         fig.tight_layout()
         fig.savefig(out / f"sweep-{label.lower()}.png", dpi=120)
         plt.close(fig)
-
-
-def load_results(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

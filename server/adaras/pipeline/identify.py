@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaras.pipeline.engine import EngineOptions, Job, capture_params, open_engine, run_captures
+from adaras.pipeline.capture import capture_cached
+from adaras.pipeline.engine import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.profile import ModelShape, SteeringProfile
 
@@ -99,57 +100,17 @@ def model_shape(model: str) -> ModelShape:
 
 
 def capture_trace_means(run: Run, pairs: list[dict], engine: EngineOptions) -> dict[str, np.ndarray]:
-    """Mean `a` over each paired trace's tokens: {trace key: float32 [L, I]}.
-    Cached in <run>/capture/trace_means.npz (resumable per chunk)."""
-    cache = run.stage_dir("capture")
+    """Mean `a` over each paired trace's generated tokens: {trace key: float32 [L, I]}."""
     keys = sorted({p["correct"] for p in pairs} | {p["incorrect"] for p in pairs})
-    have = load_parts(cache, "trace")
-    todo = [k for k in keys if k not in have]
-    if todo:
-        traces = {r["key"]: r for r in read_jsonl(run.root / "collect" / "samples.jsonl")}
-        llm = open_engine(engine)
-        jobs = []
-        for key in todo:
-            r = traces[key]
-            if not r["completion_ids"]:
-                raise ValueError(f"trace {key} is empty; nothing to average")
-            jobs.append(Job(key, r["prompt"] + r["completion_ids"],
-                            capture_params({"mean_from": len(r["prompt"])})))
-        part = [0]
-
-        def on_done(results):
-            save_part(cache / f"trace-{len(have) + part[0]:06d}.npz",
-                      {j.key: cap["mean"] for j, cap in results})
-            part[0] += len(results)
-
-        run_captures(llm, jobs, on_done, "capture trace activations")
-        have = load_parts(cache, "trace")
-    return {k: have[k] for k in keys}
-
-
-def save_part(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Arrays of any shapes under arbitrary string keys, in one .npz."""
-    keys = list(arrays)
-    shapes = np.array([list(arrays[k].shape) for k in keys], dtype=np.int64)
-    data = np.concatenate([arrays[k].astype(np.float32).ravel() for k in keys])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, keys=np.array(keys), shapes=shapes, data=data)
-    tmp.replace(path)
-
-
-def load_parts(folder: Path, prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for f in sorted(folder.glob(f"{prefix}-*.npz")):
-        if f.name.endswith(".tmp.npz"):
-            continue
-        with np.load(f) as z:
-            keys, shapes, data = z["keys"], z["shapes"], z["data"]
-        offset = 0
-        for key, shape in zip(keys.tolist(), shapes):
-            n = int(np.prod(shape))
-            out[key] = data[offset:offset + n].reshape(shape)
-            offset += n
-    return out
+    traces = {r["key"]: r for r in read_jsonl(run.root / "collect" / "samples.jsonl")}
+    jobs = []
+    for key in keys:
+        r = traces[key]
+        if not r["completion_ids"]:
+            raise ValueError(f"trace {key} is empty; nothing to average")
+        jobs.append(Job(key, r["prompt"] + r["completion_ids"],
+                        capture_params({"mean_from": len(r["prompt"])})))
+    return capture_cached(run, "trace", jobs, "mean", engine)
 
 
 def mean_difference(pairs: list[dict], means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

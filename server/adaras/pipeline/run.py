@@ -81,15 +81,12 @@ class Run:
         manifest = self.manifest()
         old = manifest["stages"].get(stage)
         args = json.loads(json.dumps(args, default=str))
-        if old is not None and old["args"] != args:
-            if not restart:
-                changed = sorted(k for k in set(old["args"]) | set(args)
-                                 if old["args"].get(k) != args.get(k))
-                raise StageArgsChanged(
-                    f"{self.root}/{stage} was started with other arguments ({', '.join(changed)}); "
-                    f"use --restart to discard it, or another --run directory")
-            shutil.rmtree(self.root / stage, ignore_errors=True)
-            old = None
+        if old is not None and old["args"] != args and not restart:
+            changed = sorted(k for k in set(old["args"]) | set(args)
+                             if old["args"].get(k) != args.get(k))
+            raise StageArgsChanged(
+                f"{self.root}/{stage} was started with other arguments ({', '.join(changed)}); "
+                f"use --restart to discard it, or another --run directory")
         if restart and old is not None:
             shutil.rmtree(self.root / stage, ignore_errors=True)
             old = None

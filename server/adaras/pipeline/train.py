@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaras.pipeline.engine import EngineOptions, Job, capture_params, open_engine, run_captures
-from adaras.pipeline.identify import load_parts, save_part
+from adaras.pipeline.capture import capture_cached
+from adaras.pipeline.engine import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.predictor import FailurePredictor
 from adaras.profile import SteeringProfile
@@ -67,15 +67,16 @@ def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
         profile = SteeringProfile.load(source)
         shape = profile.model
 
-        means = capture_prompts(run, keys, prompts, engine, {"mean_from": 0}, "prompt-mean")
+        means = capture_cached(run, "prompt-mean", capture_jobs(keys, prompts, {"mean_from": 0}),
+                               "mean", engine)
         X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
         flat = select_features(X[split["train"]], y[split["train"]], args.features)
         layers = (flat // shape.intermediate_size).astype(np.int32)
         neurons = (flat % shape.intermediate_size).astype(np.int32)
         feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
         tag = hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
-        tokens = capture_prompts(run, keys, prompts, engine, {"features": feats},
-                                 f"prompt-tokens-{tag}")
+        tokens = capture_cached(run, f"prompt-tokens-{tag}",
+                                capture_jobs(keys, prompts, {"features": feats}), "tokens", engine)
         seqs = [torch.from_numpy(np.ascontiguousarray(tokens[k])) for k in keys]  # [T_i, F]
 
         torch.manual_seed(args.seed)
@@ -143,24 +144,8 @@ def split_problems(y: np.ndarray, val: float, test: float, seed: int) -> dict[st
     return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
 
 
-def capture_prompts(run: Run, keys: list[str], prompts: dict[str, list[int]],
-                    engine: EngineOptions, spec: dict, name: str) -> dict[str, np.ndarray]:
-    cache = run.stage_dir("capture")
-    have = load_parts(cache, name)
-    todo = [k for k in keys if k not in have]
-    if todo:
-        llm = open_engine(engine)
-        jobs = [Job(k, prompts[k], capture_params(spec)) for k in todo]
-        field = "mean" if "mean_from" in spec else "tokens"
-        count = [len(have)]
-
-        def on_done(results):
-            save_part(cache / f"{name}-{count[0]:06d}.npz", {j.key: c[field] for j, c in results})
-            count[0] += len(results)
-
-        run_captures(llm, jobs, on_done, f"capture {name}")
-        have = load_parts(cache, name)
-    return {k: have[k] for k in keys}
+def capture_jobs(keys: list[str], prompts: dict[str, list[int]], spec: dict) -> list[Job]:
+    return [Job(k, prompts[k], capture_params(spec)) for k in keys]
 
 
 def select_features(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
