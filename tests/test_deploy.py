@@ -34,6 +34,7 @@ COUNTERS = [
     "adaras_generation_tokens_total",
     "adaras_prompt_tokens_total",
     "adaras_errors_total",
+    "adaras_client_disconnects_total",
 ]
 HISTOGRAMS = [
     "adaras_failure_probability",

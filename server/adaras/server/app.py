@@ -16,12 +16,17 @@ from starlette.middleware import Middleware
 
 from adaras.profile import ModelShape
 from adaras.server import glue
+from adaras.server.kv_cache import size_kv_cache
 from adaras.server.middleware import ApiKeyMiddleware, SteeringMiddleware
-from adaras.server.profiles import ProfileRegistry
+from adaras.server.profiles import ProfileRegistry, runtime_router
 from adaras.server.profiles import router as profiles_router
-from adaras.server.settings import Settings
+from adaras.server.settings import DEFAULT_MODEL, Settings
 
 logger = logging.getLogger("adaras.server")
+
+# SmolLM2-135M-Instruct knows 8192 positions; chat with it rarely needs more than
+# 2048, and 64 sequences of 2048 tokens need 2.8 GiB of KV (bf16), not 8+.
+DEFAULT_MODEL_FLAGS = {"--max-model-len": "2048", "--max-num-seqs": "64"}
 
 
 def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> argparse.Namespace:
@@ -34,6 +39,10 @@ def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> ar
             "--served-model-name", settings.model_name]
     if not any(a.startswith("--shutdown-timeout") for a in passthrough):
         argv += ["--shutdown-timeout", "30"]  # SIGTERM drains requests in flight for up to 30 s
+    if settings.model == DEFAULT_MODEL:  # a small model: a small, sufficient KV cache
+        for flag, value in DEFAULT_MODEL_FLAGS.items():
+            if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
+                argv += [flag, value]
     argv += passthrough
     args = parser.parse_args(argv)
     validate_parsed_serve_args(args)
@@ -54,11 +63,20 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
     upload_dir = Path(settings.profile_dir or Path(os.environ.get("ADARAS_CACHE", Path.home() /
                                                                    ".cache/adaras")) / "uploads")
     registry = ProfileRegistry(engine, shape, upload_dir, settings.default_mode)
-    for name, path in settings.profiles.items():
-        await registry.load(name, path, default=name == settings.default_profile)
+    registry.unavailable = glue.plugin_off_reason()
+    if registry.unavailable is None:
+        for name, path in settings.profiles.items():
+            await registry.load(name, path, default=name == settings.default_profile)
+        registry.unavailable = await glue.probe_steering(engine, registry)
     app.state.adaras_profiles = registry
     app.state.adaras_settings = settings
     app.include_router(profiles_router)
+    app.include_router(runtime_router)
+    if registry.unavailable:
+        logger.error("adaras: steering disabled, requests that ask for it get 503: %s",
+                     registry.unavailable)
+    else:
+        logger.info("adaras: start-up probe: the steering op ran")
     # Outermost first: auth, then steering, then vLLM's own middleware. vLLM
     # has already built the middleware stack, so insert and let it rebuild.
     app.user_middleware[:0] = [
@@ -82,6 +100,7 @@ async def serve(settings: Settings, passthrough: list[str]) -> None:
     plugin.register()
     model_path = str(resolve_model(settings.model))
     args = vllm_args(settings, model_path, passthrough)
+    size_kv_cache(args, passthrough)  # CPU: raises KvCacheTooSmall before the engine starts
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
         app = await build_app(settings, args, engine)

@@ -42,3 +42,53 @@ async def engine_rpc(engine, op: str, *args: Any) -> Any:
     """`SteeringRuntime.<op>(*args)` on every worker; rank 0's answer."""
     results = await engine.collective_rpc("adaras_rpc", args=(op, *args))
     return results[0]
+
+
+def plugin_off_reason() -> str | None:
+    """Why the engine has no steering runtime, judged in the frontend (the engine
+    processes inherit its environment). An RPC to a worker without the plugin
+    would kill the engine, so nothing may call one then."""
+    from adaras.engine import plugin
+
+    if plugin.enabled():
+        return None
+    return (f"the steering plugin is off ({plugin.PLUGIN_ENV}=0 in the server's environment), "
+            "so the engine runs stock vLLM")
+
+
+async def probe_steering(engine, registry) -> str | None:
+    """Send one steered request through the engine and check that the steering
+    op ran. Returns why steering does not work, or None when it does.
+
+    With a profile loaded the probe steers its decode step (`always`);
+    without one it captures activations, which runs through the same hooks."""
+    import uuid
+
+    from vllm import SamplingParams
+
+    from adaras.engine.config import CAPTURE_KEY
+
+    name = registry.default
+    if name is not None:
+        extra = {STEERING_KEY: {"mode": "always", "profile": name, "alpha": 1.0},
+                 FINGERPRINT_KEY: registry.entries[name].version}
+    else:
+        extra = {CAPTURE_KEY: {"mean_from": 0}}
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args=extra)
+    request_id = f"adaras-probe-{uuid.uuid4().hex}"
+    try:
+        before = (await engine_rpc(engine, "stats"))["hooked_layers"]
+    except Exception as e:  # noqa: BLE001 - any failure here means no steering runtime
+        return (f"the engine workers have no steering runtime ({type(e).__name__}): the plugin "
+                "is off in the engine (ADARAS_PLUGIN=0) or did not load there")
+    async for _ in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, params, request_id):
+        pass
+    after = (await engine_rpc(engine, "stats"))["hooked_layers"]
+    await engine_rpc(engine, "pop_reports", [request_id])
+    await engine_rpc(engine, "pop_captures", [request_id])
+    if after > before:
+        return None
+    arch = ",".join(engine.model_config.hf_config.architectures or ["?"])
+    return (f"a steered probe request did not reach the steering op ({arch}): the model class "
+            "is not one of the steered ones (Qwen3, Qwen2, Llama) or vLLM bypassed the "
+            "plugin's runner hook")

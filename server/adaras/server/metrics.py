@@ -24,3 +24,5 @@ GEN_TOKENS = Counter("adaras_generation_tokens", "Generated tokens",
 PROMPT_TOKENS = Counter("adaras_prompt_tokens", "Prompt tokens", ["model", "profile", "mode"])
 RUNNING = Gauge("adaras_requests_running", "Requests in flight", ["model"])
 ERRORS = Counter("adaras_errors", "Errors by type", ["model", "type"])
+DISCONNECTS = Counter("adaras_client_disconnects", "Completion requests whose client hung up "
+                      "before the response ended (vLLM aborts them)", ["model"])

@@ -92,6 +92,8 @@ class _Exchange:
         self.stream = False
         self.status = 500
         self.request_id = ""
+        self.disconnected = False  # the client hung up before the response ended
+        self.response_done = False
 
     # ---- request side --------------------------------------------------------
     async def run(self) -> None:
@@ -105,10 +107,12 @@ class _Exchange:
         try:
             self.resolved = self.mw.registry.resolve(data.pop(STEERING_KEY, None))
         except SteeringError as e:
-            metrics.ERRORS.labels(self.mw.model, "bad_request").inc()
+            kind = "bad_request" if e.status == 400 else "unavailable"
+            metrics.ERRORS.labels(self.mw.model, kind).inc()
             logger.info("request rejected: %s: %s", e.param, e)
-            return await send_json(self.send, 400, error_body(str(e), "BadRequestError", 400,
-                                                              e.param))
+            type_ = "BadRequestError" if e.status == 400 else "ServiceUnavailableError"
+            return await send_json(self.send, e.status, error_body(str(e), type_, e.status,
+                                                                   e.param))
         if self.resolved.mode != "off":
             data[STEERING_KEY] = self.resolved.engine_steering()
             data[FINGERPRINT_KEY] = self.resolved.version
@@ -157,7 +161,10 @@ class _Exchange:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await self.receive()  # later calls: wait for http.disconnect
+            message = await self.receive()  # later calls: wait for http.disconnect
+            if message["type"] == "http.disconnect" and not self.response_done:
+                self.disconnected = True
+            return message
 
         return receive
 
@@ -189,6 +196,7 @@ class _Exchange:
             body = await self._with_report(body)
         headers = [(k, v) for k, v in self._start.get("headers", []) if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
+        self.response_done = True
         await self.send({**self._start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
 
@@ -197,7 +205,10 @@ class _Exchange:
             data = json.loads(body)
         except ValueError:
             return body
-        self.usage = data.get("usage")
+        if not isinstance(data, dict):  # nothing we can annotate: pass it through
+            return body
+        usage = data.get("usage")
+        self.usage = usage if isinstance(usage, dict) else None
         data["steering"] = (await self._report()).model_dump()
         return json.dumps(data).encode()
 
@@ -213,6 +224,7 @@ class _Exchange:
         if not more and self._buffer:
             out.append(self._buffer)
             self._buffer = b""
+        self.response_done = not more
         if out or not more:
             await self.send({"type": "http.response.body", "body": b"".join(out),
                              "more_body": more})
@@ -224,11 +236,14 @@ class _Exchange:
             chunk = json.loads(event[6:])
         except ValueError:
             return event
-        choices = chunk.get("choices") or []
+        if not isinstance(chunk, dict):
+            return event
+        choices = chunk.get("choices")
+        choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
         if self.t_first is None and choices:
             self.t_first = time.perf_counter()
         usage = chunk.get("usage")
-        if usage:
+        if isinstance(usage, dict) and usage:
             self.usage = usage
             if not choices and not self.client_wants_usage:
                 return None  # the usage chunk we asked for on the client's behalf
@@ -262,7 +277,9 @@ class _Exchange:
     def _finish(self) -> None:
         labels = self._labels()
         now = time.perf_counter()
-        if self.status != 200:
+        if self.disconnected:  # neither an error nor a completed request
+            metrics.DISCONNECTS.labels(self.mw.model).inc()
+        elif self.status != 200:
             kind = "bad_request" if 400 <= self.status < 500 else "engine"
             metrics.ERRORS.labels(self.mw.model, kind).inc()
         else:
@@ -282,7 +299,8 @@ class _Exchange:
             if self.resolved.mode != "off":
                 metrics.DECISIONS.labels(self.mw.model, self.resolved.profile,
                                          "applied" if report.applied else "skipped").inc()
-        logger.info("request %s path=%s status=%d mode=%s profile=%s applied=%s p_fail=%s "
-                    "%.3fs", self.request_id, self.scope["path"], self.status, self.resolved.mode,
+        logger.info("request %s path=%s status=%d%s mode=%s profile=%s applied=%s p_fail=%s "
+                    "%.3fs", self.request_id, self.scope["path"], self.status,
+                    " disconnected" if self.disconnected else "", self.resolved.mode,
                     self.resolved.profile, self.resolved.report(self.engine_report).applied,
                     (self.engine_report or {}).get("failure_probability"), now - self.t0)

@@ -29,15 +29,29 @@ from adaras.profile import (
     valid_profile_name,
 )
 from adaras.server.glue import engine_rpc
-from adaras.server.protocol import ProfileInfo, ProfileList, ProfileLoad, SteeringReport
+from adaras.server.protocol import (
+    ProfileInfo,
+    ProfileList,
+    ProfileLoad,
+    RuntimeStats,
+    SteeringReport,
+)
 
 
 class SteeringError(ValueError):
     """Bad `steering` in a request: HTTP 400 naming `param`."""
 
+    status = 400
+
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+class SteeringUnavailable(SteeringError):
+    """The start-up probe found that steering does not work: HTTP 503."""
+
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class ProfileRegistry:
         self.default_mode = default_mode
         self.entries: dict[str, Entry] = {}
         self.default: str | None = None
+        self.unavailable: str | None = None  # why steering is refused (start-up probe)
         self._lock = asyncio.Lock()
 
     # ---- admission ---------------------------------------------------------
@@ -102,6 +117,7 @@ class ProfileRegistry:
                                 str(e)) from None
         if req.mode == "off":
             return Resolved("off")
+        self._check_available()
         name = req.profile or self.default
         if name is None:
             raise SteeringError("steering.profile", "no steering profile is loaded on this server")
@@ -130,8 +146,14 @@ class ProfileRegistry:
             has_predictor=s["has_predictor"], fingerprint=entry.version,
             default=name == self.default, source=entry.source)
 
+    def _check_available(self) -> None:
+        if self.unavailable:
+            raise SteeringUnavailable("steering", f"steering is unavailable on this server: "
+                                                  f"{self.unavailable}")
+
     async def load(self, name: str, path: str | Path, *, default: bool = False,
                    source: str | None = None) -> ProfileInfo:
+        self._check_available()
         check_name(name)
         path = Path(path)
         profile = SteeringProfile.load(path, expect=self.shape)  # ProfileError -> 400
@@ -144,6 +166,7 @@ class ProfileRegistry:
         return self.info(name)
 
     async def unload(self, name: str) -> None:
+        self._check_available()
         async with self._lock:
             if name not in self.entries:
                 raise KeyError(name)
@@ -178,6 +201,21 @@ RegistryDep = Annotated[ProfileRegistry, Depends(get_registry)]
 AdminDep = Annotated[None, Depends(require_admin)]
 
 router = APIRouter(prefix="/v1/steering/profiles", tags=["steering"])
+runtime_router = APIRouter(prefix="/v1/steering", tags=["steering"])
+
+
+@runtime_router.get("/runtime", response_model=RuntimeStats)
+async def runtime_stats(registry: RegistryDep, _: AdminDep) -> RuntimeStats:
+    """The engine worker's steering tables (rank 0): requests and captures in
+    flight, reports not yet read, loaded profiles, and how often the steering
+    op ran. When the engine is idle, `requests` and `captures` are 0. Needs the
+    admin key."""
+    from adaras.server.glue import plugin_off_reason
+
+    if (reason := plugin_off_reason()) is not None:
+        raise HTTPException(503, reason)
+    stats = await engine_rpc(registry.engine, "stats")
+    return RuntimeStats(**stats, unavailable=registry.unavailable)
 
 
 @router.get("", response_model=ProfileList)
@@ -206,6 +244,8 @@ async def load_profile(request: Request, registry: RegistryDep, _: AdminDep) -> 
             return await _load_upload(request, registry)
         body = ProfileLoad.model_validate(await request.json())
         return await registry.load(body.name, body.path, default=body.default)
+    except SteeringUnavailable as e:
+        raise HTTPException(503, str(e)) from None
     except ProfileError as e:
         raise HTTPException(400, str(e)) from None
     except ValueError as e:  # pydantic / JSON errors
@@ -243,6 +283,8 @@ async def unload_profile(name: str, registry: RegistryDep, _: AdminDep) -> None:
     """Unload a profile. Requests already running on it finish on it. Needs the admin key."""
     try:
         await registry.unload(name)
+    except SteeringUnavailable as e:
+        raise HTTPException(503, str(e)) from None
     except KeyError:
         raise HTTPException(404, f"unknown profile {name!r}") from None
 

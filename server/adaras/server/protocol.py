@@ -65,6 +65,19 @@ class ProfileList(BaseModel):
     data: list[ProfileInfo]
 
 
+class RuntimeStats(BaseModel):
+    """GET /v1/steering/runtime: the worker's steering tables."""
+
+    requests: int = Field(description="steered/adaptive requests the worker tracks")
+    captures: int = Field(description="activation captures in flight")
+    reports: int = Field(description="steering reports not yet read (bounded)")
+    capture_results: int
+    profiles: list[str]
+    versions: int = Field(description="profile versions held, incl. replaced ones in use")
+    hooked_layers: int = Field(description="steering-op calls with work to do, since start")
+    unavailable: str | None = Field(None, description="why steering is refused, if it is")
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

@@ -1,0 +1,67 @@
+"""The steering middleware on its own (no engine): whatever the inner app
+answers, it never raises; what it cannot annotate it passes through."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from adaras.server.middleware import SteeringMiddleware
+from adaras.server.profiles import Resolved
+
+
+class Registry:
+    engine = None
+
+    def resolve(self, raw):
+        return Resolved("always", "p", 0.3, None, 5, "v1") if raw else Resolved("off")
+
+
+def app_answering(body: bytes, stream: bool = False):
+    async def endpoint(request):
+        await request.body()
+        if stream:
+            async def events():
+                yield body
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return Response(body, media_type="application/json")
+
+    inner = Starlette(routes=[Route("/v1/completions", endpoint, methods=["POST"])])
+    return TestClient(SteeringMiddleware(inner, registry=Registry(), model="m"),
+                      raise_server_exceptions=True)
+
+
+@pytest.mark.parametrize("body", [b"null", b"[1, 2]", b'"text"', b"3", b"not json", b""])
+def test_a_body_that_is_not_an_object_passes_through(body):
+    r = app_answering(body).post("/v1/completions", json={"prompt": "x",
+                                                          "steering": {"mode": "always"}})
+    assert r.status_code == 200 and r.content == body
+
+
+def test_an_object_body_gets_the_report_even_with_odd_usage():
+    body = json.dumps({"choices": [], "usage": "odd"}).encode()
+    r = app_answering(body).post("/v1/completions", json={"prompt": "x",
+                                                          "steering": {"mode": "always"}})
+    assert r.json()["steering"]["mode"] == "always" and r.json()["usage"] == "odd"
+
+
+@pytest.mark.parametrize("event", [b"data: null\n\n", b"data: [1]\n\n", b'data: {"choices": 3}\n\n',
+                                   b'data: {"choices": [null, 1]}\n\n', b"data: {oops\n\n",
+                                   b"event: ping\n\n"])
+def test_stream_events_that_are_not_chunks_pass_through(event):
+    r = app_answering(event, stream=True).post(
+        "/v1/completions", json={"prompt": "x", "stream": True, "steering": {"mode": "always"}})
+    assert r.status_code == 200 and r.content == event
+
+
+def test_a_finished_chunk_gets_the_report():
+    event = b'data: {"choices": [{"index": 0, "finish_reason": "length"}]}\n\n'
+    r = app_answering(event, stream=True).post(
+        "/v1/completions", json={"prompt": "x", "stream": True, "steering": {"mode": "always"}})
+    chunk = json.loads(r.content.split(b"\n\n")[0][6:])
+    assert chunk["steering"]["mode"] == "always" and chunk["steering"]["applied"] is True

