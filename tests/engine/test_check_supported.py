@@ -54,8 +54,9 @@ def test_model_runner_v2_is_refused():
 
 
 def test_pyproject_pins_the_same_range_for_gpu_and_cpu():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]

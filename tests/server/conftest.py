@@ -42,7 +42,7 @@ class Server:
 
 
 def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
-                 admin_key=ADMIN_KEY, env: dict | None = None) -> Server:
+                 admin_key=ADMIN_KEY, env: dict | None = None, max_model_len: int = 2048) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "adaras.cli", "serve", "--model", str(model_dir),
            "--served-model-name", MODEL, "--port", str(port), *extra]
@@ -52,7 +52,8 @@ def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
         cmd += ["--api-key", api_key]
     if admin_key:
         cmd += ["--admin-key", admin_key]
-    cmd += ["--", "--max-model-len", "2048", "--dtype", "float32", "--max-num-seqs", "32"]
+    cmd += ["--", "--max-model-len", str(max_model_len), "--dtype", "float32",
+            "--max-num-seqs", "32"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "ADARAS_PLUGIN": "1",
            "ADARAS_CACHE": str(log.parent / "cache"), **(env or {})}
     f = log.open("w")

@@ -9,8 +9,8 @@ import pytest
 from adaras.server.kv_cache import (
     ENGINE_RESERVE,
     GiB,
-    MiB,
     KvCacheTooSmall,
+    MiB,
     plan_kv_cache,
     user_sized,
     weights_bytes,

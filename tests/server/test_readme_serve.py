@@ -48,3 +48,20 @@ def test_serve_as_the_readme_does(tmp_path):
         assert "start-up probe: the steering op ran" in text
     finally:
         stop_server(srv)
+
+
+def test_serve_refuses_a_kv_cache_that_cannot_fit_in_one_line(server_model):
+    """A sequence longer than memory allows: exit 2 before any engine starts,
+    with one line naming what is needed, what is free and the flag to change."""
+    env = {k: v for k, v in os.environ.items() if k not in SIZING}
+    huge = 100_000_000  # tokens: tens of GiB of KV even for the tiny model
+    out = subprocess.run(
+        [sys.executable, "-m", "adaras.cli", "serve", "--model", str(server_model),
+         "--port", str(free_port()), "--", "--max-model-len", str(huge),
+         "--hf-overrides", f'{{"max_position_embeddings": {huge}}}'],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"adaras serve: the KV cache for one {huge}-token sequence needs")
+    assert "free on NUMA node" in line and "lower --max-model-len" in line
+    assert "Traceback" not in out.stderr and "EngineCore" not in out.stdout + out.stderr

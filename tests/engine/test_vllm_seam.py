@@ -1,0 +1,78 @@
+"""Pins the vLLM symbols the plugin patches or relies on, so that a vLLM
+upgrade that moves one fails here, not silently in production. Read from
+vLLM's source (the test process has the plugin's patches installed)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+import pytest
+
+
+def stock_methods(module, cls: str) -> dict[str, ast.FunctionDef]:
+    tree = ast.parse(inspect.getsource(module))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
+
+
+def runner() -> dict[str, ast.FunctionDef]:
+    import vllm.v1.worker.gpu_model_runner as mod
+
+    return stock_methods(mod, "GPUModelRunner")
+
+
+RUNNER_METHODS = {  # what the plugin wraps or relies on, with the leading parameters it uses
+    "_prepare_inputs": ["self", "scheduler_output", "num_scheduled_tokens"],
+    "execute_model": ["self", "scheduler_output"],
+    "_bookkeeping_sync": ["self"],
+    "_on_request_state_removed": ["self", "req_id", "req_state"],
+    "_update_states": ["self", "scheduler_output"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNNER_METHODS))
+def test_runner_methods_exist_with_the_parameters_we_use(name):
+    methods = runner()
+    assert name in methods, f"GPUModelRunner.{name} is gone"
+    params = [a.arg for a in methods[name].args.args]
+    assert params[:len(RUNNER_METHODS[name])] == RUNNER_METHODS[name]
+
+
+def test_update_states_releases_through_the_hook_for_every_finished_request():
+    source = ast.unparse(runner()["_update_states"])
+    assert "for req_id in scheduler_output.finished_req_ids" in source
+    assert "self._on_request_state_removed(req_id, req_state)" in source
+
+
+def test_empty_steps_still_update_states():
+    """The idle step carries the last finished ids: vLLM calls _update_states
+    before it returns early on zero scheduled tokens."""
+    source = ast.unparse(runner()["execute_model"])
+    assert source.index("self._update_states(") < source.index("if not num_scheduled_tokens")
+
+
+def test_bookkeeping_rewinds_generators_with_set_offset():
+    """What cpu_generator_rewind works around; if vLLM stops calling
+    set_offset there, the fix can go."""
+    assert "set_offset" in ast.unparse(runner()["_bookkeeping_sync"])
+
+
+def test_input_batch_fields_the_runtime_reads():
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    source = inspect.getsource(InputBatch)
+    for field in ("self.req_ids", "self.req_id_to_index", "self.num_computed_tokens_cpu",
+                  "self.num_prompt_tokens", "self.generators", "def num_reqs"):
+        assert field in source, field
+
+
+def test_frontend_worker_and_model_hooks_exist():
+    import vllm.v1.engine.input_processor as ip
+    from vllm.model_executor.models.qwen2 import Qwen2MLP
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    process = stock_methods(ip, "InputProcessor")["process_inputs"]
+    assert [a.arg for a in process.args.args][:4] == ["self", "request_id", "prompt", "params"]
+    assert inspect.isclass(WorkerWrapperBase)
+    assert "self.act_fn = SiluAndMul()" in inspect.getsource(Qwen2MLP.__init__)
