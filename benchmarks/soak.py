@@ -322,11 +322,15 @@ def main() -> None:
         result["server_log_error_lines"] = len(errors_in_log)
         result["server_log_error_samples"] = errors_in_log[:10]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the server shuts its engine down
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its process group
+        except ProcessLookupError:
+            pass
     checks = verdict(result) + [("ERROR lines in the server log",
                                  str(result["server_log_error_lines"]),
                                  result["server_log_error_lines"] == 0)]

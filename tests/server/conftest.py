@@ -3,6 +3,7 @@ the server tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -79,13 +80,17 @@ def wait_healthy(url, proc, log: Path, model_dir: Path, profiles, timeout: float
 
 
 def stop_server(server: Server, timeout: float = 60) -> int | None:
+    """SIGTERM to the server alone, as an orchestrator sends it (it shuts its
+    engine down), then SIGKILL to whatever of its process group is left."""
     if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         try:
             server.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGKILL)
     return server.proc.returncode
 
 

@@ -65,3 +65,35 @@ def test_a_finished_chunk_gets_the_report():
         "/v1/completions", json={"prompt": "x", "stream": True, "steering": {"mode": "always"}})
     chunk = json.loads(r.content.split(b"\n\n")[0][6:])
     assert chunk["steering"]["mode"] == "always" and chunk["steering"]["applied"] is True
+
+
+def test_vllm_client_errors_are_logged_at_info_and_faults_stay_errors():
+    import logging
+    from types import SimpleNamespace
+
+    from adaras.server.app import ClientErrorsAtInfo
+
+    def record(code):
+        err = SimpleNamespace(error=SimpleNamespace(code=code))
+        return logging.LogRecord("vllm.x", logging.ERROR, "f", 1, "Error with model %s",
+                                 (err,), None)
+
+    f = ClientErrorsAtInfo()
+    not_found, fault = record(404), record(500)
+    assert f.filter(not_found) and f.filter(fault)
+    assert not_found.levelname == "INFO" and fault.levelname == "ERROR"
+    other = logging.LogRecord("vllm.x", logging.ERROR, "f", 1, "boom %s", (1,), None)
+    f.filter(other)
+    assert other.levelname == "ERROR"
+
+
+def test_the_quieted_vllm_loggers_are_the_ones_that_log_client_errors():
+    import importlib
+    import inspect
+
+    from adaras.server.app import CLIENT_ERROR_LOGGERS
+
+    for name in CLIENT_ERROR_LOGGERS:
+        module = importlib.import_module(name)
+        assert module.logger.name == name
+        assert 'logger.error("Error with model %s"' in inspect.getsource(module)

@@ -89,6 +89,34 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
     return app
 
 
+class ClientErrorsAtInfo(logging.Filter):
+    """vLLM logs a request for an unknown model (a 404 its client gets) at
+    ERROR. Operators alert on ERROR lines, which should mean a fault of the
+    server, so such client errors are logged at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.msg == "Error with model %s" \
+                and record.args:
+            code = getattr(getattr(record.args[0], "error", None), "code", None)
+            if isinstance(code, int) and 400 <= code < 500:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+# vLLM modules that log a client's 4xx as "Error with model" (vLLM reconfigures its
+# handlers at start-up, so the filter sits on these loggers, which it leaves alone).
+CLIENT_ERROR_LOGGERS = ("vllm.entrypoints.openai.chat_completion.serving",
+                        "vllm.entrypoints.openai.chat_completion.batch_serving",
+                        "vllm.entrypoints.openai.responses.serving")
+
+
+def quiet_client_errors() -> None:
+    for name in CLIENT_ERROR_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, ClientErrorsAtInfo) for f in log.filters):
+            log.addFilter(ClientErrorsAtInfo())
+
+
 async def serve(settings: Settings, passthrough: list[str]) -> None:
     """Start the engine, build the app, serve until SIGINT/SIGTERM, then drain."""
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -98,6 +126,7 @@ async def serve(settings: Settings, passthrough: list[str]) -> None:
     from adaras.zoo import resolve_model
 
     plugin.register()
+    quiet_client_errors()
     model_path = str(resolve_model(settings.model))
     args = vllm_args(settings, model_path, passthrough)
     size_kv_cache(args, passthrough)  # CPU: raises KvCacheTooSmall before the engine starts
