@@ -32,7 +32,7 @@ def test_eager_and_cpu_are_accepted():
     check_supported(config(None))
 
 
-@pytest.mark.parametrize("version", ["0.31.9", "0.33.0", "1.0.0", "0.11.0"])
+@pytest.mark.parametrize("version", ["0.31.9", "0.33.0", "0.33.0rc1", "0.33.0.dev3", "1.0.0", "0.11.0"])
 def test_an_untested_vllm_is_refused_with_what_to_do(version):
     with pytest.raises(UnsupportedVllm, match=r"vllm>=0\.32\.0,<0\.33.*ADARAS_PLUGIN=0"):
         check_vllm(version, env={})

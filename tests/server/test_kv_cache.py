@@ -58,13 +58,24 @@ def test_too_little_memory_is_one_line_with_numbers_and_the_flag():
     assert "4.00 GiB free on NUMA node 1" in msg and "--max-model-len" in msg
 
 
+def parse(*argv: str):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *argv])
+
+
 def test_a_size_given_by_the_user_is_left_alone(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    assert not user_sized(["--max-model-len", "4096"])
-    assert user_sized(["--kv-cache-memory-bytes", "1000000000"])
-    assert user_sized(["--gpu-memory-utilization=0.5"])
+    assert not user_sized(parse("--max-model-len", "4096"))
+    assert user_sized(parse("--kv-cache-memory-bytes", "1000000000"))
+    assert user_sized(parse("--kv_cache_memory_bytes=2G"))  # every spelling vLLM accepts
+    assert user_sized(parse("--gpu-memory-utilization=0.5"))
+    assert user_sized(parse("--gpu_memory_utilization", "0.5"))
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
-    assert user_sized([])
+    assert user_sized(parse())
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
+    assert not user_sized(parse())
 
 
 def test_weights_are_counted_from_safetensors_headers(tmp_path):

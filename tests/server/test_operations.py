@@ -294,8 +294,8 @@ def test_sigterm_drains_requests_in_flight(server_model, server_profiles, tmp_pa
     assert code is not None
 
 
-def test_steering_is_refused_with_the_reason_when_the_probe_fails(server_model, server_profiles,
-                                                                 tmp_path):
+def test_steering_is_refused_with_the_reason_when_the_plugin_is_off(server_model, server_profiles,
+                                                                   tmp_path):
     # The plugin switched off in the engine: the steering op can never run.
     srv = start_server(server_model, {"a": server_profiles["a"]}, tmp_path / "off.log",
                        api_key=None, admin_key=None, env={"ADARAS_PLUGIN": "0"})

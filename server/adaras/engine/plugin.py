@@ -79,7 +79,8 @@ def check_vllm(version: str, env: dict | None = None) -> None:
 
     env = os.environ if env is None else env
     low, high = TESTED_VLLM
-    if not Version(low) <= Version(version) < Version(high) and \
+    release = Version(Version(version).base_version)  # 0.33.0rc1 counts as 0.33.0
+    if not Version(low) <= release < Version(high) and \
             env.get(UNTESTED_ENV, "0") not in ("1", "true", "yes"):
         raise UnsupportedVllm(
             f"AdaRAS steering is tested on vLLM >={low},<{high}, found {version}: install a "

@@ -398,11 +398,12 @@ class SteeringRuntime:
             if state.pool is not None and state.p_fail is None and computed < prompt:
                 m = min(n, prompt - computed)
                 first = min(max(state.pool_pos - computed, 0), m)  # > 0 only when recomputing
-                feat_profiles.setdefault(state.profile, len(feat_profiles))
-                feat_rows.append(np.arange(start + first, start + m))
-                spans.append((rid, slice(n_feat_rows, n_feat_rows + m - first), state.profile,
-                              max(computed + m, state.pool_pos), computed + n >= prompt))
-                n_feat_rows += m - first
+                if first < m:  # else: all folded before a preemption (and not the last chunk)
+                    feat_profiles.setdefault(state.profile, len(feat_profiles))
+                    feat_rows.append(np.arange(start + first, start + m))
+                    spans.append((rid, slice(n_feat_rows, n_feat_rows + m - first),
+                                  state.profile, computed + m, computed + n >= prompt))
+                    n_feat_rows += m - first
         ctx = StepContext()
         if self.captures:
             self._plan_captures(ctx, req_ids, req_id_to_index, num_scheduled, num_computed,
@@ -588,8 +589,7 @@ class SteeringRuntime:
             if state is None or state.pool is None:
                 continue
             predictor: FailurePredictor = state.profile.profile.predictor
-            if rows.stop > rows.start:
-                state.pool = predictor.update(state.pool, feats[rows, cols])
+            state.pool = predictor.update(state.pool, feats[rows, cols])
             state.pool_pos = pos
             if done:
                 state.p_fail = predictor.finish(state.pool)

@@ -129,7 +129,7 @@ async def serve(settings: Settings, passthrough: list[str]) -> None:
     quiet_client_errors()
     model_path = str(resolve_model(settings.model))
     args = vllm_args(settings, model_path, passthrough)
-    size_kv_cache(args, passthrough)  # CPU: raises KvCacheTooSmall before the engine starts
+    size_kv_cache(args)  # CPU: raises KvCacheTooSmall before the engine starts
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
         app = await build_app(settings, args, engine)

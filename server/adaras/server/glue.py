@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 STEERING_KEY = "steering"
+PROBE_TIMEOUT_S = 120.0
 FINGERPRINT_KEY = "steering_fingerprint"
 
 
@@ -56,12 +57,14 @@ def plugin_off_reason() -> str | None:
             "so the engine runs stock vLLM")
 
 
-async def probe_steering(engine, registry) -> str | None:
+async def probe_steering(engine, registry, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """Send one steered request through the engine and check that the steering
     op ran. Returns why steering does not work, or None when it does.
 
     With a profile loaded the probe steers its decode step (`always`);
-    without one it captures activations, which runs through the same hooks."""
+    without one it captures activations, which runs through the same hooks.
+    Any failure, or no answer within `timeout_s`, is a reason, never a crash."""
+    import asyncio
     import uuid
 
     from vllm import SamplingParams
@@ -76,16 +79,23 @@ async def probe_steering(engine, registry) -> str | None:
         extra = {CAPTURE_KEY: {"mean_from": 0}}
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args=extra)
     request_id = f"adaras-probe-{uuid.uuid4().hex}"
-    try:
+
+    async def run() -> tuple[int, int]:
         before = (await engine_rpc(engine, "stats"))["hooked_layers"]
-    except Exception as e:  # noqa: BLE001 - any failure here means no steering runtime
-        return (f"the engine workers have no steering runtime ({type(e).__name__}): the plugin "
-                "is off in the engine (ADARAS_PLUGIN=0) or did not load there")
-    async for _ in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, params, request_id):
-        pass
-    after = (await engine_rpc(engine, "stats"))["hooked_layers"]
-    await engine_rpc(engine, "pop_reports", [request_id])
-    await engine_rpc(engine, "pop_captures", [request_id])
+        async for _ in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, params, request_id):
+            pass
+        after = (await engine_rpc(engine, "stats"))["hooked_layers"]
+        await engine_rpc(engine, "pop_reports", [request_id])
+        await engine_rpc(engine, "pop_captures", [request_id])
+        return before, after
+
+    try:
+        before, after = await asyncio.wait_for(run(), timeout_s)
+    except asyncio.TimeoutError:
+        await engine.abort(request_id)
+        return f"the steered probe request got no answer within {timeout_s:.0f} s"
+    except Exception as e:  # noqa: BLE001 - any failure is a reason to refuse steering
+        return f"the steered probe request failed: {type(e).__name__}: {e}"
     if after > before:
         return None
     arch = ",".join(engine.model_config.hf_config.architectures or ["?"])

@@ -32,7 +32,6 @@ GiB = 1 << 30
 MiB = 1 << 20
 KV_SHARE = 0.5  # of the memory left after weights and engine: the rest stays free
 ENGINE_RESERVE = 2 * GiB  # engine core + worker processes (torch, vLLM, compile caches)
-USER_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 USER_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
@@ -79,9 +78,15 @@ def plan_kv_cache(*, bytes_per_token: int, max_model_len: int, max_num_seqs: int
         "Set --kv-cache-memory-bytes to choose it yourself"))
 
 
-def user_sized(passthrough: list[str]) -> bool:
-    return bool(os.environ.get(USER_ENV)) or any(
-        a == f or a.startswith(f + "=") for a in passthrough for f in USER_FLAGS)
+def user_sized(args) -> bool:
+    """Whether the user chose the KV size: read from vLLM's parsed arguments, so
+    every spelling (`--kv-cache-memory-bytes`, `--kv_cache_memory_bytes=`,
+    `--config file.yaml`) counts, and from vLLM-CPU's variable."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return (os.environ.get(USER_ENV, "") != ""
+            or getattr(args, "kv_cache_memory_bytes", None) is not None
+            or getattr(args, "gpu_memory_utilization", None) != EngineArgs.gpu_memory_utilization)
 
 
 def weights_bytes(model_dir: str | Path, dtype_size: int) -> int:
@@ -98,13 +103,13 @@ def weights_bytes(model_dir: str | Path, dtype_size: int) -> int:
     return params * dtype_size
 
 
-def size_kv_cache(args, passthrough: list[str]) -> KvPlan | None:
+def size_kv_cache(args) -> KvPlan | None:
     """Set `args.kv_cache_memory_bytes` on a CPU engine the user did not size;
     returns the plan (None when nothing was changed). Raises KvCacheTooSmall."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or user_sized(passthrough):
+    if not current_platform.is_cpu() or user_sized(args):
         return None
     from vllm.usage.usage_lib import UsageContext
     from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info

@@ -217,6 +217,8 @@ class _Exchange:
         out = []
         while b"\n\n" in self._buffer:
             event, self._buffer = self._buffer.split(b"\n\n", 1)
+            if event == b"data: [DONE]":  # the response is complete; a hang-up now is no abort
+                self.response_done = True
             event = await self._rewrite_event(event)
             if event is not None:
                 out.append(event + b"\n\n")
