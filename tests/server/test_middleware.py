@@ -97,3 +97,34 @@ def test_the_quieted_vllm_loggers_are_the_ones_that_log_client_errors():
         module = importlib.import_module(name)
         assert module.logger.name == name
         assert 'logger.error("Error with model %s"' in inspect.getsource(module)
+
+
+def test_a_hang_up_after_done_is_not_a_disconnect():
+    """[DONE] can travel in a body message with more_body=True; once it has been
+    forwarded, the response is complete even before the closing message."""
+    import asyncio
+
+    from adaras.server.middleware import _Exchange
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    mw = SteeringMiddleware(None, registry=Registry(), model="m")
+    ex = _Exchange(mw, {"type": "http"}, receive, send)
+
+    async def run():
+        await ex._send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+        await ex._send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                        "more_body": True})
+        replay = ex._replay(b"{}")
+        await replay()  # the request body
+        await replay()  # then the client goes away
+
+    asyncio.run(run())
+    assert ex.response_done and not ex.disconnected

@@ -226,7 +226,8 @@ class _Exchange:
         if not more and self._buffer:
             out.append(self._buffer)
             self._buffer = b""
-        self.response_done = not more
+        if not more:
+            self.response_done = True
         if out or not more:
             await self.send({"type": "http.response.body", "body": b"".join(out),
                              "more_body": more})
