@@ -24,6 +24,9 @@ from adaras.server.settings import DEFAULT_MODEL, Settings
 
 logger = logging.getLogger("adaras.server")
 
+# Engine flags we set unless the user passes them after `--`.
+# SIGTERM drains requests in flight for up to 30 s.
+DEFAULT_FLAGS = {"--shutdown-timeout": "30"}
 # SmolLM2-135M-Instruct knows 8192 positions; chat with it rarely needs more than
 # 2048, and 64 sequences of 2048 tokens need 2.8 GiB of KV (bf16), not 8+.
 DEFAULT_MODEL_FLAGS = {"--max-model-len": "2048", "--max-num-seqs": "64"}
@@ -37,12 +40,12 @@ def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> ar
     parser = make_arg_parser(FlexibleArgumentParser(prog="adaras serve"))
     argv = ["--model", model_path, "--host", settings.host, "--port", str(settings.port),
             "--served-model-name", settings.model_name]
-    if not any(a.startswith("--shutdown-timeout") for a in passthrough):
-        argv += ["--shutdown-timeout", "30"]  # SIGTERM drains requests in flight for up to 30 s
+    defaults = dict(DEFAULT_FLAGS)
     if settings.model == DEFAULT_MODEL:  # a small model: a small, sufficient KV cache
-        for flag, value in DEFAULT_MODEL_FLAGS.items():
-            if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
-                argv += [flag, value]
+        defaults.update(DEFAULT_MODEL_FLAGS)
+    for flag, value in defaults.items():  # given twice, vLLM would warn "duplicate keys"
+        if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
+            argv += [flag, value]
     argv += passthrough
     args = parser.parse_args(argv)
     validate_parsed_serve_args(args)

@@ -121,14 +121,14 @@ def size_kv_cache(args) -> KvPlan | None:
     kv_dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)
     bytes_per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
                        * model.get_head_size() * get_dtype_size(kv_dtype))
-    node = get_allowed_cpu_list()[0].numa_node
-    memory = get_memory_node_info(max(node, 0))
+    node = max(get_allowed_cpu_list()[0].numa_node, 0)  # the node vLLM checks
+    memory = get_memory_node_info(node)
     workers = parallel.world_size
     plan = plan_kv_cache(
         bytes_per_token=bytes_per_token, max_model_len=model.max_model_len,
         max_num_seqs=config.scheduler_config.max_num_seqs, block_size=cache.block_size,
         weights=weights_bytes(model.model, get_dtype_size(model.dtype)),
-        available=memory.available_memory, workers=workers, node=max(node, 0))
+        available=memory.available_memory, workers=workers, node=node)
     args.kv_cache_memory_bytes = plan.bytes_per_worker
     logger.info("adaras: %s", plan.reason)
     return plan

@@ -107,11 +107,9 @@ class _Exchange:
         try:
             self.resolved = self.mw.registry.resolve(data.pop(STEERING_KEY, None))
         except SteeringError as e:
-            kind = "bad_request" if e.status == 400 else "unavailable"
-            metrics.ERRORS.labels(self.mw.model, kind).inc()
+            metrics.ERRORS.labels(self.mw.model, e.metric_kind).inc()
             logger.info("request rejected: %s: %s", e.param, e)
-            type_ = "BadRequestError" if e.status == 400 else "ServiceUnavailableError"
-            return await send_json(self.send, e.status, error_body(str(e), type_, e.status,
+            return await send_json(self.send, e.status, error_body(str(e), e.error_type, e.status,
                                                                    e.param))
         if self.resolved.mode != "off":
             data[STEERING_KEY] = self.resolved.engine_steering()

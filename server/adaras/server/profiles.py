@@ -28,7 +28,7 @@ from adaras.profile import (
     SteeringProfile,
     valid_profile_name,
 )
-from adaras.server.glue import engine_rpc
+from adaras.server.glue import engine_rpc, plugin_off_reason
 from adaras.server.protocol import (
     ProfileInfo,
     ProfileList,
@@ -42,6 +42,8 @@ class SteeringError(ValueError):
     """Bad `steering` in a request: HTTP 400 naming `param`."""
 
     status = 400
+    error_type = "BadRequestError"  # the OpenAI error body's `type`
+    metric_kind = "bad_request"  # adaras_errors_total{type=...}
 
     def __init__(self, param: str, message: str):
         super().__init__(message)
@@ -52,6 +54,8 @@ class SteeringUnavailable(SteeringError):
     """The start-up probe found that steering does not work: HTTP 503."""
 
     status = 503
+    error_type = "ServiceUnavailableError"
+    metric_kind = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -210,8 +214,6 @@ async def runtime_stats(registry: RegistryDep, _: AdminDep) -> RuntimeStats:
     flight, reports not yet read, loaded profiles, and how often the steering
     op ran. When the engine is idle, `requests` and `captures` are 0. Needs the
     admin key."""
-    from adaras.server.glue import plugin_off_reason
-
     if (reason := plugin_off_reason()) is not None:
         raise HTTPException(503, reason)
     stats = await engine_rpc(registry.engine, "stats")
