@@ -179,7 +179,7 @@ def test_start_up_probe_ran_the_steering_op(server):
     assert "start-up probe: the steering op ran" in server.log_text()
 
 
-MAX_TOKENS = 1800  # with ignore_eos: cannot finish on its own before we hang up
+MAX_TOKENS = 2000  # with ignore_eos and 2048 positions: the most this server can be asked
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -202,8 +202,10 @@ def test_client_disconnect_aborts_the_request_and_leaves_no_state(server, stream
     assert metric(server, "adaras_requests_running") == 0
     # The worker released the request: vLLM dropped it (finished or aborted) ...
     wait_for(lambda: runtime_stats(server)["requests"] == 0, what="the worker to release it")
-    # ... and it was aborted: the engine generated far fewer tokens than asked.
-    assert settled(server, "vllm:generation_tokens_total") - generated < MAX_TOKENS / 3
+    # ... and it was aborted: the engine stopped short of max_tokens. (A third of it
+    # was the bound before; under a full CI run the tiny model once produced 1610
+    # tokens between the hang-up and the abort, so the margin depends on load.)
+    assert settled(server, "vllm:generation_tokens_total") - generated < MAX_TOKENS - 100
 
 
 def test_every_request_is_logged_with_id_mode_and_decision(server, client):
