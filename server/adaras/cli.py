@@ -90,10 +90,11 @@ TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel size")]
 KvOpt = Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU)")]
 RestartOpt = Annotated[bool, typer.Option(help="discard this stage's earlier results")]
 ChunkOpt = Annotated[int, typer.Option(help="requests per engine call; finished chunks are "
-                                            "checkpointed for resuming")]
+                                            "checkpointed for resuming (several times "
+                                            "--max-num-seqs, so the batch stays full)")]
 
 
-def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk=64):
+def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk=256):
     from adaras.pipeline.engine import EngineOptions
     from adaras.pipeline.run import Run
 
@@ -162,7 +163,7 @@ def collect(
     seed: int = 0,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    chunk: ChunkOpt = 64, restart: RestartOpt = False,
+    chunk: ChunkOpt = 256, restart: RestartOpt = False,
 ) -> None:
     """Sample traces, grade them, pair correct with incorrect; greedy labels."""
     from adaras.pipeline.collect import CollectArgs
@@ -188,9 +189,15 @@ def identify(
     alpha: Annotated[float, typer.Option(help="the profile's default alpha")] = 0.3,
     name: Annotated[str | None, typer.Option(help="profile name")] = None,
     seed: int = 0,
+    skip_last_layers: Annotated[int, typer.Option(
+        help="choose neurons only in layers before the last N")] = 0,
+    steer_prompt: Annotated[str, typer.Option(
+        help="none | last: also steer the last prompt position (always mode)")] = "none",
+    stage: Annotated[str | None, typer.Option(
+        help="output folder (default: identify[-<selection>][-skip<N>][-prompt-last])")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    chunk: ChunkOpt = 64, restart: RestartOpt = False,
+    chunk: ChunkOpt = 256, restart: RestartOpt = False,
 ) -> None:
     """Capture trace activations, rank neurons by polarity-aware mean difference, write a profile."""
     from adaras.pipeline.identify import IdentifyArgs
@@ -198,8 +205,10 @@ def identify(
     from adaras.pipeline.run import Run
 
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
-    path = run_identify(Run(run), IdentifyArgs(k=k, selection=selection, alpha=alpha, name=name,
-                                               seed=seed), engine, restart=restart)
+    path = run_identify(Run(run), IdentifyArgs(
+        k=k, selection=selection, alpha=alpha, name=name, seed=seed,
+        skip_last_layers=skip_last_layers, steer_prompt=steer_prompt, stage=stage),
+        engine, restart=restart)
     typer.echo(f"identify: {path}")
 
 
@@ -217,7 +226,7 @@ def train_predictor(
     seed: int = 0,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    chunk: ChunkOpt = 64, restart: RestartOpt = False,
+    chunk: ChunkOpt = 256, restart: RestartOpt = False,
 ) -> None:
     """Train the failure predictor; report AUROC; store predictor + threshold in the profile."""
     from adaras.pipeline.run import Run
@@ -252,9 +261,15 @@ def eval_(
     max_tokens: int = 512,
     profile: Annotated[str | None, typer.Option(help="default: the run's latest profile")] = None,
     stage: Annotated[str, typer.Option(help="output folder in the run")] = "eval",
+    screen: Annotated[bool, typer.Option(
+        help="alpha screen: baseline + --alphas; reports answers changed, net fixed - broken "
+             "and length per alpha, and picks alpha*")] = False,
+    primary: Annotated[str | None, typer.Option(
+        help="pre-register this config (e.g. always) vs baseline, exact McNemar, in the "
+             "manifest before generating")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
-    chunk: ChunkOpt = 64, restart: RestartOpt = False,
+    chunk: ChunkOpt = 256, restart: RestartOpt = False,
 ) -> None:
     """Accuracy with/without steering, paired-bootstrap CIs, gate rate, plots, report.md."""
     from adaras.pipeline.evaluate import EvalArgs, evaluate
@@ -270,7 +285,8 @@ def eval_(
                     options=_options(option), modes=[m for m in modes.split(",") if m],
                     alpha=alpha, alphas=_floats(alphas),
                     ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
-                    max_tokens=max_tokens, profile=profile, stage=stage)
+                    max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
+                    primary=primary)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())

@@ -51,6 +51,9 @@ def valid_profile_name(name) -> bool:
     """The one rule for profile names: safe as a file-name component, no paths."""
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
 _SHAPE_INTS = ("num_layers", "intermediate_size", "hidden_size")
+# provenance "steer_prompt" -> prompt positions steered (-1 = all); True/False
+# are the older spelling of "all"/"none"
+STEER_PROMPT = {None: 0, False: 0, "none": 0, "last": 1, True: -1, "all": -1}
 
 
 class ProfileError(ValueError):
@@ -152,6 +155,15 @@ class SteeringProfile:
         return int(self.layers.numel())
 
     # ------------------------------------------------------------ validation
+    @property
+    def steered_prompt_positions(self) -> int:
+        """How many prompt positions an `always` request also steers, from the
+        provenance key "steer_prompt": absent/"none" -> 0 (decode only),
+        "last" -> 1 (the last prompt position, whose logits pick the first
+        generated token), "all" -> -1 (every prompt position). Adaptive
+        requests decide after the prompt, so they steer decode tokens only."""
+        return STEER_PROMPT[self.provenance.get("steer_prompt")]
+
     def validate(self, expect: ModelShape | None = None) -> None:
         """Raise ProfileError if the profile is unusable (for the model `expect`, if given)."""
         self._check(expect, f"steering profile {self.name!r}")
@@ -215,6 +227,10 @@ class SteeringProfile:
             fail(f"threshold must be a probability in [0, 1] (or absent), got {thr!r}")
         if not isinstance(self.provenance, dict):
             fail(f"provenance must be a JSON object (dict), got {type(self.provenance).__name__}")
+        sp = self.provenance.get("steer_prompt")
+        if not isinstance(sp, (str, bool, type(None))) or sp not in STEER_PROMPT:
+            fail(f"provenance.steer_prompt must be one of 'none', 'last' or 'all' (or absent), "
+                 f"got {self.provenance['steer_prompt']!r}")
         try:
             json.dumps(self.provenance, allow_nan=False)
         except (TypeError, ValueError) as e:

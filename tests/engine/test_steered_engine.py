@@ -65,9 +65,10 @@ def test_steered_request_in_a_batch_matches_it_alone(qwen3_llm):
 
 # ---- steered parity with Hugging Face -------------------------------------
 
-def hf_logprobs(model_dir, profile, alpha, prompt, output):
+def hf_logprobs(model_dir, profile, alpha, prompt, output, start=None):
     """log p(output[j] | prompt + output[:j]) from transformers, with steering
-    on the positions the engine steers (generated tokens fed back)."""
+    on the positions the engine steers (generated tokens fed back; from
+    `start`, default the first generated position)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -76,7 +77,8 @@ def hf_logprobs(model_dir, profile, alpha, prompt, output):
         if profile is None:
             logits = model(ids).logits
         else:
-            with steering_hooks(model, profile, alpha, start=len(prompt)):
+            with steering_hooks(model, profile, alpha,
+                                start=len(prompt) if start is None else start):
                 logits = model(ids).logits
     logp = torch.log_softmax(logits[0].float(), dim=-1)  # [T, V]
     pos = torch.arange(len(prompt) - 1, len(prompt) + len(output) - 1)
@@ -100,6 +102,36 @@ def test_steered_logprobs_match_hf_hook(qwen3_llm, qwen3_dir, qwen3_profiles, al
     # ... and steering moved them: the unsteered reference is far away.
     base = hf_logprobs(qwen3_dir, None, 0.0, prompt, output)
     assert (base - want)[1:].abs().max() > 0.05
+
+
+def test_steering_the_last_prompt_position_matches_hf_and_moves_the_first_token(
+        qwen3_llm, qwen3_dir, qwen3_profiles, tmp_path):
+    # Decode-only steering never changes the first generated token's logits:
+    # they come from the last prompt position. A profile with
+    # provenance steer_prompt="last" steers that position too.
+    profile = SteeringProfile.load(qwen3_profiles["a"])
+    profile.provenance = {**profile.provenance, "steer_prompt": "last"}
+    profile.save(tmp_path / "last.safetensors")
+    load_profile(qwen3_llm, "a-last", str(tmp_path / "last.safetensors"))
+    try:
+        prompt = prompt_ids(1, 45, seed=13)[0]  # chunked: 32 + 13 tokens
+        alpha = 1.0
+        out = generate(qwen3_llm, [prompt], params(
+            {"mode": "always", "profile": "a-last", "alpha": alpha}, logprobs=1))[0]
+        output = list(out.outputs[0].token_ids)
+        want = hf_logprobs(qwen3_dir, profile, alpha, prompt, output, start=len(prompt) - 1)
+        torch.testing.assert_close(engine_logprobs(out), want, atol=2e-3, rtol=1e-3)
+        decode_only = hf_logprobs(qwen3_dir, profile, alpha, prompt, output)
+        assert abs(float(want[0] - decode_only[0])) > 0.05  # the first token moved
+        # adaptive requests decide after the prompt: the prompt stays unsteered,
+        # so their first token equals the unsteered one
+        base = generate(qwen3_llm, [prompt], params(logprobs=1))[0]
+        gated = generate(qwen3_llm, [prompt], params(
+            {"mode": "adaptive", "profile": "a-last", "alpha": alpha, "threshold": 0.0},
+            logprobs=1))[0]
+        assert engine_logprobs(gated)[0] == engine_logprobs(base)[0]
+    finally:
+        unload_profile(qwen3_llm, "a-last")
 
 
 def test_alpha_zero_gives_unsteered_output(qwen3_llm):

@@ -58,8 +58,11 @@ def test_no_ranking_draws_from_survivors_and_random_keeps_the_deltas():
     survivors = set(zip(*np.nonzero(score["survivors"])))
     layers, neurons, delta = select(score, 5, "no-ranking", seed=3)
     assert set(zip(layers.tolist(), neurons.tolist())) <= survivors
-    np.testing.assert_allclose(delta.numpy(), score["s"][layers.numpy(), neurons.numpy()])
+    s = score["s"][layers.numpy(), neurons.numpy()]
     real = select(score, 5, "mean-diff")[2].numpy()
+    # S at the drawn neurons, scaled to the real profile's norm
+    np.testing.assert_allclose(delta.numpy(), s * np.linalg.norm(real) / np.linalg.norm(s),
+                               rtol=1e-5)
     _, _, rdelta = select(score, 5, "random", seed=3)
     np.testing.assert_allclose(np.sort(rdelta.numpy()), np.sort(real))
     a = select(score, 5, "random", seed=3)

@@ -136,7 +136,10 @@ class RequestState:
     profile: LoadedProfile | None
     alpha: float
     threshold: float
-    steer_prompt: bool = False
+    # prompt positions also steered when the request is steered from the start
+    # ("always"): 0 = none, 1 = the last one, -1 = all (profile provenance
+    # "steer_prompt"; see SteeringProfile.steered_prompt_positions)
+    steer_prompt: int = 0
     pool: PoolState | None = None
     pool_pos: int = 0  # prompt positions already in `pool` (recomputation skips them)
     p_fail: float | None = None
@@ -316,7 +319,7 @@ class SteeringRuntime:
         threshold = config.threshold if config.threshold is not None else (
             prof.threshold if prof.threshold is not None else 0.5)
         state = RequestState(config, loaded, alpha, threshold,
-                             steer_prompt=bool(prof.provenance.get("steer_prompt", False)))
+                             steer_prompt=prof.steered_prompt_positions if config.mode == "always" else 0)
         if config.mode == "always":
             state.applied = True
         elif prof.predictor is None:
@@ -386,8 +389,10 @@ class SteeringRuntime:
                 continue
             start = int(ends[i]) - n
             computed, prompt = int(num_computed[i]), int(num_prompt[i])
-            # Rows of this request that are decode tokens (position >= prompt length).
-            first_decode = 0 if state.steer_prompt else max(prompt - computed, 0)
+            # Steered rows: positions >= the prompt length, or >= prompt - 1 when
+            # the profile steers the last prompt position too (all: from 0).
+            first_steered = 0 if state.steer_prompt < 0 else prompt - state.steer_prompt
+            first_decode = max(first_steered - computed, 0)
             if state.applied and first_decode < n:
                 # Keyed by the profile object the request started with, so a
                 # reload or unload never changes a request in flight.

@@ -50,9 +50,10 @@ def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool
         llm = open_engine(engine)
         tok = llm.get_tokenizer()
         prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-        generate_greedy(llm, problems, prompts, args, out / "greedy.jsonl", engine.chunk)
-        generate_samples(llm, problems[:args.probe], prompts, args, out / "samples.jsonl",
-                         engine.chunk)
+        run.record_throughput("greedy", generate_greedy(
+            llm, problems, prompts, args, out / "greedy.jsonl", engine.chunk))
+        run.record_throughput("samples", generate_samples(
+            llm, problems[:args.probe], prompts, args, out / "samples.jsonl", engine.chunk))
         summary = pair(out, problems, args)
         plot_accuracy(out)
         run.record("collect", **summary)
@@ -72,7 +73,7 @@ def read_problems(path: Path) -> list[Problem]:
 
 
 def _generate(llm, jobs: list[Job], by_key: dict[str, tuple[Problem, int]], path: Path,
-              description: str, chunk: int) -> None:
+              description: str, chunk: int) -> dict:
     def on_done(results):
         problems = [by_key[j.key][0] for j, _, _ in results]
         texts = [o.outputs[0].text for _, o, _ in results]
@@ -84,21 +85,21 @@ def _generate(llm, jobs: list[Job], by_key: dict[str, tuple[Problem, int]], path
              "extracted": g.extracted, "error": g.error}
             for (j, o, _), p, g in zip(results, problems, grades)])
 
-    run_jobs(llm, jobs, on_done, description, chunk)
+    return run_jobs(llm, jobs, on_done, description, chunk)
 
 
-def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk: int) -> None:
+def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
     from vllm import SamplingParams
 
     done = {r["key"] for r in read_jsonl(path)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     jobs = [Job(f"{p.id}#greedy", prompts[p.id], params) for p in problems
             if f"{p.id}#greedy" not in done]
-    _generate(llm, jobs, {f"{p.id}#greedy": (p, -1) for p in problems}, path,
-              "greedy answers", chunk)
+    return _generate(llm, jobs, {f"{p.id}#greedy": (p, -1) for p in problems}, path,
+                     "greedy answers", chunk)
 
 
-def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: int) -> None:
+def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
     from vllm import SamplingParams
 
     done = {r["key"] for r in read_jsonl(path)}
@@ -113,18 +114,22 @@ def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: 
             params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                     max_tokens=args.max_tokens, seed=args.seed * 100003 + len(by_key))
             jobs.append(Job(key, prompts[p.id], params))
-    _generate(llm, jobs, by_key, path, f"sampled traces (T={args.temperature})", chunk)
+    return _generate(llm, jobs, by_key, path, f"sampled traces (T={args.temperature})", chunk)
 
 
 def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:
     """Pairs (p+, p-) of traces of the same prompt; up to `pairs_per_problem`
-    each, every trace used at most once. Also writes summary.json."""
+    each, every trace used at most once. A trace cut off by max_tokens is
+    neither correct nor incorrect and never enters a pair. Also writes
+    summary.json."""
     samples = read_jsonl(out / "samples.jsonl")
     greedy = read_jsonl(out / "greedy.jsonl")
     rng = random.Random(args.seed)
     pairs = []
     per_problem: dict[str, dict[str, list[str]]] = {}
     for r in samples:
+        if r["finish_reason"] == "length":
+            continue  # cut off: neither correct nor incorrect, so never in a pair
         per_problem.setdefault(r["problem"], {"+": [], "-": []})["+" if r["correct"] else "-"] \
             .append(r["key"])
     kept = 0
@@ -145,6 +150,7 @@ def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:
         "sample_accuracy": sum(r["correct"] for r in samples) / max(len(samples), 1),
         "problems_with_both": kept, "pairs": len(pairs),
         "greedy_truncated": sum(r["finish_reason"] == "length" for r in greedy),
+        "samples_truncated": sum(r["finish_reason"] == "length" for r in samples),
     }
     write_json(out / "summary.json", summary)
     if not pairs:

@@ -5,6 +5,7 @@ generation loop."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -128,36 +129,64 @@ class Job:
     params: object  # vllm.SamplingParams
 
 
-def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, pop):
+@dataclass
+class Meter:
+    """Engine throughput of one run_jobs/run_captures call (only the time
+    spent inside `llm.generate`), as recorded in the stage manifests."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        s = max(self.seconds, 1e-9)
+        return {**asdict(self), "seconds": round(self.seconds, 2),
+                "generated_tok_s": round(self.generated_tokens / s, 1),
+                "prompt_tok_s": round(self.prompt_tokens / s, 1)}
+
+
+def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, pop, meter: Meter):
     """Generate `jobs` `chunk` at a time under a progress bar; yields each
-    chunk's (jobs, RequestOutputs, pop(llm, request ids))."""
+    chunk's (jobs, RequestOutputs, pop(llm, request ids)) and counts its work
+    in `meter`."""
     with progress() as bar:
         task = bar.add_task(description, total=len(jobs))
         for i in range(0, len(jobs), chunk):
             part = jobs[i:i + chunk]
+            t0 = time.perf_counter()
             outs = llm.generate([{"prompt_token_ids": j.prompt} for j in part],
                                 [j.params for j in part], use_tqdm=False)
+            meter.seconds += time.perf_counter() - t0
+            meter.requests += len(part)
+            meter.prompt_tokens += sum(len(j.prompt) for j in part)
+            meter.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outs)
             yield part, outs, pop(llm, [o.request_id for o in outs])
             bar.advance(task, len(part))
 
 
 def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
-             description: str, chunk: int = 64) -> None:
+             description: str, chunk: int = 256) -> dict:
     """Generate `jobs`; after each chunk call `on_done` with (job,
-    RequestOutput, steering report) triples so the caller can checkpoint."""
+    RequestOutput, steering report) triples so the caller can checkpoint.
+    Returns the throughput (Meter.to_dict())."""
     from adaras.engine import pop_reports
 
-    for part, outs, reports in _in_chunks(llm, jobs, description, chunk, pop_reports):
+    meter = Meter()
+    for part, outs, reports in _in_chunks(llm, jobs, description, chunk, pop_reports, meter):
         on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
+    return meter.to_dict()
 
 
 def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
-                 description: str, chunk: int = 32) -> None:
+                 description: str, chunk: int = 32) -> dict:
     """Teacher-forced activation capture: each job's prompt is prefilled once
-    (max_tokens=1) with `extra_args["adaras_capture"]` set in its params."""
+    (max_tokens=1) with `extra_args["adaras_capture"]` set in its params.
+    Returns the throughput (Meter.to_dict())."""
     from adaras.engine import pop_captures
 
-    for part, outs, caps in _in_chunks(llm, jobs, description, chunk, pop_captures):
+    meter = Meter()
+    for part, outs, caps in _in_chunks(llm, jobs, description, chunk, pop_captures, meter):
         results = []
         for j, o in zip(part, outs):
             cap = caps.get(o.request_id)
@@ -166,6 +195,7 @@ def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, di
                                    f"{(cap or {}).get('error', 'no result from the engine')}")
             results.append((j, cap))
         on_done(results)
+    return meter.to_dict()
 
 
 def capture_params(spec: dict):

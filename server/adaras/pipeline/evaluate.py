@@ -17,13 +17,14 @@ report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from adaras.pipeline.collect import read_problems
-from adaras.pipeline.data import build_messages, load_distinct
+from adaras.pipeline.collect import read_problems, write_problems
+from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.engine import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import select
@@ -50,6 +51,8 @@ class EvalArgs:
     profile: str | None = None  # default: the run's train-predictor (else identify) profile
     stage: str = "eval"  # output folder; use another for a second benchmark (transfer)
     bootstrap: int = 10000
+    screen: bool = False  # alpha screen: baseline + `alphas`, pick alpha* (see `screen`)
+    primary: str | None = None  # pre-registered primary comparison: this config vs baseline
 
 
 def default_profile(run: Run) -> Path:
@@ -61,6 +64,10 @@ def default_profile(run: Run) -> Path:
 
 
 def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool = False) -> dict:
+    if args.screen:
+        if len(args.alphas) < 1:
+            raise ValueError("--screen needs --alphas, e.g. --alphas 1,3,10,30")
+        args.modes = ["baseline"]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown --modes {unknown}; choose from {list(MODES)}")
@@ -73,14 +80,20 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                          "or drop 'adaptive' from --modes")
     if any(k < 1 or k > profile.k for k in args.ks):
         raise ValueError(f"--k values must be in 1..{profile.k} (the profile's K), got {args.ks}")
+    if args.primary is not None and args.primary not in [*args.modes, *sweep_names(args)]:
+        raise ValueError(f"--primary {args.primary!r} is not one of this run's configs "
+                         f"{[*args.modes, *sweep_names(args)]}")
     with run.stage(args.stage, {**vars(args), "profile": str(source), "engine": engine.to_dict()},
                    restart=restart) as out:
-        probe_file = run.root / "collect" / "problems.jsonl"
-        # never evaluate on a problem the profile or the predictor was built from
-        probe = read_problems(probe_file) if probe_file.exists() else []
+        # never evaluate on a problem the profile or the predictor was built
+        # from, nor on one another eval stage of this run used (dev vs confirm)
+        used, used_by = other_stage_problems(run, args.stage)
         problems, dropped = load_distinct(args.dataset, args.problems, seed=args.seed,
                                           difficulty=args.difficulty, options=args.options,
-                                          exclude=probe)
+                                          exclude=used)
+        write_problems(out / "problems.jsonl", problems)
+        if args.primary is not None:  # written before any answer is generated
+            run.record(args.stage, preregistered=preregistration(args, profile, len(problems)))
         profiles = write_profiles(out, profile, args)
         configs = build_configs(profile, profiles, args)
         llm = open_engine(engine)
@@ -90,17 +103,51 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
             load_profile(llm, name, str(path))
         tok = llm.get_tokenizer()
         prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-        generate_all(llm, problems, prompts, configs, args, out / "generations.jsonl",
-                     engine.chunk)
+        meter = generate_all(llm, problems, prompts, configs, args, out / "generations.jsonl",
+                             engine.chunk)
         results = summarize(out, problems, configs, args)
+        run.record_throughput("generate", meter)
         results.update({"profile": str(source), "dataset": args.dataset,
-                        "removed_probe_overlap": dropped})
+                        "removed_overlap": dropped, "excluded_stages": used_by,
+                        "throughput": meter})
+        if args.screen:
+            results["screen"] = screen(results)
+        if args.primary is not None:
+            results["primary"] = {"config": args.primary,
+                                  **results["configs"][args.primary]}
         write_json(out / "results.json", results)
         write_report(out, results, args)
         plot_results(out, results)
-        run.record(args.stage, **{name: {k: r[k] for k in ("accuracy", "delta", "ci95")}
-                                  for name, r in results["configs"].items()})
+        plot_calibration(out, results)
+        run.record(args.stage,
+                   **{name: {k: r[k] for k in ("accuracy", "delta", "ci95", "mcnemar_p",
+                                               "fixed", "broken", "changed")}
+                      for name, r in results["configs"].items()},
+                   **({"screen": results["screen"]} if args.screen else {}))
         return results
+
+
+def other_stage_problems(run: Run, stage: str) -> tuple[list[Problem], list[str]]:
+    """Problems of every other stage of this run that wrote a problems.jsonl
+    (collect, and the other eval stages), and which stages those are."""
+    problems, stages = [], []
+    for path in sorted(run.root.glob("*/problems.jsonl")):
+        if path.parent.name != stage:
+            problems += read_problems(path)
+            stages.append(path.parent.name)
+    return problems, stages
+
+
+def preregistration(args: EvalArgs, profile: SteeringProfile, n: int) -> dict:
+    alpha = profile.default_alpha if args.alpha is None else args.alpha
+    return {"primary": f"{args.primary} vs baseline", "test": "exact McNemar (two-sided)",
+            "alpha": alpha, "problems": n, "dataset": args.dataset, "seed": args.seed,
+            "modes": args.modes, "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def sweep_names(args: EvalArgs) -> list[str]:
+    return ([f"alpha={a:g}" for a in args.alphas] + [f"k={k}" for k in args.ks]
+            + list(args.ablations))
 
 
 def write_profiles(out: Path, profile: SteeringProfile, args: EvalArgs) -> dict[str, Path]:
@@ -116,10 +163,20 @@ def write_profiles(out: Path, profile: SteeringProfile, args: EvalArgs) -> dict[
         paths[f"k{k}"] = out / f"profile-k{k}.safetensors"
         sub.save(paths[f"k{k}"])
     for name, path in args.ablations.items():
-        other = SteeringProfile.load(path, expect=profile.model)
+        other = same_norm(SteeringProfile.load(path, expect=profile.model), profile)
         paths[f"ablation-{name}"] = out / f"profile-ablation-{name}.safetensors"
         other.save(paths[f"ablation-{name}"])
     return paths
+
+
+def same_norm(other: SteeringProfile, profile: SteeringProfile) -> SteeringProfile:
+    """`other` with its delta scaled to `profile`'s L2 norm: an ablation then
+    differs from the real profile in where it steers, not in how hard."""
+    scale = float(profile.delta.norm()) / max(float(other.delta.norm()), 1e-30)
+    other.delta = (other.delta.double() * scale).float()
+    other.provenance = {**other.provenance, "delta_scaled_to_norm_of": profile.name,
+                        "delta_scale": scale}
+    return other
 
 
 def randomize(profile: SteeringProfile, seed: int) -> SteeringProfile:
@@ -170,7 +227,10 @@ def build_configs(profile: SteeringProfile, profiles: dict, args: EvalArgs) -> d
     return configs
 
 
-def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path, chunk: int) -> None:
+def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path,
+                 chunk: int) -> dict:
+    """Generate every (config, problem) not yet in `path`; returns the
+    throughput of this call (see run_jobs)."""
     from vllm import SamplingParams
 
     done = {r["key"] for r in read_jsonl(path)}
@@ -194,8 +254,8 @@ def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path, ch
              "extracted": g.extracted, "steering": rep}
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
-    run_jobs(llm, jobs, on_done, f"evaluate {len(configs)} configs x {len(problems)} problems",
-             chunk)
+    return run_jobs(llm, jobs, on_done,
+                    f"evaluate {len(configs)} configs x {len(problems)} problems", chunk)
 
 
 def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0) -> list[float]:
@@ -207,11 +267,61 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def mcnemar_p(base: np.ndarray, other: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value of paired correctness: a binomial test
+    of the fixed count among the discordant problems (1.0 when none differ)."""
+    from scipy.stats import binomtest
+
+    fixed, broken = int((other & ~base).sum()), int((~other & base).sum())
+    return float(binomtest(fixed, fixed + broken, 0.5).pvalue) if fixed + broken else 1.0
+
+
+def min_detectable_effect(n: int, discordant: float, power: float = 0.8,
+                          level: float = 0.05) -> float | None:
+    """Smallest accuracy change |fixed - broken| / n that a two-sided McNemar
+    test at `level` detects with `power` on n paired problems when a fraction
+    `discordant` of them differ (Connor 1987's normal approximation, solved
+    for the effect). None when nothing is discordant."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    if n < 1 or discordant <= 0:
+        return None
+    za = norm.ppf(1 - level / 2)
+
+    def achieved(d: float) -> float:  # power at effect d minus the target
+        return norm.cdf((d * np.sqrt(n) - za * np.sqrt(discordant))
+                        / np.sqrt(max(discordant - d * d, 1e-12))) - power
+
+    hi = discordant * (1 - 1e-9)
+    if achieved(hi) < 0:
+        return None
+    return float(brentq(achieved, 1e-9, hi))
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
+    """ECE of probabilities p for binary outcomes y over equal-width bins, and
+    the per-bin (mean p, observed rate, count) for a reliability plot."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            conf, rate = float(p[m].mean()), float(y[m].mean())
+            ece += m.mean() * abs(conf - rate)
+            table.append([conf, rate, int(m.sum())])
+    return {"ece": float(ece), "bins": table}
+
+
 def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
+    from adaras.pipeline.train import auroc, bootstrap_auroc
+
     rows = read_jsonl(out / "generations.jsonl")
     ids = [p.id for p in problems]
     table = {(r["config"], r["problem"]): r for r in rows}
     base = np.array([table[("baseline", i)]["correct"] for i in ids])
+    base_answers = [table[("baseline", i)]["extracted"] for i in ids]
     results = {"problems": len(ids), "configs": {}}
     for name, steering in configs.items():
         got = [table[(name, i)] for i in ids]
@@ -223,48 +333,141 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
             "delta": float(correct.mean() - base.mean()),
             "ci95": paired_bootstrap(base, correct, args.bootstrap) if name != "baseline"
             else [0.0, 0.0],
+            "mcnemar_p": mcnemar_p(base, correct),
             "fixed": int((correct & ~base).sum()), "broken": int((~correct & base).sum()),
+            # the final answer differs from the baseline's (not only its correctness)
+            "changed": float(np.mean([r["extracted"] != b for r, b in zip(got, base_answers)])),
             "mean_tokens": float(np.mean([r["tokens"] for r in got])),
             "truncated": int(sum(r["finish_reason"] == "length" for r in got)),
         }
+        discordant = (entry["fixed"] + entry["broken"]) / max(len(ids), 1)
+        entry["mde80"] = min_detectable_effect(len(ids), discordant)
         if steering and steering["mode"] == "adaptive":
             entry["gate_rate"] = float(np.mean(applied)) if applied else 0.0
-            p_fail = [r["steering"].get("failure_probability") for r in got]
+            p_fail = np.array([r["steering"].get("failure_probability") for r in got],
+                              dtype=float)
             entry["threshold"] = got[0]["steering"].get("threshold")
             wrong = ~base
             gated = np.array(applied)
             if wrong.any() and (~wrong).any():
                 entry["gate_rate_on_baseline_wrong"] = float(gated[wrong].mean())
                 entry["gate_rate_on_baseline_right"] = float(gated[~wrong].mean())
-                from sklearn.metrics import roc_auc_score
-
-                entry["predictor_auroc"] = float(roc_auc_score(wrong, p_fail))
+                entry["predictor_auroc"] = auroc(wrong.astype(int), p_fail)
+                entry["predictor_auroc_ci95"] = bootstrap_auroc(wrong.astype(int), p_fail,
+                                                                seed=args.seed)
+            entry["calibration"] = expected_calibration_error(wrong.astype(float), p_fail)
         results["configs"][name] = entry
     return results
+
+
+def screen(results: dict, min_changed: float = 0.10) -> dict:
+    """The alpha screen: for each swept alpha, the fraction of final answers
+    that changed, net fixed - broken and mean output length. alpha* is the
+    largest alpha that changes at least `min_changed` of the answers without a
+    net loss; None (the profile is inert at these alphas) when no alpha
+    changes that many."""
+    rows = []
+    for name, r in results["configs"].items():
+        if name.startswith("alpha="):
+            rows.append({"alpha": float(name[len("alpha="):]), "changed": r["changed"],
+                         "net": r["fixed"] - r["broken"], "fixed": r["fixed"],
+                         "broken": r["broken"], "accuracy": r["accuracy"],
+                         "mean_tokens": r["mean_tokens"], "truncated": r["truncated"]})
+    rows.sort(key=lambda r: r["alpha"])
+    moving = [r for r in rows if r["changed"] >= min_changed]
+    ok = [r for r in moving if r["net"] >= 0]
+    if not moving:
+        verdict = (f"inert: no alpha in {[r['alpha'] for r in rows]} changes "
+                   f"{min_changed:.0%} of the final answers")
+    elif not ok:
+        verdict = (f"every alpha that changes {min_changed:.0%} of the answers loses more than "
+                   f"it fixes")
+    else:
+        verdict = f"alpha* = {ok[-1]['alpha']:g}"
+    return {"alpha_star": ok[-1]["alpha"] if ok else None, "min_changed": min_changed,
+            "verdict": verdict, "baseline_mean_tokens":
+            results["configs"]["baseline"]["mean_tokens"], "alphas": rows}
 
 
 def write_report(out: Path, results: dict, args: EvalArgs) -> None:
     lines = [f"# Evaluation: {results['dataset']}", "",
              f"{results['problems']} problems (seed {args.seed}; "
-             f"{results['removed_probe_overlap']} repeated or probe-set problems skipped), greedy "
-             f"decoding, max {args.max_tokens} tokens. Profile: `{results['profile']}`.", "",
-             "| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | fixed | broken "
-             "| gate rate |", "|---|---|---|---|---|---|---|"]
+             f"{results['removed_overlap']} repeated problems or problems of "
+             f"{', '.join(results['excluded_stages']) or 'no other stage'} skipped), greedy "
+             f"decoding, max {args.max_tokens} tokens. Profile: `{results['profile']}`.", ""]
+    primary = results.get("primary")
+    if primary:
+        lines += [f"**Pre-registered primary comparison:** `{primary['config']}` vs baseline, "
+                  f"exact McNemar: {primary['fixed']} fixed, {primary['broken']} broken, "
+                  f"Δ {primary['delta']:+.3f} (95% CI [{primary['ci95'][0]:+.3f}, "
+                  f"{primary['ci95'][1]:+.3f}]), p = {primary['mcnemar_p']:.3g}. "
+                  + (f"Minimum detectable effect at 80% power with this discordance: "
+                     f"{primary['mde80']:.3f}." if primary["mde80"] else ""), ""]
+    lines += ["| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | McNemar p | fixed "
+              "| broken | answers changed | mean tokens | truncated | gate rate |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(results["configs"], key=config_order):
         r = results["configs"][name]
         gate = f"{r['gate_rate']:.2f}" if "gate_rate" in r else ""
-        ci = "" if name == "baseline" else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
-        delta = "" if name == "baseline" else f"{r['delta']:+.3f}"
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {delta} | {ci} | {r['fixed']} | "
-                     f"{r['broken']} | {gate} |")
+        base = name == "baseline"
+        ci = "" if base else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+        delta = "" if base else f"{r['delta']:+.3f}"
+        p = "" if base else f"{r['mcnemar_p']:.3g}"
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {delta} | {ci} | {p} | {r['fixed']} | "
+                     f"{r['broken']} | {r['changed']:.2f} | {r['mean_tokens']:.0f} | "
+                     f"{r['truncated']} | {gate} |")
     ad = results["configs"].get("adaptive")
-    if ad and "predictor_auroc" in ad:
+    if ad and ad.get("predictor_auroc") is not None:
+        ci = ad.get("predictor_auroc_ci95") or [float("nan")] * 2
         lines += ["", f"Adaptive gate: threshold {ad['threshold']}, fired on "
                   f"{ad['gate_rate_on_baseline_wrong']:.2f} of the problems the baseline got wrong "
-                  f"and {ad['gate_rate_on_baseline_right']:.2f} of those it got right "
-                  f"(in-engine p_fail AUROC against baseline failure: {ad['predictor_auroc']:.2f})."]
-    lines += ["", "A difference is significant at 95% only when its CI excludes 0.", ""]
+                  f"and {ad['gate_rate_on_baseline_right']:.2f} of those it got right. "
+                  f"In-engine p_fail against baseline failure: AUROC {ad['predictor_auroc']:.2f} "
+                  f"(bootstrap 95% CI {ci[0]:.2f}-{ci[1]:.2f}), expected calibration error "
+                  f"{ad['calibration']['ece']:.3f} (calibration.png)."]
+    sc = results.get("screen")
+    if sc:
+        lines += ["", f"## Alpha screen: {sc['verdict']}", "",
+                  f"alpha* is the largest alpha that changes at least {sc['min_changed']:.0%} "
+                  "of the final answers without a net loss (fixed - broken >= 0). Baseline "
+                  f"mean output: {sc['baseline_mean_tokens']:.0f} tokens.", "",
+                  "| alpha | answers changed | fixed | broken | net | accuracy | mean tokens "
+                  "| truncated |", "|---|---|---|---|---|---|---|---|"]
+        for r in sc["alphas"]:
+            lines.append(f"| {r['alpha']:g} | {r['changed']:.2f} | {r['fixed']} | {r['broken']} "
+                         f"| {r['net']:+d} | {r['accuracy']:.3f} | {r['mean_tokens']:.0f} "
+                         f"| {r['truncated']} |")
+    tp = results.get("throughput") or {}
+    if tp.get("seconds"):
+        lines += ["", f"Generation: {tp['generated_tokens']} tokens in {tp['seconds']:.0f} s "
+                  f"({tp['generated_tok_s']:.0f} generated tok/s)."]
+    lines += ["", "A difference is significant at 95% only when its CI excludes 0 (bootstrap) "
+              "or p < 0.05 (McNemar).", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def plot_calibration(out: Path, results: dict) -> None:
+    """Reliability diagram of the adaptive gate's p_fail against baseline failure."""
+    ad = results["configs"].get("adaptive")
+    if not ad or "calibration" not in ad:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.array(ad["calibration"]["bins"])  # [B, 3]: mean p, observed rate, count
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.scatter(bins[:, 0], bins[:, 1], s=10 + 4 * bins[:, 2], color="#4472c4")
+    ax.set_xlabel("predicted p_fail (bin mean)")
+    ax.set_ylabel("baseline failure rate")
+    ax.set_title(f"calibration, ECE {ad['calibration']['ece']:.3f}", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=120)
+    plt.close(fig)
 
 
 def config_order(name: str) -> tuple:

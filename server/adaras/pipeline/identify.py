@@ -14,6 +14,7 @@ Ablations (--selection):
     mean-diff    the method above (default)
     no-polarity  top K of |S| over all neurons
     no-ranking   K neurons drawn at random among the polarity survivors, delta = S there
+                 (scaled, like no-polarity, to the mean-diff profile's L2 norm)
     random       K neurons drawn at random over all neurons; they carry the
                  mean-diff profile's K delta values (shuffled), so the steering
                  has the same size and only *where* it goes is random
@@ -35,6 +36,10 @@ from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.profile import ModelShape, SteeringProfile
 
 SELECTIONS = ("mean-diff", "no-polarity", "no-ranking", "random")
+# Which prompt positions a profile also steers (provenance "steer_prompt"; the
+# runtime reads it). Decode steering alone never touches the first generated
+# token, whose logits come from the last prompt position.
+STEER_PROMPT = ("none", "last")
 
 
 @dataclass
@@ -44,6 +49,9 @@ class IdentifyArgs:
     alpha: float = 0.3
     name: str | None = None  # default: the run folder's name (+ the ablation)
     seed: int = 0
+    skip_last_layers: int = 0  # choose neurons only in layers before the last N
+    steer_prompt: str = "none"  # "last": also steer the last prompt position (STEER_PROMPT)
+    stage: str | None = None  # default: identify[-<selection>][-skip<N>][-prompt-<p>]
 
 
 def identify(run: Run, args: IdentifyArgs, engine: EngineOptions, *,
@@ -52,18 +60,28 @@ def identify(run: Run, args: IdentifyArgs, engine: EngineOptions, *,
         raise ValueError(f"--selection must be one of {list(SELECTIONS)}, got {args.selection!r}")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.steer_prompt not in STEER_PROMPT:
+        raise ValueError(f"--steer-prompt must be one of {list(STEER_PROMPT)}, "
+                         f"got {args.steer_prompt!r}")
+    if args.skip_last_layers < 0:
+        raise ValueError(f"--skip-last-layers must be >= 0, got {args.skip_last_layers}")
     collect_entry = run.require("collect")
-    stage = "identify" if args.selection == "mean-diff" else f"identify-{args.selection}"
+    shape = model_shape(engine.model)
+    if args.skip_last_layers >= shape.num_layers:
+        raise ValueError(f"--skip-last-layers {args.skip_last_layers} leaves no layer "
+                         f"(the model has {shape.num_layers})")
+    variant = "".join([f"-{args.selection}" if args.selection != "mean-diff" else "",
+                       f"-skip{args.skip_last_layers}" if args.skip_last_layers else "",
+                       f"-prompt-{args.steer_prompt}" if args.steer_prompt != "none" else ""])
+    stage = args.stage or f"identify{variant}"
     with run.stage(stage, {**vars(args), "engine": engine.to_dict()}, restart=restart) as out:
         cdir = run.root / "collect"
         pairs = json.loads((cdir / "pairs.json").read_text())
         # The capture does not depend on the selection: all ablations share it.
         means = capture_trace_means(run, pairs, engine)
-        score = mean_difference(pairs, means)
+        score = skip_last_layers(mean_difference(pairs, means), args.skip_last_layers)
         layers, neurons, delta = select(score, args.k, args.selection, args.seed)
-        shape = model_shape(engine.model)
-        name = args.name or (run.root.name if args.selection == "mean-diff"
-                             else f"{run.root.name}-{args.selection}")
+        name = args.name or f"{run.root.name}{variant}"
         profile = SteeringProfile(
             name=name, model=shape, layers=layers, neurons=neurons, delta=delta,
             default_alpha=args.alpha,
@@ -75,6 +93,8 @@ def identify(run: Run, args: IdentifyArgs, engine: EngineOptions, *,
                 "polarity_filter": args.selection in ("mean-diff", "no-ranking"),
                 "polarity_survivors": int(score["survivors"].sum()),
                 "seed": args.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "skip_last_layers": args.skip_last_layers,
+                **({"steer_prompt": args.steer_prompt} if args.steer_prompt != "none" else {}),
                 "method": "AdaRAS (arXiv 2601.19847)",
             })
         profile.validate(shape)
@@ -123,8 +143,24 @@ def mean_difference(pairs: list[dict], means: dict[str, np.ndarray]) -> dict[str
             "mu_neg": mu_neg.astype(np.float32), "survivors": (mu_pos * mu_neg) < 0}
 
 
+def skip_last_layers(score: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The score with the last `n` layers taken out of every selection (S = 0,
+    no polarity survivor there)."""
+    if n == 0:
+        return score
+    out = {k: v.copy() for k, v in score.items()}
+    out["s"][-n:] = 0.0
+    out["survivors"][-n:] = False
+    out["allowed"] = np.ones_like(out["survivors"])
+    out["allowed"][-n:] = False
+    return out
+
+
 def select(score: dict[str, np.ndarray], k: int, selection: str, seed: int = 0):
-    """(layers int32 [K], neurons int32 [K], delta float32 [K]), sorted by |delta| descending."""
+    """(layers int32 [K], neurons int32 [K], delta float32 [K]), sorted by |delta| descending.
+
+    The ablations (every selection but mean-diff) are scaled to the mean-diff
+    profile's L2 norm, so they differ from it in placement only."""
     s = score["s"]
     L, I = s.shape
     flat = s.reshape(-1)
@@ -139,7 +175,9 @@ def select(score: dict[str, np.ndarray], k: int, selection: str, seed: int = 0):
         chosen = rng.choice(pool, size=min(k, pool.size), replace=False)
     elif selection == "random":
         real = select(score, k, "mean-diff")[2].numpy()
-        chosen = rng.choice(flat.size, size=real.size, replace=False)
+        pool = np.flatnonzero(score["allowed"].reshape(-1)) if "allowed" in score \
+            else np.arange(flat.size)
+        chosen = rng.choice(pool, size=real.size, replace=False)
         values = rng.permutation(real)
         order = np.argsort(-np.abs(values), kind="stable")
         chosen, values = chosen[order], values[order]
@@ -151,9 +189,13 @@ def select(score: dict[str, np.ndarray], k: int, selection: str, seed: int = 0):
     if chosen.size == 0:
         raise RuntimeError("no neuron survives the polarity filter; collect more pairs")
     chosen = chosen[np.argsort(-np.abs(flat[chosen]), kind="stable")]
+    values = flat[chosen].astype(np.float64)
+    if selection != "mean-diff":  # an ablation varies where the steering goes, not its size
+        values *= np.linalg.norm(select(score, k, "mean-diff")[2].numpy()) / \
+            max(np.linalg.norm(values), 1e-30)
     return (torch.from_numpy((chosen // I).astype(np.int32)),
             torch.from_numpy((chosen % I).astype(np.int32)),
-            torch.from_numpy(flat[chosen].astype(np.float32)))
+            torch.from_numpy(values.astype(np.float32)))
 
 
 def plot_layers(profile: SteeringProfile, shape: ModelShape, path: Path) -> None:

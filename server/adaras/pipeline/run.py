@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,27 @@ def versions() -> dict[str, str]:
     return out
 
 
+def source_state(root: Path | None = None) -> dict:
+    """The git commit of the code that ran, and whether the tree had
+    uncommitted changes: {"commit": sha | None, "dirty": bool | None}
+    (None when the package is not in a git checkout)."""
+    root = root or Path(__file__).resolve().parent  # git finds the checkout upwards
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 class StageArgsChanged(RuntimeError):
     pass
 
@@ -43,6 +65,7 @@ class StageArgsChanged(RuntimeError):
 class Run:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.current_stage: str | None = None
         self.root.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -91,12 +114,14 @@ class Run:
             shutil.rmtree(self.root / stage, ignore_errors=True)
             old = None
         path = self.stage_dir(stage)
-        entry = {"args": args, "versions": versions(), "status": "running",
+        entry = {"args": args, "versions": versions(), "source": source_state(),
+                 "status": "running",
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "attempts": (old or {}).get("attempts", 0) + 1,
                  "seconds": (old or {}).get("seconds", 0.0)}
         manifest["stages"][stage] = entry
         self._write(manifest)
+        self.current_stage = stage
         t0 = time.perf_counter()
         try:
             yield path
@@ -108,6 +133,7 @@ class Run:
             entry["status"] = "done"
             entry.pop("error", None)
         finally:
+            self.current_stage = None
             entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t0, 1)
             entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             entry["artifacts"] = sorted(str(p.relative_to(self.root)) for p in path.rglob("*")
@@ -118,6 +144,16 @@ class Run:
                 entry["results"] = results
             manifest["stages"][stage] = entry
             self._write(manifest)
+
+    def record_throughput(self, label: str, meter: dict) -> None:
+        """Record an engine call's throughput (pipeline.engine.Meter) under the
+        running stage's results["throughput"][label]."""
+        if getattr(self, "current_stage", None) is None or not meter.get("requests"):
+            return
+        manifest = self.manifest()
+        results = manifest["stages"].setdefault(self.current_stage, {}).setdefault("results", {})
+        results.setdefault("throughput", {})[label] = meter
+        self._write(manifest)
 
     def record(self, stage: str, **results) -> None:
         """Add result numbers to a stage's manifest entry."""

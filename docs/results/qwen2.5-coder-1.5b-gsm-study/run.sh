@@ -1,0 +1,64 @@
+#!/bin/bash
+# The pre-registered efficacy study of issue 10: Qwen2.5-Coder-1.5B-Instruct on
+# reasoning-gym gsm_symbolic (GSM8K-style), 2 CPU cores, every stage through the
+# steered vLLM engine. See README.md in this folder for the design and results.
+#
+#   probe/predictor  200 problems (seed 0): greedy labels; 48 of them x 8 traces
+#                    at T=0.6 -> pairs (truncated traces never pair)
+#   screen           60 dev problems (seed 1): baseline + always at each alpha
+#   dev              60 more dev problems (seed 1, the screen's excluded):
+#                    profile variants at alpha*
+#   confirm          240 held-out problems (seed 2, every earlier problem
+#                    excluded): baseline, always, adaptive, random at alpha*;
+#                    primary comparison pre-registered in the manifest first
+#   humaneval        transfer of the same profile to HumanEval at alpha*
+set -euo pipefail
+RUN=${RUN:-runs/qwen-study}
+A="python3 -m adaras.cli"
+ENGINE="--max-num-seqs ${WIDTH:-64} --chunk 512"
+DS="--dataset rg:gsm_symbolic --max-tokens 512"
+json() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$RUN/$1"; }
+
+$A collect --run $RUN --model qwen2.5-coder-1.5b-instruct $DS --problems 200 --probe 48 \
+   --samples 8 --temperature 0.6 --pairs-per-problem 4 $ENGINE
+# K=100 is the full profile; the variants reuse its cached trace capture (no engine)
+$A identify --run $RUN --k 100 --alpha 1.0
+$A identify --run $RUN --k 100 --alpha 1.0 --skip-last-layers 2
+$A identify --run $RUN --k 100 --alpha 1.0 --steer-prompt last
+
+# 1. alpha screen on dev problems: alpha* = the largest alpha changing >= 10%
+#    of final answers with no net loss
+$A eval --run $RUN $DS --problems 60 --seed 1 --stage screen --screen \
+   --profile $RUN/identify/profile.safetensors --alphas 1,3,10,20,40 $ENGINE
+ASTAR=$(json screen/results.json 'd["screen"]["alpha_star"] or ""')
+if [ -z "$ASTAR" ]; then
+  echo "screen: $(json screen/results.json 'd["screen"]["verdict"]')"
+  ASTAR=$(json screen/results.json 'max(r["alpha"] for r in d["screen"]["alphas"] if r["net"] >= 0) if any(r["net"] >= 0 for r in d["screen"]["alphas"]) else min(r["alpha"] for r in d["screen"]["alphas"])')
+  echo "no alpha passes the rule; confirming at alpha $ASTAR (the largest without a net loss) to report a powered negative"
+fi
+echo "alpha* = $ASTAR"
+
+# 2. profile variants at alpha* on other dev problems
+$A eval --run $RUN $DS --problems 60 --seed 1 --stage dev --modes baseline,always \
+   --profile $RUN/identify/profile.safetensors --alpha $ASTAR --ks 25,50 \
+   --ablation skip-last-2=$RUN/identify-skip2/profile.safetensors \
+   --ablation last-prompt=$RUN/identify-prompt-last/profile.safetensors $ENGINE
+# the variant with the best net (fixed - broken) on dev; ties keep the full profile
+BEST=$(json dev/results.json 'max(["always", "k=25", "k=50", "skip-last-2", "last-prompt"], key=lambda n: (d["configs"][n]["fixed"] - d["configs"][n]["broken"], n == "always"))')
+case "$BEST" in
+  always) PROFILE=$RUN/identify/profile.safetensors ;;
+  k=*) PROFILE=$RUN/dev/profile-k${BEST#k=}.safetensors ;;
+  *) PROFILE=$RUN/dev/profile-ablation-$BEST.safetensors ;;
+esac
+echo "confirming profile variant $BEST ($PROFILE)"
+
+# 3. failure predictor for that profile (greedy labels of the 200 collect problems)
+$A train-predictor --run $RUN --profile $PROFILE
+
+# 4. the confirm run, pre-registered: always vs baseline at alpha*, exact McNemar
+$A eval --run $RUN $DS --problems 240 --seed 2 --stage confirm \
+   --modes baseline,always,adaptive,random --alpha $ASTAR --primary always $ENGINE
+
+# 5. transfer to code
+$A eval --run $RUN --dataset humaneval --problems 164 --max-tokens 512 --stage humaneval \
+   --modes baseline,always --alpha $ASTAR $ENGINE

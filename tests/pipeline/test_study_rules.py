@@ -1,0 +1,198 @@
+"""The efficacy study's rules on data whose answer is known: truncated traces
+never pair, manifests name the code, eval stages keep their problems apart,
+McNemar, the minimum detectable effect, calibration, the alpha screen, and
+ablations that vary placement but not size. No engine."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from adaras.pipeline.collect import CollectArgs, pair, write_problems
+from adaras.pipeline.data import Problem
+from adaras.pipeline.evaluate import (
+    EvalArgs,
+    evaluate,
+    expected_calibration_error,
+    mcnemar_p,
+    min_detectable_effect,
+    other_stage_problems,
+    same_norm,
+    screen,
+)
+from adaras.pipeline.identify import mean_difference, select, skip_last_layers
+from adaras.pipeline.run import Run, append_jsonl, source_state
+from adaras.profile import ModelShape, ProfileError, SteeringProfile
+
+from .test_stages_math import I, L, synthetic_means
+
+
+def _problem(i: int) -> Problem:
+    return Problem(id=f"rg:t:{i}", kind="math", question=f"what is {i}+{i}?", answer=str(2 * i))
+
+
+def _trace(problem: str, s: int, correct: bool, finish: str = "stop") -> dict:
+    return {"key": f"{problem}#{s}", "problem": problem, "sample": s, "prompt": [1],
+            "completion": "", "completion_ids": [2], "finish_reason": finish,
+            "correct": correct, "extracted": None, "error": None}
+
+
+def test_a_truncated_trace_is_neither_correct_nor_incorrect(tmp_path):
+    problems = [_problem(0), _problem(1)]
+    append_jsonl(tmp_path / "greedy.jsonl", [_trace(p.id, -1, True) for p in problems])
+    # problem 0: its only "incorrect" trace was cut off by max_tokens -> no pair
+    # problem 1: one finished incorrect trace, one cut off -> exactly one pair
+    append_jsonl(tmp_path / "samples.jsonl", [
+        _trace("rg:t:0", 0, True), _trace("rg:t:0", 1, False, "length"),
+        _trace("rg:t:1", 0, True), _trace("rg:t:1", 1, True),
+        _trace("rg:t:1", 2, False), _trace("rg:t:1", 3, False, "length")])
+    summary = pair(tmp_path, problems, CollectArgs(probe=2, samples=4, pairs_per_problem=4))
+    import json
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    assert [p["incorrect"] for p in pairs] == ["rg:t:1#2"]
+    assert summary["problems_with_both"] == 1 and summary["samples_truncated"] == 2
+
+
+def test_the_manifest_names_the_commit_and_a_dirty_tree(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert source_state(repo) == {"commit": head.strip(), "dirty": False}
+    (repo / "f.py").write_text("x = 2\n")
+    assert source_state(repo)["dirty"] is True
+    assert source_state(tmp_path / "nowhere") == {"commit": None, "dirty": None}
+    # and every stage entry carries the state of the code that ran
+    run = Run(tmp_path / "run")
+    with run.stage("collect", {}):
+        pass
+    assert run.stage_entry("collect")["source"] == source_state()
+
+
+def test_eval_stages_keep_their_problems_apart(tmp_path):
+    run = Run(tmp_path / "r")
+    write_problems(run.stage_dir("collect") / "problems.jsonl", [_problem(0), _problem(1)])
+    write_problems(run.stage_dir("eval-dev") / "problems.jsonl", [_problem(2)])
+    used, stages = other_stage_problems(run, "eval-confirm")
+    assert sorted(p.id for p in used) == ["rg:t:0", "rg:t:1", "rg:t:2"]
+    assert stages == ["collect", "eval-dev"]
+    used, stages = other_stage_problems(run, "eval-dev")  # a stage never excludes itself
+    assert stages == ["collect"]
+
+
+def test_eval_refuses_a_primary_comparison_it_does_not_run(tmp_path):
+    prof = SteeringProfile.random("p", ModelShape("Qwen3ForCausalLM", L, I, 8), k=4, seed=0)
+    prof.save(tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="--primary 'adaptive'"):
+        evaluate(Run(tmp_path / "r"), EvalArgs(modes=["baseline", "always"], primary="adaptive",
+                                               profile=str(tmp_path / "p.safetensors")), None)
+    with pytest.raises(ValueError, match="--screen needs --alphas"):
+        evaluate(Run(tmp_path / "r"), EvalArgs(screen=True,
+                                               profile=str(tmp_path / "p.safetensors")), None)
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
+    base = np.array([True] * 50 + [False] * 50)
+    other = base.copy()
+    other[50:60] = True  # 10 fixed
+    other[0:2] = False  # 2 broken
+    assert mcnemar_p(base, other) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mcnemar_p(base, other) == pytest.approx(binomtest(10, 12, 0.5).pvalue)
+    assert mcnemar_p(base, base.copy()) == 1.0
+    assert mcnemar_p(other, base) == mcnemar_p(base, other)  # two-sided
+
+
+def test_the_minimum_detectable_effect_has_80_percent_power():
+    rng = np.random.default_rng(0)
+    n, discordant = 240, 0.15
+    mde = min_detectable_effect(n, discordant)
+    assert 0 < mde < discordant
+    assert min_detectable_effect(4 * n, discordant) == pytest.approx(mde / 2, rel=0.15)
+    assert min_detectable_effect(n, 0.0) is None
+    # simulate McNemar at that effect: fixed/broken among discordant problems
+    p_fixed = (discordant + mde) / 2 / discordant
+    hits = 0
+    trials = 1500
+    for _ in range(trials):
+        d = rng.binomial(n, discordant)
+        fixed = rng.binomial(d, p_fixed)
+        hits += d > 0 and binomtest(fixed, d, 0.5).pvalue < 0.05
+    assert 0.72 < hits / trials < 0.88  # the normal approximation, checked by simulation
+
+
+def test_expected_calibration_error():
+    rng = np.random.default_rng(0)
+    p = np.full(1000, 0.7)
+    y = (np.arange(1000) < 500).astype(float)  # 50% observed where 70% was predicted
+    assert expected_calibration_error(y, p)["ece"] == pytest.approx(0.2)
+    p = rng.random(20000)
+    y = (rng.random(20000) < p).astype(float)  # calibrated by construction
+    assert expected_calibration_error(y, p)["ece"] < 0.02
+    bins = expected_calibration_error(y, p)["bins"]
+    assert sum(b[2] for b in bins) == 20000
+
+
+def _screen_results(rows):
+    configs = {"baseline": {"mean_tokens": 200.0, "changed": 0.0, "fixed": 0, "broken": 0,
+                            "accuracy": 0.5, "truncated": 0}}
+    for alpha, changed, fixed, broken in rows:
+        configs[f"alpha={alpha:g}"] = {"changed": changed, "fixed": fixed, "broken": broken,
+                                       "accuracy": 0.5 + (fixed - broken) / 100,
+                                       "mean_tokens": 210.0, "truncated": 0}
+    return {"configs": configs}
+
+
+def test_the_screen_picks_the_largest_alpha_that_moves_answers_without_a_net_loss():
+    got = screen(_screen_results([(1, 0.02, 1, 1), (3, 0.12, 5, 3), (10, 0.25, 6, 6),
+                                  (30, 0.60, 4, 20)]))
+    assert got["alpha_star"] == 10 and got["verdict"] == "alpha* = 10"
+    assert [r["net"] for r in got["alphas"]] == [0, 2, 0, -16]
+    inert = screen(_screen_results([(1, 0.01, 0, 0), (3, 0.05, 2, 1)]))
+    assert inert["alpha_star"] is None and inert["verdict"].startswith("inert")
+    harmful = screen(_screen_results([(1, 0.01, 0, 0), (10, 0.3, 2, 9)]))
+    assert harmful["alpha_star"] is None and "loses" in harmful["verdict"]
+
+
+def test_ablations_keep_the_real_profiles_delta_norm():
+    pairs, means = synthetic_means(np.random.default_rng(3))
+    score = mean_difference(pairs, means)
+    real = np.linalg.norm(select(score, 2, "mean-diff")[2].numpy())
+    for selection in ("no-polarity", "no-ranking", "random"):
+        delta = select(score, 2, selection, seed=1)[2].numpy()
+        assert np.linalg.norm(delta) == pytest.approx(real, rel=1e-5), selection
+    shape = ModelShape("Qwen3ForCausalLM", L, I, 8)
+    a = SteeringProfile.random("a", shape, k=5, seed=0, scale=1.0)
+    b = SteeringProfile.random("b", shape, k=3, seed=1, scale=7.0)
+    scaled = same_norm(b, a)
+    assert float(scaled.delta.norm()) == pytest.approx(float(a.delta.norm()), rel=1e-5)
+    assert scaled.neurons.tolist() == b.neurons.tolist()  # same placement
+
+
+def test_skipping_the_last_layers():
+    pairs, means = synthetic_means(np.random.default_rng(0))
+    score = skip_last_layers(mean_difference(pairs, means), 1)
+    for selection in ("mean-diff", "no-polarity", "no-ranking", "random"):
+        layers = select(score, 2, selection, seed=2)[0]
+        assert layers.max() < L - 1, selection
+    assert skip_last_layers(score, 0) is score
+
+
+def test_a_profile_says_which_prompt_positions_it_steers():
+    shape = ModelShape("Qwen3ForCausalLM", L, I, 8)
+    prof = SteeringProfile.random("p", shape, k=3, seed=0)
+    assert prof.steered_prompt_positions == 0
+    for value, want in (("last", 1), ("all", -1), (True, -1), ("none", 0)):
+        prof.provenance = {"steer_prompt": value}
+        prof.validate()
+        assert prof.steered_prompt_positions == want
+    for bad in ("first", 2, ["last"]):
+        prof.provenance = {"steer_prompt": bad}
+        with pytest.raises(ProfileError, match="steer_prompt"):
+            prof.validate()
