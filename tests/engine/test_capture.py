@@ -8,7 +8,7 @@ import torch
 from vllm import SamplingParams
 
 from adaras.engine import pop_captures
-from adaras.hf import capture_neurons, mean_activations
+from tests.helpers.hf import capture_neurons, mean_activations
 
 from .conftest import generate, prompt_ids
 

@@ -10,8 +10,8 @@ import torch
 from vllm import SamplingParams
 
 from adaras.engine import load_profile, plugin, pop_reports, unload_profile
-from adaras.hf import capture_neurons, steering_hooks
 from adaras.profile import SteeringProfile
+from tests.helpers.hf import capture_neurons, steering_hooks
 
 from .conftest import generate, prompt_ids
 
@@ -309,3 +309,33 @@ def test_seeded_sampling_survives_chunked_prefill(qwen3_llm):
     assert first == again
     assert first[0] == first[2] and first[0] != first[1]  # same seed, same draw
     assert all(len(t) == 8 for t in tokens(generate(qwen3_llm, prompts, sp)))
+
+
+# ---- the offline API -------------------------------------------------------
+
+def test_the_offline_steering_api_steers_and_attaches_reports(qwen3_llm):
+    from adaras.engine import Steering
+
+    prompts = prompt_ids(3, 24, seed=21)
+    steer = Steering(profile="a", alpha=0.5)
+    outs = Steering.reports(qwen3_llm, generate(qwen3_llm, prompts[:2], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, extra_args=steer.args())))
+    raw = generate(qwen3_llm, prompts[:2], params({"mode": "always", "profile": "a", "alpha": 0.5}))
+    assert tokens(outs) == tokens(raw)  # the same request as the raw extra_args
+    assert tokens(outs) != tokens(generate(qwen3_llm, prompts[:2], params()))
+    for o in outs:
+        assert o.steering["mode"] == "always" and o.steering["profile"] == "a"
+        assert o.steering["alpha"] == 0.5 and o.steering["applied"] is True
+    plain = Steering.reports(qwen3_llm, generate(qwen3_llm, prompts[2:], params()))
+    assert plain[0].steering is None
+
+
+def test_the_offline_steering_api_refuses_bad_values_when_built():
+    from adaras.engine import Steering, SteeringConfigError
+
+    with pytest.raises(SteeringConfigError, match="steering.alpha: must be >= 0"):
+        Steering(profile="a", alpha=-1.0)
+    with pytest.raises(SteeringConfigError, match="steering.threshold"):
+        Steering(profile="a", threshold=0.5)  # threshold belongs to adaptive
+    assert Steering(mode="adaptive", threshold=0.4).args(seed=1) == {
+        "seed": 1, "steering": {"mode": "adaptive", "threshold": 0.4}}

@@ -27,7 +27,7 @@ from adaras.pipeline.identify import IdentifyArgs, identify
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile
-from adaras.tiny import make_tiny_model
+from tests.helpers.tiny import make_tiny_model
 
 pytestmark = pytest.mark.engine
 
@@ -138,7 +138,7 @@ def test_identify_captures_teacher_forced_means_and_selects_by_polarity(run, eng
                                                                          profile_path):
     import transformers
 
-    from adaras.hf import mean_activations
+    from tests.helpers.hf import mean_activations
 
     prof = SteeringProfile.load(profile_path)
     assert prof.k == 8 and prof.default_alpha == 0.5

@@ -1,17 +1,65 @@
 """AdaRAS steering inside vLLM: the plugin, steered models and worker runtime.
 
-Offline helpers for an `vllm.LLM` whose process loaded the plugin:
+Offline, on any `vllm.LLM` (the plugin registers itself through its entry point):
 
-    llm = LLM("Qwen/Qwen3-1.7B")            # plugin registers via entry point
+    llm = LLM("Qwen/Qwen3-1.7B")
     load_profile(llm, "math", "math.safetensors")
-    out = llm.generate(prompts, SamplingParams(extra_args={"steering": {"mode": "adaptive"}}))
-    reports = pop_reports(llm, [o.request_id for o in out])
+    steer = Steering(profile="math", alpha=0.3)            # or mode="adaptive"
+    outs = steer.reports(llm, llm.generate(prompts, SamplingParams(extra_args=steer.args())))
+    outs[0].steering   # {"mode": "always", "profile": "math", "alpha": 0.3, "applied": True, ...}
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from adaras.engine import plugin
-from adaras.engine.config import SteeringConfigError, SteeringRequest, parse_steering
+from adaras.engine.config import (
+    EXTRA_ARGS_KEY,
+    Mode,
+    SteeringConfigError,
+    SteeringRequest,
+    parse_steering,
+)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """One steering setting for offline `vllm.LLM` requests.
+
+    `mode` "always" steers every decode step, "adaptive" only when the
+    profile's failure predictor fires on the prompt, "off" never. `None`
+    fields take the profile's defaults (alpha, threshold) or the engine's
+    default profile. Invalid values raise SteeringConfigError (a ValueError)
+    naming the field, here rather than at generate time."""
+
+    profile: str | None = None
+    alpha: float | None = None
+    mode: Mode = "always"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        parse_steering(self.request_dict())
+
+    def request_dict(self) -> dict:
+        """The `steering` object, as the HTTP API takes it."""
+        return {k: v for k, v in (("mode", self.mode), ("profile", self.profile),
+                                  ("alpha", self.alpha), ("threshold", self.threshold))
+                if v is not None}
+
+    def args(self, **extra) -> dict:
+        """`SamplingParams.extra_args` carrying this steering (plus `extra`)."""
+        return {**extra, EXTRA_ARGS_KEY: self.request_dict()}
+
+    @staticmethod
+    def reports(llm, outputs: list) -> list:
+        """Attach each output's steering report as `output.steering` (None for
+        a request that carried no steering) and return the outputs. Reports are
+        taken out of the engine, so call this once per generate."""
+        got = pop_reports(llm, [o.request_id for o in outputs])
+        for o in outputs:
+            o.steering = got.get(o.request_id)
+        return outputs
 
 
 def _rpc(llm, op: str, *args):
@@ -75,5 +123,5 @@ def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
     return out
 
 
-__all__ = ["SteeringConfigError", "SteeringRequest", "parse_steering",
+__all__ = ["Steering", "SteeringConfigError", "SteeringRequest", "parse_steering",
            "load_profile", "unload_profile", "pop_reports", "pop_captures"]
