@@ -20,7 +20,7 @@ test: install lint
 
 # Kernel, profile and predictor tests only (no engine start-up).
 test-fast:
-	$(PYTHON) -m pytest -q -m "not engine"
+	$(PYTHON) -m pytest -q -m "not engine and not slow"
 
 lint:
 	$(PYTHON) -m ruff check server steering_kernels tests benchmarks scripts

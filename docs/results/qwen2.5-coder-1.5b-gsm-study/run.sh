@@ -5,13 +5,16 @@
 #
 #   probe/predictor  200 problems (seed 0): greedy labels; 48 of them x 8 traces
 #                    at T=0.6 -> pairs (truncated traces never pair)
-#   screen           60 dev problems (seed 1): baseline + always at each alpha
-#   dev              60 more dev problems (seed 1, the screen's excluded):
+#   screen           40 dev problems (seed 1): baseline + always at each alpha
+#   dev              40 more dev problems (seed 1, the screen's excluded):
 #                    profile variants at alpha*
 #   confirm          240 held-out problems (seed 2, every earlier problem
 #                    excluded): baseline, always, adaptive, random at alpha*;
 #                    primary comparison pre-registered in the manifest first
-#   humaneval        transfer of the same profile to HumanEval at alpha*
+#   humaneval        transfer of the same profile to HumanEval (first 82 of
+#                    164 problems) at alpha*
+# About 2 h 10 min on 2 cores (WIDTH=96 requests in flight, the fastest width
+# measured by benchmarks/bench_batch_width.py on this machine).
 set -euo pipefail
 RUN=${RUN:-runs/qwen-study}
 A="python3 -m adaras.cli"
@@ -28,8 +31,8 @@ $A identify --run $RUN --k 100 --alpha 1.0 --steer-prompt last
 
 # 1. alpha screen on dev problems: alpha* = the largest alpha changing >= 10%
 #    of final answers with no net loss
-$A eval --run $RUN $DS --problems 60 --seed 1 --stage screen --screen \
-   --profile $RUN/identify/profile.safetensors --alphas 1,3,10,20,40 $ENGINE
+$A eval --run $RUN $DS --problems 40 --seed 1 --stage screen --screen \
+   --profile $RUN/identify/profile.safetensors --alphas 1,3,10,30 $ENGINE
 ASTAR=$(json screen/results.json 'd["screen"]["alpha_star"] or ""')
 if [ -z "$ASTAR" ]; then
   echo "screen: $(json screen/results.json 'd["screen"]["verdict"]')"
@@ -39,7 +42,7 @@ fi
 echo "alpha* = $ASTAR"
 
 # 2. profile variants at alpha* on other dev problems
-$A eval --run $RUN $DS --problems 60 --seed 1 --stage dev --modes baseline,always \
+$A eval --run $RUN $DS --problems 40 --seed 1 --stage dev --modes baseline,always \
    --profile $RUN/identify/profile.safetensors --alpha $ASTAR --ks 25,50 \
    --ablation skip-last-2=$RUN/identify-skip2/profile.safetensors \
    --ablation last-prompt=$RUN/identify-prompt-last/profile.safetensors $ENGINE
@@ -60,5 +63,5 @@ $A eval --run $RUN $DS --problems 240 --seed 2 --stage confirm \
    --modes baseline,always,adaptive,random --alpha $ASTAR --primary always $ENGINE
 
 # 5. transfer to code
-$A eval --run $RUN --dataset humaneval --problems 164 --max-tokens 512 --stage humaneval \
+$A eval --run $RUN --dataset humaneval --problems 82 --max-tokens 512 --stage humaneval \
    --modes baseline,always --alpha $ASTAR $ENGINE

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaras.engine import plugin
-from adaras.engine.config import (
-    EXTRA_ARGS_KEY,
+from adaras.steering import (
+    STEERING_KEY,
     Mode,
     SteeringConfigError,
     SteeringRequest,
@@ -49,7 +49,7 @@ class Steering:
 
     def args(self, **extra) -> dict:
         """`SamplingParams.extra_args` carrying this steering (plus `extra`)."""
-        return {**extra, EXTRA_ARGS_KEY: self.request_dict()}
+        return {**extra, STEERING_KEY: self.request_dict()}
 
     @staticmethod
     def reports(llm, outputs: list) -> list:

@@ -22,7 +22,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from adaras.engine import runtime
-from steering_kernels import apply_sparse_steer_, silu_and_mul_steer
+from steering_kernels import HAS_TRITON, apply_sparse_steer_, silu_and_mul_steer
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
 
@@ -78,7 +78,7 @@ def _use_fused(gate_up: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or not gate_up.is_cuda:
         return False
     ctx = runtime.current()  # capture steps take the torch path
-    return silu_and_mul_steer is not None and ctx is not None and not ctx.cap_spans
+    return HAS_TRITON and ctx is not None and not ctx.cap_spans
 
 
 def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:

@@ -59,13 +59,12 @@ def remember_profile(input_processor, name: str, loaded: bool) -> None:
 
 
 def check_profile_name(input_processor, steering) -> None:
-    from adaras.engine.config import SteeringConfigError
+    from adaras.steering import unknown_profile
 
     known = known_profiles(input_processor)
     if steering.active and steering.profile is not None and known is not None \
             and steering.profile not in known:
-        raise SteeringConfigError(
-            "profile", f"unknown profile {steering.profile!r}; loaded profiles: {sorted(known)}")
+        raise unknown_profile(steering.profile, known)
 
 
 class UnsupportedVllm(RuntimeError):
@@ -118,12 +117,12 @@ def register() -> None:
 
 def steering_salt(extra_args: dict | None) -> str | None:
     """Prefix-cache salt for a steered request; None when it is not steered."""
-    from adaras.engine.config import steering_from_extra_args
+    from adaras.steering import FINGERPRINT_KEY, steering_from_extra_args
 
     config = steering_from_extra_args(extra_args)
     if not config.active:
         return None
-    fingerprint = (extra_args or {}).get("steering_fingerprint", "")  # the profile's version
+    fingerprint = (extra_args or {}).get(FINGERPRINT_KEY, "")  # the profile's version
     return "adaras:" + json.dumps([config.to_dict(), fingerprint], sort_keys=True)
 
 
@@ -131,12 +130,8 @@ def _patch_frontend() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from adaras.engine.config import (
-        CAPTURE_KEY,
-        EXTRA_ARGS_KEY,
-        parse_capture,
-        steering_from_extra_args,
-    )
+    from adaras.engine.config import CAPTURE_KEY, parse_capture
+    from adaras.steering import STEERING_KEY, steering_from_extra_args
 
     if getattr(InputProcessor, "_adaras", False):
         return
@@ -153,7 +148,7 @@ def _patch_frontend() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steering = capture = None
         if isinstance(params, SamplingParams) and params.extra_args:
-            if EXTRA_ARGS_KEY in params.extra_args:
+            if STEERING_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
                 check_profile_name(self, steering)
             capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError

@@ -20,7 +20,6 @@ decode steps are steered.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -35,13 +34,20 @@ from adaras.engine.config import (
     CAPTURE_KEY,
     PROFILES_ENV,
     CaptureRequest,
-    SteeringRequest,
     parse_capture,
     parse_profiles_env,
-    steering_from_extra_args,
 )
 from adaras.predictor import FailurePredictor, PoolState
-from adaras.profile import ModelShape, SteeringProfile
+from adaras.profile import ModelShape, SteeringProfile, file_version
+from adaras.steering import (
+    FINGERPRINT_KEY,
+    STEERING_KEY,
+    Resolved,
+    SteeringConfigError,
+    resolve,
+    steering_from_extra_args,
+    unknown_profile,
+)
 from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_features, plan_sparse_steer
 
 logger = logging.getLogger("adaras.engine")
@@ -80,16 +86,6 @@ def pop_belonging(store: OrderedDict, frontend_ids: list[str]) -> dict:
     `frontend_ids` (see `belongs_to`)."""
     return {rid: store.pop(rid) for rid in list(store)
             if any(belongs_to(rid, w) for w in frontend_ids)}
-
-
-def file_version(path) -> str:
-    """Short sha256 of a profile file: the same bytes give the same version in
-    every process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 @dataclass(eq=False)  # hashed by identity: a reloaded profile is a new key
@@ -132,10 +128,8 @@ class LoadedProfile:
 
 @dataclass
 class RequestState:
-    config: SteeringRequest
+    steering: Resolved  # the request's steering with its defaults filled in
     profile: LoadedProfile | None
-    alpha: float
-    threshold: float
     # prompt positions also steered when the request is steered from the start
     # ("always"): 0 = none, 1 = the last one, -1 = all (profile provenance
     # "steer_prompt"; see SteeringProfile.steered_prompt_positions)
@@ -146,21 +140,12 @@ class RequestState:
     applied: bool = False  # decode steps are steered
     error: str | None = None
 
+    @property
+    def alpha(self) -> float:
+        return self.steering.alpha
+
     def report(self) -> dict:
-        prof = self.profile.profile if self.profile else None
-        out = {
-            "mode": self.config.mode,
-            "profile": prof.name if prof else self.config.profile,
-            "alpha": self.alpha,
-            "failure_probability": self.p_fail,
-            "applied": self.applied,
-            "neurons": prof.k if prof else 0,
-        }
-        if self.config.mode == "adaptive":
-            out["threshold"] = self.threshold
-        if self.error:
-            out["error"] = self.error
-        return out
+        return self.steering.report(self.p_fail, self.applied, self.error)
 
 
 @dataclass
@@ -296,30 +281,28 @@ class SteeringRuntime:
         extra = getattr(sampling_params, "extra_args", None) if sampling_params else None
         try:
             config = steering_from_extra_args(extra)
-        except ValueError as e:  # validated in the frontend; belt and braces
-            config, error = SteeringRequest(), str(e)
-        else:
-            error = None
+        except SteeringConfigError as e:  # validated in the frontend; belt and braces
+            self._put_report(req_id, RequestState(Resolved(), None, error=str(e)))
+            return None
         if not config.active:
-            if extra and "steering" in extra:  # explicit "off": still report it
-                self._put_report(req_id, RequestState(config, None, 0.0, 1.0, error=error))
+            if extra and STEERING_KEY in extra:  # explicit "off": still report it
+                self._put_report(req_id, RequestState(Resolved(), None))
             return None
         name = config.profile or self.default_profile
-        version = (extra or {}).get("steering_fingerprint")
+        version = (extra or {}).get(FINGERPRINT_KEY)
         loaded = self.versions.get(version) if version else None
         if loaded is None:
             loaded = self.profiles.get(name) if name else None
         if loaded is None:
-            state = RequestState(config, None, 0.0, 1.0,
-                                 error=f"unknown steering profile {name!r}; loaded: {sorted(self.profiles)}")
-            self._put_report(req_id, state)
+            unknown = Resolved(config.mode, name, config.alpha, config.threshold)
+            self._put_report(req_id, RequestState(unknown, None,
+                                                  error=str(unknown_profile(name, self.profiles))))
             return None
         prof = loaded.profile
-        alpha = prof.default_alpha if config.alpha is None else config.alpha
-        threshold = config.threshold if config.threshold is not None else (
-            prof.threshold if prof.threshold is not None else 0.5)
-        state = RequestState(config, loaded, alpha, threshold,
-                             steer_prompt=prof.steered_prompt_positions if config.mode == "always" else 0)
+        state = RequestState(
+            resolve(config, profile=prof.name, default_alpha=prof.default_alpha,
+                    profile_threshold=prof.threshold, neurons=prof.k, version=loaded.version),
+            loaded, steer_prompt=prof.steered_prompt_positions if config.mode == "always" else 0)
         if config.mode == "always":
             state.applied = True
         elif prof.predictor is None:
@@ -598,7 +581,7 @@ class SteeringRuntime:
             state.pool_pos = pos
             if done:
                 state.p_fail = predictor.finish(state.pool)
-                state.applied = state.p_fail >= state.threshold
+                state.applied = state.p_fail >= state.steering.threshold
                 state.pool = None
                 self._put_report(rid, state)
 

@@ -1,4 +1,4 @@
-"""`adaras train-predictor`: the failure predictor of DESIGN §1.
+"""`adaras train-predictor`: the failure predictor (docs/pipeline.md, train-predictor).
 
 Data: every collected problem, labelled 1 when the model's greedy answer is
 wrong. Problems are split into train / validation / test (stratified).

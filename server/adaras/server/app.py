@@ -89,7 +89,42 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
                    report_timeout_s=settings.report_timeout_s),
     ]
     app.middleware_stack = None
+    document_steering(app)
     return app
+
+
+# vLLM's request and response schemas that the steering middleware extends
+STEERED_REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
+STEERED_RESPONSES = ("ChatCompletionResponse", "CompletionResponse",
+                     "ChatCompletionStreamResponse", "CompletionStreamResponse")
+
+
+def document_steering(app) -> None:
+    """Put the `steering` extension into /openapi.json: the request field of
+    chat and completions (protocol.SteeringParams) and the report in their
+    responses (protocol.SteeringReport)."""
+    from adaras.server.protocol import SteeringParams, SteeringReport
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model, targets in ((SteeringParams, STEERED_REQUESTS),
+                               (SteeringReport, STEERED_RESPONSES)):
+            name = model.model_config["title"]
+            components[name] = model.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            for target in targets:
+                if target in components:
+                    components[target].setdefault("properties", {})["steering"] = {
+                        "$ref": f"#/components/schemas/{name}"}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 class ClientErrorsAtInfo(logging.Filter):

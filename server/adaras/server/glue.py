@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-STEERING_KEY = "steering"
+from adaras.steering import FINGERPRINT_KEY, STEERING_KEY, Resolved
+
 PROBE_TIMEOUT_S = 120.0
-FINGERPRINT_KEY = "steering_fingerprint"
 
 
 def install_request_hooks() -> None:
@@ -73,8 +73,7 @@ async def probe_steering(engine, registry, timeout_s: float = PROBE_TIMEOUT_S) -
 
     name = registry.default
     if name is not None:
-        extra = {STEERING_KEY: {"mode": "always", "profile": name, "alpha": 1.0},
-                 FINGERPRINT_KEY: registry.entries[name].version}
+        extra = Resolved("always", name, 1.0, version=registry.entries[name].version).extra_args()
     else:
         extra = {CAPTURE_KEY: {"mean_from": 0}}
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, extra_args=extra)

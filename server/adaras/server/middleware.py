@@ -20,8 +20,10 @@ import time
 import uuid
 
 from adaras.server import metrics
-from adaras.server.glue import FINGERPRINT_KEY, STEERING_KEY, engine_rpc
-from adaras.server.profiles import ProfileRegistry, Resolved, SteeringError
+from adaras.server.glue import engine_rpc
+from adaras.server.profiles import ProfileRegistry, SteeringError
+from adaras.server.protocol import ErrorInfo, ErrorResponse
+from adaras.steering import STEERING_KEY, Resolved
 
 logger = logging.getLogger("adaras.server")
 
@@ -29,8 +31,9 @@ COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param,
-                                 "code": code}}).encode()
+    """An OpenAI-style error body (protocol.ErrorResponse)."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param,
+                                         code=code)).model_dump_json().encode()
 
 
 async def send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
@@ -85,7 +88,7 @@ class _Exchange:
         self.mw, self.scope, self.receive, self.send = mw, scope, receive, send
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
-        self.resolved = Resolved("off")
+        self.resolved = Resolved()
         self.engine_report: dict | None = None
         self.usage: dict | None = None
         self.client_wants_usage = False
@@ -111,9 +114,7 @@ class _Exchange:
             logger.info("request rejected: %s: %s", e.param, e)
             return await send_json(self.send, e.status, error_body(str(e), e.error_type, e.status,
                                                                    e.param))
-        if self.resolved.mode != "off":
-            data[STEERING_KEY] = self.resolved.engine_steering()
-            data[FINGERPRINT_KEY] = self.resolved.version
+        data.update(self.resolved.extra_args())  # the engine's copy ({} when off)
         self.stream = bool(data.get("stream"))
         if self.stream:
             opts = data.get("stream_options")
@@ -207,7 +208,7 @@ class _Exchange:
             return body
         usage = data.get("usage")
         self.usage = usage if isinstance(usage, dict) else None
-        data["steering"] = (await self._report()).model_dump()
+        data[STEERING_KEY] = await self._report()
         return json.dumps(data).encode()
 
     async def _send_stream(self, message) -> None:
@@ -252,15 +253,21 @@ class _Exchange:
                 chunk["usage"] = None
         finished = any(c.get("finish_reason") for c in choices)
         if finished or (usage and self.client_wants_usage):
-            chunk["steering"] = (await self._report()).model_dump()
+            chunk[STEERING_KEY] = await self._report()
         else:
             return event
         return b"data: " + json.dumps(chunk).encode()
 
-    async def _report(self):
+    async def _report(self) -> dict:
         if self.resolved.mode == "adaptive" and self.engine_report is None:
             self.engine_report = await self._fetch_engine_report()
-        return self.resolved.report(self.engine_report)
+        return self._final_report()
+
+    def _final_report(self) -> dict:
+        """The response's report: the admission-time steering plus the engine's
+        gate decision (adaptive)."""
+        engine = self.engine_report or {}
+        return self.resolved.report(engine.get("failure_probability"), engine.get("applied"))
 
     async def _fetch_engine_report(self) -> dict:
         import asyncio
@@ -293,15 +300,15 @@ class _Exchange:
                     metrics.TPOT.labels(*labels).observe((now - self.t_first) / (out_tokens - 1))
             if self.t_first is not None:
                 metrics.TTFT.labels(*labels).observe(self.t_first - self.t0)
-            report = self.resolved.report(self.engine_report)
-            if self.resolved.mode == "adaptive" and report.failure_probability is not None:
+            report = self._final_report()
+            if self.resolved.mode == "adaptive" and report["failure_probability"] is not None:
                 metrics.P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
-                    report.failure_probability)
+                    report["failure_probability"])
             if self.resolved.mode != "off":
                 metrics.DECISIONS.labels(self.mw.model, self.resolved.profile,
-                                         "applied" if report.applied else "skipped").inc()
+                                         "applied" if report["applied"] else "skipped").inc()
         logger.info("request %s path=%s status=%d%s mode=%s profile=%s applied=%s p_fail=%s "
                     "%.3fs", self.request_id, self.scope["path"], self.status,
                     " disconnected" if self.disconnected else "", self.resolved.mode,
-                    self.resolved.profile, self.resolved.report(self.engine_report).applied,
+                    self.resolved.profile, self._final_report()["applied"],
                     (self.engine_report or {}).get("failure_probability"), now - self.t0)

@@ -19,23 +19,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.datastructures import UploadFile
 
-from adaras.engine.config import SteeringConfigError, parse_steering
-from adaras.engine.runtime import file_version
 from adaras.profile import (
     PROFILE_NAME_PATTERN,
     ModelShape,
     ProfileError,
     SteeringProfile,
+    file_version,
     valid_profile_name,
 )
 from adaras.server.glue import engine_rpc, plugin_off_reason
-from adaras.server.protocol import (
-    ProfileInfo,
-    ProfileList,
-    ProfileLoad,
-    RuntimeStats,
-    SteeringReport,
-)
+from adaras.server.protocol import ProfileInfo, ProfileList, ProfileLoad, RuntimeStats
+from adaras.steering import Resolved, SteeringConfigError, parse_steering, resolve, unknown_profile
 
 
 class SteeringError(ValueError):
@@ -56,34 +50,6 @@ class SteeringUnavailable(SteeringError):
     status = 503
     error_type = "ServiceUnavailableError"
     metric_kind = "unavailable"
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """One request's steering, fixed at admission."""
-
-    mode: str
-    profile: str | None = None
-    alpha: float | None = None
-    threshold: float | None = None
-    neurons: int = 0
-    version: str = ""
-
-    def engine_steering(self) -> dict:
-        out = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha}
-        if self.mode == "adaptive":
-            out["threshold"] = self.threshold
-        return out
-
-    def report(self, engine: dict | None = None) -> SteeringReport:
-        engine = engine or {}
-        return SteeringReport(
-            mode=self.mode, profile=self.profile, alpha=self.alpha,
-            failure_probability=engine.get("failure_probability"),
-            applied=engine.get("applied", self.mode == "always"),
-            neurons=self.neurons if self.mode != "off" else 0,
-            threshold=self.threshold if self.mode == "adaptive" else None,
-        )
 
 
 @dataclass
@@ -116,29 +82,21 @@ class ProfileRegistry:
         """Validate a request's raw `steering` value; raises SteeringError."""
         try:
             req = parse_steering(raw, default_mode=self.default_mode)
+            if req.mode == "off":
+                return Resolved()
+            self._check_available()
+            name = req.profile or self.default
+            entry = self.entries.get(name) if name is not None else None
+            if entry is None:
+                raise unknown_profile(name, self.entries)
+            prof = entry.profile
+            if req.mode == "adaptive" and prof.predictor is None:
+                raise SteeringConfigError(
+                    "mode", f"profile {name!r} has no failure predictor; use mode 'always'")
         except SteeringConfigError as e:
-            raise SteeringError(f"steering.{e.field}".replace("steering.<object>", "steering"),
-                                str(e)) from None
-        if req.mode == "off":
-            return Resolved("off")
-        self._check_available()
-        name = req.profile or self.default
-        if name is None:
-            raise SteeringError("steering.profile", "no steering profile is loaded on this server")
-        entry = self.entries.get(name)
-        if entry is None:
-            raise SteeringError("steering.profile",
-                                f"unknown profile {name!r}; loaded: {sorted(self.entries)}")
-        prof = entry.profile
-        if req.mode == "adaptive" and prof.predictor is None:
-            raise SteeringError("steering.mode",
-                                f"profile {name!r} has no failure predictor; use mode 'always'")
-        alpha = prof.default_alpha if req.alpha is None else req.alpha
-        threshold = None
-        if req.mode == "adaptive":
-            threshold = req.threshold if req.threshold is not None else (
-                prof.threshold if prof.threshold is not None else 0.5)
-        return Resolved(req.mode, name, alpha, threshold, prof.k, entry.version)
+            raise SteeringError(e.param, str(e)) from None
+        return resolve(req, profile=name, default_alpha=prof.default_alpha,
+                       profile_threshold=prof.threshold, neurons=prof.k, version=entry.version)
 
     # ---- management --------------------------------------------------------
     def info(self, name: str) -> ProfileInfo:

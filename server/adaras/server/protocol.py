@@ -1,6 +1,12 @@
 """Wire models of our extensions. The OpenAI request/response bodies
-themselves are vLLM's; these are only the `steering` object, its report, the
-profile endpoints' bodies and the OpenAI-style error body."""
+themselves are vLLM's; these are the `steering` object and its report as
+/openapi.json documents them, the profile endpoints' bodies and the
+OpenAI-style error body.
+
+`adaras.steering` owns the steering contract and validates it; the two
+steering models here are its schema, built from the same constants, and a test
+checks that they accept and refuse what `parse_steering` does.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +15,43 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaras.profile import PROFILE_NAME_PATTERN
+from adaras.steering import MODES
+
+ModeField = Literal[MODES]  # type: ignore[valid-type]
 
 
 class SteeringParams(BaseModel):
     """The `steering` object of /v1/chat/completions and /v1/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Steering")
 
-    mode: Literal["off", "always", "adaptive"] | None = Field(
-        None, description="default: the server's configured default mode")
-    profile: str | None = Field(None, description="default: the server's default profile")
-    alpha: float | None = Field(None, ge=0, description="overrides the profile's default_alpha")
-    threshold: float | None = Field(None, ge=0, le=1, description="adaptive only")
+    mode: ModeField | None = Field(
+        None, description="off | always (every decode step) | adaptive (only when the "
+        "profile's failure predictor fires on the prompt); default: the server's --default-mode")
+    profile: str | None = Field(None, min_length=1,
+                                description="a loaded profile; default: the server's default")
+    alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                description="steering strength; default: the profile's")
+    threshold: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description="adaptive only: steer when p_fail >= threshold; default: the profile's "
+        "calibrated threshold, else 0.5")
 
 
 class SteeringReport(BaseModel):
-    """The `steering` object of every response (in a stream: the final chunk)."""
+    """The `steering` report of every response (in a stream: the chunk that
+    carries the finish_reason, and the usage chunk)."""
 
-    mode: Literal["off", "always", "adaptive"]
+    model_config = ConfigDict(title="SteeringReport")
+
+    mode: ModeField
     profile: str | None = None
     alpha: float | None = None
-    failure_probability: float | None = None
-    applied: bool = False
-    neurons: int = 0
-    threshold: float | None = None
+    failure_probability: float | None = Field(
+        None, description="adaptive: the predictor's p_fail for the prompt")
+    applied: bool = Field(description="whether the decode steps were steered")
+    neurons: int = Field(description="K, the profile's number of steered neurons (0 when off)")
+    threshold: float | None = Field(None, description="adaptive only")
 
 
 class ProfileLoad(BaseModel):

@@ -10,8 +10,9 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adaras.engine.config import MODES, parse_profiles_env
+from adaras.engine.config import parse_profiles_env
 from adaras.profile import PROFILE_NAME_PATTERN, valid_profile_name
+from adaras.steering import MODES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
