@@ -5,7 +5,7 @@ at several numbers of requests in flight, on one engine.
         [--widths 16,32,64,96] [--max-tokens 256] [--rounds 2]
 
 The pipeline's stages hand the engine `--chunk` requests per call with
-`--max-num-seqs` in flight (`adaras.pipeline.engine.open_engine`, every core
+`--max-num-seqs` in flight (`adaras.pipeline.llm.open_engine`, every core
 bound). This starts one such engine with max_num_seqs = the largest width and,
 for each width W, generates W real GSM-style chat prompts at once, greedy,
 `ignore_eos`, exactly --max-tokens tokens each (so every width does the same
@@ -31,7 +31,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from adaras.pipeline.data import build_messages, load_distinct
-    from adaras.pipeline.engine import EngineOptions, close_engines, open_engine, prompt_ids
+    from adaras.pipeline.llm import EngineOptions, close_engines, open_engine, prompt_ids
 
     llm = open_engine(EngineOptions(model=args.model, max_num_seqs=max(widths)))
     tok = llm.get_tokenizer()

@@ -82,8 +82,8 @@ def make_profiles(workdir: Path) -> dict[str, Path]:
     reloaded from two files in turn; rand: random neurons, unloaded and loaded."""
     import transformers
 
+    from adaras.api.defaults import bundled_profile
     from adaras.profile import ModelShape, SteeringProfile
-    from adaras.server.defaults import bundled_profile
     from adaras.zoo import resolve_model
 
     bundled = bundled_profile(MODEL)

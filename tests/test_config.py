@@ -50,7 +50,7 @@ def test_engine_ids_map_back_to_frontend_ids(engine_id, frontend_id, match):
 
 
 def test_settings_validation(monkeypatch):
-    from adaras.server.settings import Settings
+    from adaras.api.settings import Settings
 
     monkeypatch.setenv("ADARAS_PROFILES", "a=/p/a.safetensors")
     monkeypatch.setenv("ADARAS_DEFAULT_MODE", "always")

@@ -33,7 +33,7 @@ def test_recorded_profiles_load_and_match_their_reports(folder):
 
 
 def test_the_served_default_profile_is_the_recorded_smollm2_profile():
-    from adaras.server.defaults import bundled_profile
+    from adaras.api.defaults import bundled_profile
 
     bundled = bundled_profile("smollm2-135m-instruct")
     assert bundled is not None, "the package must ship the SmolLM2 default profile"

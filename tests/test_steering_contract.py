@@ -13,11 +13,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from adaras.api.profiles import ProfileRegistry, SteeringError
+from adaras.api.protocol import SteeringParams, SteeringReport
 from adaras.engine.runtime import SteeringRuntime
 from adaras.predictor import FailurePredictor
 from adaras.profile import ModelShape, SteeringProfile
-from adaras.server.profiles import ProfileRegistry, SteeringError
-from adaras.server.protocol import SteeringParams, SteeringReport
 from adaras.steering import (
     DEFAULT_THRESHOLD,
     FIELDS,

@@ -31,10 +31,10 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible steered API. Extra arguments (e.g.
     `-- --tensor-parallel-size 2 --max-model-len 4096`) go to vLLM's engine."""
-    from adaras.server.app import serve as run
-    from adaras.server.defaults import default_profiles
-    from adaras.server.kv_cache import KvCacheTooSmall
-    from adaras.server.settings import Settings
+    from adaras.api.app import serve as run
+    from adaras.api.defaults import default_profiles
+    from adaras.api.kv_cache import KvCacheTooSmall
+    from adaras.api.settings import Settings
 
     overrides = {k: v for k, v in dict(
         model=model, default_profile=default_profile, default_mode=default_mode, host=host,
@@ -95,7 +95,7 @@ ChunkOpt = Annotated[int, typer.Option(help="requests per engine call; finished 
 
 
 def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk=256):
-    from adaras.pipeline.engine import EngineOptions
+    from adaras.pipeline.llm import EngineOptions
     from adaras.pipeline.run import Run
 
     if model is None:  # later stages default to the model the run collected with
@@ -131,7 +131,7 @@ def _pipeline_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from adaras.pipeline.engine import close_engines
+        from adaras.pipeline.llm import close_engines
         from adaras.pipeline.run import StageArgsChanged
 
         try:

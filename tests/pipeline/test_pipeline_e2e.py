@@ -21,9 +21,9 @@ import torch
 from adaras.pipeline.capture import load_parts
 from adaras.pipeline.collect import CollectArgs, collect
 from adaras.pipeline.data import load_problems
-from adaras.pipeline.engine import EngineOptions, open_engine
 from adaras.pipeline.evaluate import EvalArgs, evaluate
 from adaras.pipeline.identify import IdentifyArgs, identify
+from adaras.pipeline.llm import EngineOptions, open_engine
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile
@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    from adaras.pipeline.engine import close_engines
+    from adaras.pipeline.llm import close_engines
 
     yield EngineOptions(model=str(tiny), dtype="float32", max_model_len=512, max_num_seqs=32,
                         kv_cache_gib=1, chunk=64)

@@ -177,7 +177,7 @@ def test_jsonl_drops_a_torn_last_line_only(tmp_path):
 def test_cpu_binding_splits_the_usable_cores_over_tp_ranks(monkeypatch):
     import os
 
-    from adaras.pipeline.engine import cpu_binding
+    from adaras.pipeline.llm import cpu_binding
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert cpu_binding(1) == "0-3"

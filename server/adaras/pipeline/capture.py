@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaras.pipeline.engine import EngineOptions, Job, open_engine, run_captures
+from adaras.pipeline.llm import EngineOptions, Job, open_engine, run_captures
 from adaras.pipeline.run import Run
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.engine import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.grade import grade_all
+from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.engine import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import select
+from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
 

@@ -146,7 +146,7 @@ class Run:
             self._write(manifest)
 
     def record_throughput(self, label: str, meter: dict) -> None:
-        """Record an engine call's throughput (pipeline.engine.Meter) under the
+        """Record an engine call's throughput (pipeline.llm.Meter) under the
         running stage's results["throughput"][label]."""
         if getattr(self, "current_stage", None) is None or not meter.get("requests"):
             return

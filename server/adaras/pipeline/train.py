@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from adaras.pipeline.capture import capture_cached
-from adaras.pipeline.engine import EngineOptions, Job, capture_params
+from adaras.pipeline.llm import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.predictor import FailurePredictor
 from adaras.profile import SteeringProfile

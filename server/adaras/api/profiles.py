@@ -19,6 +19,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from adaras.api.glue import engine_rpc, plugin_off_reason
+from adaras.api.protocol import ProfileInfo, ProfileList, ProfileLoad, RuntimeStats
 from adaras.profile import (
     PROFILE_NAME_PATTERN,
     ModelShape,
@@ -27,8 +29,6 @@ from adaras.profile import (
     file_version,
     valid_profile_name,
 )
-from adaras.server.glue import engine_rpc, plugin_off_reason
-from adaras.server.protocol import ProfileInfo, ProfileList, ProfileLoad, RuntimeStats
 from adaras.steering import Resolved, SteeringConfigError, parse_steering, resolve, unknown_profile
 
 

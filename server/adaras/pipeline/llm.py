@@ -1,6 +1,7 @@
-"""Engine glue for the pipeline: every generation and every activation
-capture goes through the steered vLLM engine (batched), never a Hugging Face
-generation loop."""
+"""The pipeline's `vllm.LLM`: how each stage opens the steered engine (one per
+process and options, every core bound), hands it batches of jobs with
+checkpoints, and meters its throughput. Every generation and every activation
+capture goes through it, never through a Hugging Face generation loop."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adaras.server.glue import probe_steering
+from adaras.api.glue import probe_steering
 
 
 class FakeEngine:

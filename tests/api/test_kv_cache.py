@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adaras.server.kv_cache import (
+from adaras.api.kv_cache import (
     ENGINE_RESERVE,
     GiB,
     KvCacheTooSmall,

@@ -14,15 +14,15 @@ from pathlib import Path
 
 from starlette.middleware import Middleware
 
+from adaras.api import glue
+from adaras.api.kv_cache import size_kv_cache
+from adaras.api.middleware import ApiKeyMiddleware, SteeringMiddleware
+from adaras.api.profiles import ProfileRegistry, runtime_router
+from adaras.api.profiles import router as profiles_router
+from adaras.api.settings import DEFAULT_MODEL, Settings
 from adaras.profile import ModelShape
-from adaras.server import glue
-from adaras.server.kv_cache import size_kv_cache
-from adaras.server.middleware import ApiKeyMiddleware, SteeringMiddleware
-from adaras.server.profiles import ProfileRegistry, runtime_router
-from adaras.server.profiles import router as profiles_router
-from adaras.server.settings import DEFAULT_MODEL, Settings
 
-logger = logging.getLogger("adaras.server")
+logger = logging.getLogger("adaras.api")
 
 # Engine flags we set unless the user passes them after `--`.
 # SIGTERM drains requests in flight for up to 30 s.
@@ -103,7 +103,7 @@ def document_steering(app) -> None:
     """Put the `steering` extension into /openapi.json: the request field of
     chat and completions (protocol.SteeringParams) and the report in their
     responses (protocol.SteeringReport)."""
-    from adaras.server.protocol import SteeringParams, SteeringReport
+    from adaras.api.protocol import SteeringParams, SteeringReport
 
     build = app.openapi
 

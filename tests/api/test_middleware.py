@@ -11,8 +11,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from adaras.server.middleware import SteeringMiddleware
-from adaras.server.profiles import Resolved
+from adaras.api.middleware import SteeringMiddleware
+from adaras.api.profiles import Resolved
 
 
 class Registry:
@@ -71,7 +71,7 @@ def test_vllm_client_errors_are_logged_at_info_and_faults_stay_errors():
     import logging
     from types import SimpleNamespace
 
-    from adaras.server.app import ClientErrorsAtInfo
+    from adaras.api.app import ClientErrorsAtInfo
 
     def record(code):
         err = SimpleNamespace(error=SimpleNamespace(code=code))
@@ -91,7 +91,7 @@ def test_the_quieted_vllm_loggers_are_the_ones_that_log_client_errors():
     import importlib
     import inspect
 
-    from adaras.server.app import CLIENT_ERROR_LOGGERS
+    from adaras.api.app import CLIENT_ERROR_LOGGERS
 
     for name in CLIENT_ERROR_LOGGERS:
         module = importlib.import_module(name)
@@ -104,7 +104,7 @@ def test_a_hang_up_after_done_is_not_a_disconnect():
     forwarded, the response is complete even before the closing message."""
     import asyncio
 
-    from adaras.server.middleware import _Exchange
+    from adaras.api.middleware import _Exchange
 
     sent = []
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from adaras.server.settings import DEFAULT_MODEL, Settings
+from adaras.api.settings import DEFAULT_MODEL, Settings
 
 PLACEHOLDER = "placeholder-random"
 

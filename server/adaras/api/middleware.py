@@ -19,13 +19,13 @@ import secrets
 import time
 import uuid
 
-from adaras.server import metrics
-from adaras.server.glue import engine_rpc
-from adaras.server.profiles import ProfileRegistry, SteeringError
-from adaras.server.protocol import ErrorInfo, ErrorResponse
+from adaras.api import metrics
+from adaras.api.glue import engine_rpc
+from adaras.api.profiles import ProfileRegistry, SteeringError
+from adaras.api.protocol import ErrorInfo, ErrorResponse
 from adaras.steering import STEERING_KEY, Resolved
 
-logger = logging.getLogger("adaras.server")
+logger = logging.getLogger("adaras.api")
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 

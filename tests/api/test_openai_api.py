@@ -163,3 +163,22 @@ def test_nan_alpha_is_a_400(server):
                    headers={"Authorization": "Bearer test-api-key-123",
                             "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.alpha"
+
+
+def test_openapi_documents_the_steering_object_and_report(server):
+    import httpx
+
+    schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    components = schema["components"]["schemas"]
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        assert components[request]["properties"]["steering"] == {
+            "$ref": "#/components/schemas/Steering"}
+    steering = components["Steering"]
+    assert set(steering["properties"]) == {"mode", "profile", "alpha", "threshold"}
+    assert steering["properties"]["mode"]["anyOf"][0]["enum"] == ["off", "always", "adaptive"]
+    assert "applied" in components["SteeringReport"]["properties"]
+    documented = [name for name in ("ChatCompletionResponse", "CompletionResponse")
+                  if name in components]
+    assert documented, "vLLM's response schemas are not in /openapi.json"
+    for name in documented:
+        assert components[name]["properties"]["steering"]["$ref"].endswith("/SteeringReport")

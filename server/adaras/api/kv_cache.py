@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger("adaras.server")
+logger = logging.getLogger("adaras.api")
 
 GiB = 1 << 30
 MiB = 1 << 20
