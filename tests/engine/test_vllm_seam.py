@@ -76,3 +76,37 @@ def test_frontend_worker_and_model_hooks_exist():
     assert [a.arg for a in process.args.args][:4] == ["self", "request_id", "prompt", "params"]
     assert inspect.isclass(WorkerWrapperBase)
     assert "self.act_fn = SiluAndMul()" in inspect.getsource(Qwen2MLP.__init__)
+
+
+def test_openai_request_models_keep_unknown_fields_and_build_sampling_params():
+    """seam.patch_openai_requests carries `steering` from the body's extra
+    fields into extra_args: it needs `extra="allow"` and to_sampling_params."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        assert cls.model_config.get("extra") == "allow", cls.__name__
+        assert callable(getattr(cls, "to_sampling_params", None)), cls.__name__
+
+
+def test_every_patch_lives_in_the_seam_module():
+    """No other module of the package assigns to a vLLM class attribute."""
+    import pathlib
+
+    import adaras
+
+    root = pathlib.Path(adaras.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "seam.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                            and target.value.id in ("GPUModelRunner", "InputProcessor",
+                                                    "WorkerWrapperBase", "ChatCompletionRequest",
+                                                    "CompletionRequest", "SamplingParams"):
+                        offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []

@@ -20,6 +20,7 @@ from adaras.api.middleware import ApiKeyMiddleware, SteeringMiddleware
 from adaras.api.profiles import ProfileRegistry, runtime_router
 from adaras.api.profiles import router as profiles_router
 from adaras.api.settings import DEFAULT_MODEL, Settings
+from adaras.engine import seam
 from adaras.profile import ModelShape
 
 logger = logging.getLogger("adaras.api")
@@ -57,7 +58,7 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app as build_vllm_app
 
-    glue.install_request_hooks()
+    seam.patch_openai_requests()
     supported_tasks = await engine.get_supported_tasks()
     app = build_vllm_app(args, supported_tasks, engine.model_config)
     await init_app_state(engine, app.state, args, supported_tasks)

@@ -7,18 +7,11 @@ which case vLLM runs stock.
 What it installs:
   * model classes: Qwen3/Qwen2/LlamaForCausalLM resolve to the steered
     subclasses in `adaras.engine.models` (lazy "module:Class" strings);
-  * frontend: `steering` in `SamplingParams.extra_args` is validated when a
-    request is added (a clear ValueError names the bad field), and steered
-    requests get a prefix-cache salt so KV computed under steering is never
-    served to a request steered differently (or not at all); adaptive requests
-    skip reading the prefix cache so the predictor sees every prompt token;
-    `adaras_capture` requests (the pipeline's activation capture) are
-    validated and skip reading the prefix cache too;
-  * worker: the model runner builds the step's steering context before each
-    forward and feeds the predictors after it (`adaras.engine.runtime`);
-  * RPC: `adaras_rpc` on the worker, reachable with `collective_rpc`;
-  * `adaras.engine.cpu_generator_rewind`, a fix for vLLM-CPU (seeded requests
-    whose prompt is prefilled in chunks crashed the engine).
+  * the patches in `adaras.engine.seam` (frontend validation, prefix-cache
+    salt and routing; the runner's per-step steering context and release;
+    `adaras_rpc` for `collective_rpc`; a vLLM-CPU fix for seeded chunked
+    prefill). This module keeps what they decide with: the salt, the profile
+    name check, and the checks below.
 
 It refuses to load (UnsupportedVllm) where steering would silently do nothing:
 a vLLM outside the tested range, or Model Runner V2. Pipeline parallelism and
@@ -109,10 +102,13 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
+    from adaras.engine import seam
+
     for arch, cls in ARCHS.items():
         ModelRegistry.register_model(arch, cls)
-    _patch_frontend()
-    _patch_runner()
+    seam.patch_input_processor()
+    seam.patch_model_runner()
+    seam.patch_cpu_generator_rewind()
 
 
 def steering_salt(extra_args: dict | None) -> str | None:
@@ -124,99 +120,3 @@ def steering_salt(extra_args: dict | None) -> str | None:
         return None
     fingerprint = (extra_args or {}).get(FINGERPRINT_KEY, "")  # the profile's version
     return "adaras:" + json.dumps([config.to_dict(), fingerprint], sort_keys=True)
-
-
-def _patch_frontend() -> None:
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    from adaras.engine.config import CAPTURE_KEY, parse_capture
-    from adaras.steering import STEERING_KEY, steering_from_extra_args
-
-    if getattr(InputProcessor, "_adaras", False):
-        return
-    from adaras.engine.config import PROFILES_ENV, parse_profiles_env
-
-    orig_init = InputProcessor.__init__
-    orig_process = InputProcessor.process_inputs
-
-    def __init__(self, *args, **kwargs):
-        orig_init(self, *args, **kwargs)
-        names = set(parse_profiles_env(os.environ.get(PROFILES_ENV)))
-        self._adaras_profiles = names or None
-
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        steering = capture = None
-        if isinstance(params, SamplingParams) and params.extra_args:
-            if STEERING_KEY in params.extra_args:
-                steering = steering_from_extra_args(params.extra_args)  # raises ValueError
-                check_profile_name(self, steering)
-            capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError
-        request = orig_process(self, request_id, prompt, params, *args, **kwargs)
-        if capture is not None:  # every prompt token must run through the MLPs
-            request.sampling_params.skip_reading_prefix_cache = True
-        if steering is not None and steering.active:
-            salt = steering_salt(request.sampling_params.extra_args)
-            request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
-            if steering.mode == "adaptive":
-                request.sampling_params.skip_reading_prefix_cache = True
-        return request
-
-    InputProcessor.__init__ = __init__
-    InputProcessor.process_inputs = process_inputs
-    InputProcessor._adaras = True
-
-
-def _patch_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.worker_base import WorkerWrapperBase
-
-    from adaras.engine import cpu_generator_rewind, runtime
-
-    cpu_generator_rewind.install()
-    if getattr(GPUModelRunner, "_adaras", False):
-        return
-    orig_prepare = GPUModelRunner._prepare_inputs
-    orig_execute = GPUModelRunner.execute_model
-    orig_removed = GPUModelRunner._on_request_state_removed
-
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
-        batch = self.input_batch
-        n = batch.num_reqs
-        runtime.get_runtime(self).begin_step(
-            batch.req_ids[:n],
-            batch.req_id_to_index,
-            num_scheduled_tokens,
-            batch.num_computed_tokens_cpu[:n],
-            batch.num_prompt_tokens[:n],
-            [(r.req_id, r.sampling_params) for r in scheduler_output.scheduled_new_reqs],
-        )
-        return out
-
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        try:
-            return orig_execute(self, scheduler_output, *args, **kwargs)
-        finally:
-            rt = runtime.get_runtime()
-            if rt is not None:
-                rt.end_step()
-
-    def _on_request_state_removed(self, req_id, req_state):
-        # vLLM's hook for request-scoped side caches: called from
-        # _update_states for every finished or aborted request, on every step,
-        # including the empty step that carries the last ids before idling.
-        orig_removed(self, req_id, req_state)
-        rt = runtime.get_runtime()
-        if rt is not None:
-            rt.release(req_id)
-
-    def adaras_rpc(self, op: str, *args):
-        rt = runtime.get_runtime(self.worker.model_runner)
-        return getattr(rt, op)(*args)
-
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner.execute_model = execute_model
-    GPUModelRunner._on_request_state_removed = _on_request_state_removed
-    GPUModelRunner._adaras = True
-    WorkerWrapperBase.adaras_rpc = adaras_rpc
