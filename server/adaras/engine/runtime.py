@@ -198,6 +198,9 @@ class StepContext:
     hooked: int = 0  # steering-op calls that saw this context (the start-up probe reads it)
 
 
+# The step context of the forward in progress, like vLLM's own forward context:
+# set by begin_step, read by the steered MLPs' op, cleared by end_step. The
+# runtime itself hangs off the model runner (get_runtime).
 _CURRENT: StepContext | None = None
 
 
@@ -586,19 +589,18 @@ class SteeringRuntime:
                 self._put_report(rid, state)
 
 
-_RUNTIME: SteeringRuntime | None = None
-
-
-def get_runtime(runner=None) -> SteeringRuntime | None:
-    """The worker's runtime, created on first use from the runner's model."""
-    global _RUNTIME
-    if _RUNTIME is None and runner is not None:
+def get_runtime(runner, create: bool = True) -> SteeringRuntime | None:
+    """The worker's runtime, held by its model runner (`runner.adaras_runtime`)
+    and created on first use from the runner's model; None when `create` is
+    False and the runner has none yet."""
+    rt = getattr(runner, "adaras_runtime", None)
+    if rt is None and create:
         from vllm.distributed import (
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
         )
-        hf_config = runner.model_config.hf_config
-        shape = ModelShape.from_hf_config(hf_config)
-        _RUNTIME = SteeringRuntime(shape, get_tensor_model_parallel_rank(),
-                                   get_tensor_model_parallel_world_size(), runner.device)
-    return _RUNTIME
+        shape = ModelShape.from_hf_config(runner.model_config.hf_config)
+        rt = runner.adaras_runtime = SteeringRuntime(
+            shape, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
+            runner.device)
+    return rt

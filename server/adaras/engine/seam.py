@@ -117,7 +117,7 @@ def patch_model_runner() -> None:
         try:
             return orig_execute(self, scheduler_output, *args, **kwargs)
         finally:
-            rt = runtime.get_runtime()
+            rt = runtime.get_runtime(self, create=False)
             if rt is not None:
                 rt.end_step()
 
@@ -126,7 +126,7 @@ def patch_model_runner() -> None:
         # _update_states for every finished or aborted request, on every step,
         # including the empty step that carries the last ids before idling.
         orig_removed(self, req_id, req_state)
-        rt = runtime.get_runtime()
+        rt = runtime.get_runtime(self, create=False)
         if rt is not None:
             rt.release(req_id)
 
