@@ -196,3 +196,17 @@ def test_a_profile_says_which_prompt_positions_it_steers():
         prof.provenance = {"steer_prompt": bad}
         with pytest.raises(ProfileError, match="steer_prompt"):
             prof.validate()
+
+
+def test_each_stage_records_its_engine_throughput(tmp_path):
+    from adaras.pipeline.llm import Meter
+
+    run = Run(tmp_path / "r")
+    meter = Meter(requests=4, prompt_tokens=400, generated_tokens=1000, seconds=8.0).to_dict()
+    assert meter["generated_tok_s"] == 125.0 and meter["prompt_tok_s"] == 50.0
+    run.record_throughput("ignored", meter)  # no stage running: nowhere to put it
+    with run.stage("eval", {}):
+        run.record_throughput("generate", meter)
+        run.record_throughput("empty", Meter().to_dict())  # nothing generated: not recorded
+    assert run.stage_entry("eval")["results"]["throughput"] == {"generate": meter}
+    assert run.manifest()["stages"].keys() == {"eval"}
