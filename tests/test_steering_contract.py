@@ -120,7 +120,8 @@ def test_the_schema_has_the_contracts_fields_and_modes():
 
 
 @pytest.mark.parametrize("raw", [
-    {}, {"mode": "always"}, {"mode": "adaptive", "threshold": 0}, {"alpha": 0}, {"alpha": 1e6},
+    {}, {"mode": "always"}, {"mode": "adaptive", "threshold": 0}, {"alpha": 0}, {"alpha": 1e3},
+    {"alpha": 1000.5}, {"alpha": 1e308},
     {"mode": "x"}, {"alpha": -0.1}, {"alpha": math.nan}, {"alpha": math.inf}, {"alpha": "1"},
     {"threshold": 1.5, "mode": "adaptive"}, {"threshold": -1, "mode": "adaptive"},
     {"profile": ""}, {"profile": 3}, {"bogus": 1}, {"mode": None}, {"alpha": None},

@@ -29,6 +29,9 @@ STEERING_KEY = "steering"  # the HTTP body field and the SamplingParams.extra_ar
 # extra_args key of the profile version (sha256 of its file) fixed at admission
 FINGERPRINT_KEY = "steering_fingerprint"
 DEFAULT_THRESHOLD = 0.5  # adaptive, when neither the request nor the profile sets one
+# Far above any useful strength (the Qwen study screens up to 30), and low
+# enough that alpha * delta cannot overflow the model's activations into inf/NaN.
+MAX_ALPHA = 1000.0
 
 
 class SteeringConfigError(ValueError):
@@ -97,8 +100,8 @@ def parse_steering(obj: Any, *, default_mode: Mode = "off") -> SteeringRequest:
     alpha = obj.get("alpha")
     if alpha is not None:
         alpha = _number("alpha", alpha)
-        if alpha < 0:
-            raise SteeringConfigError("alpha", f"must be >= 0, got {alpha}")
+        if not 0 <= alpha <= MAX_ALPHA:
+            raise SteeringConfigError("alpha", f"must be >= 0 and <= {MAX_ALPHA:g}, got {alpha}")
     threshold = obj.get("threshold")
     if threshold is not None:
         threshold = _number("threshold", threshold)

@@ -94,16 +94,17 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
     return app
 
 
-# vLLM's request and response schemas that the steering middleware extends
+# vLLM's request schemas and paths that the steering middleware extends
 STEERED_REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
-STEERED_RESPONSES = ("ChatCompletionResponse", "CompletionResponse",
-                     "ChatCompletionStreamResponse", "CompletionStreamResponse")
+STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def document_steering(app) -> None:
     """Put the `steering` extension into /openapi.json: the request field of
-    chat and completions (protocol.SteeringParams) and the report in their
-    responses (protocol.SteeringReport)."""
+    chat and completions (protocol.SteeringParams), and the report in their
+    JSON 200 response (protocol.SteeringReport; vLLM documents no schema for
+    that response, so ours names only the `steering` field and allows the
+    rest)."""
     from adaras.api.protocol import SteeringParams, SteeringReport
 
     build = app.openapi
@@ -113,15 +114,23 @@ def document_steering(app) -> None:
             return app.openapi_schema
         schema = build()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model, targets in ((SteeringParams, STEERED_REQUESTS),
-                               (SteeringReport, STEERED_RESPONSES)):
+        refs = {}
+        for model in (SteeringParams, SteeringReport):
             name = model.model_config["title"]
             components[name] = model.model_json_schema(
                 ref_template="#/components/schemas/{model}")
-            for target in targets:
-                if target in components:
-                    components[target].setdefault("properties", {})["steering"] = {
-                        "$ref": f"#/components/schemas/{name}"}
+            refs[model] = {"$ref": f"#/components/schemas/{name}"}
+        for target in STEERED_REQUESTS:
+            if target in components:
+                components[target].setdefault("properties", {})["steering"] = refs[SteeringParams]
+        for path in STEERED_PATHS:
+            ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}) \
+                .get("200")
+            if ok is not None:
+                body = ok.setdefault("content", {}).setdefault("application/json", {})
+                if not body.get("schema"):
+                    body["schema"] = {"type": "object", "additionalProperties": True,
+                                      "properties": {"steering": refs[SteeringReport]}}
         app.openapi_schema = schema
         return schema
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaras.profile import PROFILE_NAME_PATTERN
-from adaras.steering import MODES
+from adaras.steering import MAX_ALPHA, MODES
 
 ModeField = Literal[MODES]  # type: ignore[valid-type]
 
@@ -30,7 +30,7 @@ class SteeringParams(BaseModel):
         "profile's failure predictor fires on the prompt); default: the server's --default-mode")
     profile: str | None = Field(None, min_length=1,
                                 description="a loaded profile; default: the server's default")
-    alpha: float | None = Field(None, ge=0, allow_inf_nan=False,
+    alpha: float | None = Field(None, ge=0, le=MAX_ALPHA, allow_inf_nan=False,
                                 description="steering strength; default: the profile's")
     threshold: float | None = Field(
         None, ge=0, le=1, allow_inf_nan=False,
