@@ -161,6 +161,8 @@ def collect(
     difficulty: Annotated[float | None, typer.Option(help="reasoning-gym difficulty")] = None,
     option: Annotated[list[str] | None, typer.Option(help="dataset option key=value")] = None,
     seed: int = 0,
+    stop: Annotated[list[str] | None, typer.Option(
+        help="stop string for every generation (repeatable)")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -173,7 +175,7 @@ def collect(
     args = CollectArgs(dataset=dataset, problems=problems, probe=probe, samples=samples,
                        temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                        pairs_per_problem=pairs_per_problem, difficulty=difficulty, seed=seed,
-                       options=_options(option))
+                       options=_options(option), stop=stop or None)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     summary = run_collect(Run(run), args, engine, restart=restart)
     typer.echo(f"collect: {summary}")

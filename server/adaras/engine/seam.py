@@ -36,8 +36,8 @@ def patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from adaras.engine import plugin  # looked up per call: tests replace plugin.steering_salt
     from adaras.engine.config import CAPTURE_KEY, PROFILES_ENV, parse_capture, parse_profiles_env
-    from adaras.engine.plugin import check_profile_name, steering_salt
     from adaras.steering import STEERING_KEY, steering_from_extra_args
 
     if getattr(InputProcessor, "_adaras", False):
@@ -56,13 +56,13 @@ def patch_input_processor() -> None:
         if isinstance(params, SamplingParams) and params.extra_args:
             if STEERING_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
-                check_profile_name(self, steering)
+                plugin.check_profile_name(self, steering)
             capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if capture is not None:  # every prompt token must run through the MLPs
             request.sampling_params.skip_reading_prefix_cache = True
         if steering is not None and steering.active:
-            salt = steering_salt(request.sampling_params.extra_args)
+            salt = plugin.steering_salt(request.sampling_params.extra_args)
             request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
             if steering.mode == "adaptive":
                 request.sampling_params.skip_reading_prefix_cache = True

@@ -34,6 +34,7 @@ class CollectArgs:
     difficulty: float | None = None
     seed: int = 0
     options: dict | None = None
+    stop: list[str] | None = None  # stop strings for every generation (SamplingParams.stop)
 
 
 def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool = False) -> dict:
@@ -92,7 +93,7 @@ def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk
     from vllm import SamplingParams
 
     done = {r["key"] for r in read_jsonl(path)}
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=args.stop)
     jobs = [Job(f"{p.id}#greedy", prompts[p.id], params) for p in problems
             if f"{p.id}#greedy" not in done]
     return _generate(llm, jobs, {f"{p.id}#greedy": (p, -1) for p in problems}, path,
@@ -112,7 +113,8 @@ def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: 
                 continue
             # a per-trace seed makes every trace reproducible and resumable
             params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                    max_tokens=args.max_tokens, seed=args.seed * 100003 + len(by_key))
+                                    max_tokens=args.max_tokens, stop=args.stop,
+                                    seed=args.seed * 100003 + len(by_key))
             jobs.append(Job(key, prompts[p.id], params))
     return _generate(llm, jobs, by_key, path, f"sampled traces (T={args.temperature})", chunk)
 
