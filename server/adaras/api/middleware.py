@@ -285,6 +285,7 @@ class _Exchange:
     def _finish(self) -> None:
         labels = self._labels()
         now = time.perf_counter()
+        report = self._final_report()
         if self.disconnected:  # neither an error nor a completed request
             metrics.DISCONNECTS.labels(self.mw.model).inc()
         elif self.status != 200:
@@ -300,7 +301,6 @@ class _Exchange:
                     metrics.TPOT.labels(*labels).observe((now - self.t_first) / (out_tokens - 1))
             if self.t_first is not None:
                 metrics.TTFT.labels(*labels).observe(self.t_first - self.t0)
-            report = self._final_report()
             if self.resolved.mode == "adaptive" and report["failure_probability"] is not None:
                 metrics.P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
                     report["failure_probability"])
@@ -310,5 +310,5 @@ class _Exchange:
         logger.info("request %s path=%s status=%d%s mode=%s profile=%s applied=%s p_fail=%s "
                     "%.3fs", self.request_id, self.scope["path"], self.status,
                     " disconnected" if self.disconnected else "", self.resolved.mode,
-                    self.resolved.profile, self._final_report()["applied"],
+                    self.resolved.profile, report["applied"],
                     (self.engine_report or {}).get("failure_probability"), now - self.t0)

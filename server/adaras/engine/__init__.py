@@ -43,9 +43,7 @@ class Steering:
 
     def request_dict(self) -> dict:
         """The `steering` object, as the HTTP API takes it."""
-        return {k: v for k, v in (("mode", self.mode), ("profile", self.profile),
-                                  ("alpha", self.alpha), ("threshold", self.threshold))
-                if v is not None}
+        return SteeringRequest(self.mode, self.profile, self.alpha, self.threshold).to_dict()
 
     def args(self, **extra) -> dict:
         """`SamplingParams.extra_args` carrying this steering (plus `extra`)."""
