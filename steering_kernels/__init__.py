@@ -11,6 +11,7 @@ from .silu_and_mul_steer import (
     silu_and_mul_steer,
     silu_and_mul_steer_auto,
     silu_and_mul_steer_native,
+    sparse_steer_,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "silu_and_mul_steer",
     "silu_and_mul_steer_auto",
     "silu_and_mul_steer_native",
+    "sparse_steer_",
 ]

@@ -35,6 +35,10 @@ Public API
 * ``gather_features``            fp32 activation at selected columns only.
 * ``silu_and_mul_steer``         one Triton launch doing all of the above.
 * ``silu_and_mul_steer_auto``    Triton on CUDA (if importable), native otherwise.
+* ``sparse_steer_``              Triton twin of ``apply_sparse_steer_`` for an
+                                 activation from vLLM's own ``silu_and_mul``:
+                                 one program per row, touching only a steered
+                                 row's table columns (the engine's CUDA path).
 
 Importing this module never requires triton.
 """
@@ -61,6 +65,7 @@ __all__ = [
     "silu_and_mul_steer",
     "silu_and_mul_steer_auto",
     "silu_and_mul_steer_native",
+    "sparse_steer_",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -297,7 +302,7 @@ def _silu_and_mul_steer_kernel(
 _JITTED: dict = {}
 
 
-def _kernel():
+def _jit(fn):
     interpret = bool(triton.knobs.runtime.interpret)
     lang_interpreted = not isinstance(tl.sum, triton.runtime.jit.JITFunction)
     if interpret != lang_interpreted:
@@ -306,10 +311,14 @@ def _kernel():
             f"TRITON_INTERPRET={int(lang_interpreted)}; set the variable before anything "
             "imports triton (vllm does)"
         )
-    fn = _JITTED.get(interpret)
-    if fn is None:
-        fn = _JITTED[interpret] = triton.jit(_silu_and_mul_steer_kernel)
-    return fn
+    jitted = _JITTED.get((fn, interpret))
+    if jitted is None:
+        jitted = _JITTED[(fn, interpret)] = triton.jit(fn)
+    return jitted
+
+
+def _kernel():
+    return _jit(_silu_and_mul_steer_kernel)
 
 
 _MAX_BLOCK_I = 1024
@@ -395,3 +404,71 @@ def silu_and_mul_steer_auto(
     if HAS_TRITON and isinstance(gate_up, torch.Tensor) and gate_up.is_cuda:
         return silu_and_mul_steer(gate_up, row_slot, steer_idx, steer_val, feat_idx)
     return silu_and_mul_steer_native(gate_up, row_slot, steer_idx, steer_val, feat_idx)
+
+
+# --------------------------------------------------------------------------- #
+# Sparse add on an existing activation (Triton twin of apply_sparse_steer_)
+# --------------------------------------------------------------------------- #
+def _sparse_steer_kernel(
+    act_ptr,  # [T, I], row stride stride_act, col stride 1; modified in place
+    row_slot_ptr,  # [T] int32
+    steer_idx_ptr,  # [S, K] int32, row stride stride_tbl, col stride 1
+    steer_val_ptr,  # [S, K] fp32, same strides as steer_idx
+    I,
+    K,
+    stride_act,
+    stride_tbl,
+    BLOCK_K: tl.constexpr,
+):
+    # grid = (T,). A row with slot 0 reads one int32 and stops; a steered row
+    # reads and writes only its slot's K columns. No host sync, no allocation:
+    # the launch depends on T only, so it can be captured in a CUDA graph.
+    row = tl.program_id(0).to(tl.int64)
+    slot = tl.load(row_slot_ptr + row).to(tl.int64)
+    if slot != 0:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            kmask = ks < K
+            col = tl.load(steer_idx_ptr + slot * stride_tbl + ks, mask=kmask, other=-1)
+            val = tl.load(steer_val_ptr + slot * stride_tbl + ks, mask=kmask, other=0.0)
+            ok = kmask & (col >= 0) & (col < I)
+            ptr = act_ptr + row * stride_act + col
+            a = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, (a + val).to(act_ptr.dtype.element_ty), mask=ok)
+
+
+def sparse_steer_(
+    act: torch.Tensor,  # [T, I] fp32/bf16/fp16, stride(1) == 1; modified in place
+    row_slot: torch.Tensor,  # [T] int32, 0 = not steered
+    steer_idx: torch.Tensor,  # [S, K] int32, -1 = padding, stride(1) == 1
+    steer_val: torch.Tensor,  # [S, K] float32, strides of steer_idx
+) -> torch.Tensor:
+    """In place, as ``apply_sparse_steer_``: ``act[r, c] = cast(float32(act[r, c]) + v)``
+    for each (column c, value v) of row r's slot. Unlike the native twin, the
+    columns of one slot must be distinct (a profile's always are: its (layer,
+    neuron) pairs are unique), since the K adds of a row run in parallel.
+
+    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    Only shapes are checked (no device sync). Returns ``act``."""
+    if not HAS_TRITON:
+        raise RuntimeError("sparse_steer_ requires triton; use apply_sparse_steer_")
+    if not isinstance(act, torch.Tensor) or act.dim() != 2:
+        raise ValueError(f"act must be a 2-D [T, I] tensor, got {_desc(act)}")
+    if act.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"act dtype must be one of {_FLOAT_DTYPES}, got {act.dtype}")
+    T, I = act.shape
+    _check_row_slot(row_slot, T, act.device)
+    _check_tables(steer_idx, steer_val, act.device)
+    if steer_idx.stride() != steer_val.stride() or (steer_idx.shape[1] > 1 and steer_idx.stride(1) != 1):
+        raise ValueError(f"steer_idx and steer_val need the same strides with a unit last one, "
+                         f"got {tuple(steer_idx.stride())} and {tuple(steer_val.stride())}")
+    if I > 1 and act.stride(1) != 1:
+        raise ValueError(f"act must have last-dim stride 1, got strides {tuple(act.stride())}")
+    K = steer_idx.shape[1]
+    if T == 0 or I == 0 or K == 0:
+        return act
+    _jit(_sparse_steer_kernel)[(T,)](
+        act, row_slot, steer_idx, steer_val, I, K, act.stride(0), steer_idx.stride(0),
+        BLOCK_K=min(_next_pow2(K), 256),
+    )
+    return act

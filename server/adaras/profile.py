@@ -43,6 +43,9 @@ from .predictor import FailurePredictor
 FORMAT = "adaras-profile"
 FORMAT_VERSION = "1"
 PREDICTOR_PREFIX = "predictor."
+# The engine's per-step steering tables are [slots, layers, MAX_NEURONS_PER_LAYER],
+# allocated once per worker (adaras.engine.step).
+MAX_NEURONS_PER_LAYER = 256
 PROFILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # and no ".." anywhere
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -227,6 +230,13 @@ class SteeringProfile:
                     f"duplicate (layer, neuron) pair ({int(self.layers[a])}, {int(self.neurons[a])}) "
                     f"at entries {a} and {b}; each pair may appear only once (merge or drop one)"
                 )
+        if self.k:
+            per_layer = torch.bincount(self.layers.long(), minlength=m.num_layers)  # [L]
+            crowded = int(per_layer.argmax())
+            if int(per_layer[crowded]) > MAX_NEURONS_PER_LAYER:
+                fail(f"layer {crowded} has {int(per_layer[crowded])} neurons; a profile may steer "
+                     f"at most {MAX_NEURONS_PER_LAYER} per layer (the engine's steering tables "
+                     "are allocated once at that size)")
         alpha = self.default_alpha
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
             fail(f"default_alpha must be a finite number >= 0, got {alpha!r}")

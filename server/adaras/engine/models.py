@@ -5,11 +5,11 @@ Each class subclasses the stock one and wraps every decoder layer's
 `SteeredActivation`:
 
     a = act_fn(gate_up)                      # stock op: unsteered rows stay bitwise stock
-    torch.ops.adaras.steer_(a, gate_up, l)   # a[r, idx] += alpha * delta, gather features
+    torch.ops.vllm.adaras_steer_(a, gate_up, l)   # a[r, idx] += alpha * delta, gather features
 
 `steer_` is an opaque custom op, so vLLM's torch.compile sees one node and the
 per-step state (which rows, which profile, which alpha) is read at run time
-from the worker's `StepContext`, never baked into the graph.
+from the worker's `StepContext` (adaras.engine.step), never baked into the graph.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from adaras.engine import runtime
-from steering_kernels import HAS_TRITON, apply_sparse_steer_, silu_and_mul_steer
+from adaras.engine import step
+from steering_kernels import HAS_TRITON, apply_sparse_steer_, sparse_steer_
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
 
 def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
-    # act: [T, I] (possibly padded past the scheduled tokens), gate_up: [T, 2*I]
-    ctx = runtime.current()
+    # act: [T, I] = vLLM's silu_and_mul(gate_up), T possibly padded past the
+    # step's tokens (their slot is 0); gate_up: [T, 2*I]
+    ctx = step.current()
     if ctx is None:
         return
     ctx.hooked += 1
@@ -39,13 +40,27 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
                                  layer)
     if ctx.feats is not None:  # prompt rows of adaptive requests -> predictor features
         gather_planned_features_(ctx.feats, gate_up, ctx.feat_rows, ctx.feat_plan, layer)
-    if ctx.plan is not None:
-        if act.is_contiguous():
-            apply_steer_plan_(act, ctx.plan, layer)
-        else:
-            n = ctx.row_slot.shape[0]
-            apply_sparse_steer_(act[:n], ctx.row_slot, ctx.steer_idx[:, layer],
-                                ctx.steer_val[:, layer])
+    if ctx.steered:
+        add_steering_(act, ctx, layer)
+
+
+def add_steering_(act: torch.Tensor, ctx: step.StepContext, layer: int) -> None:
+    """act[r, c] += alpha * delta at the RCN columns of each steered row.
+
+    CPU: the step's flat plan (1-2 ops per layer). CUDA: a Triton program per
+    row that reads the step buffers in place (stable addresses, no host sync)
+    and touches only steered rows' RCN columns, so unsteered rows keep vLLM's
+    own silu_and_mul output bit for bit. Without Triton: the torch twin."""
+    if ctx.plan is not None and act.is_contiguous():
+        apply_steer_plan_(act, ctx.plan, layer)
+        return
+    buf = ctx.buffers
+    row_slot = buf.row_slot[: act.shape[0]]  # [T]
+    idx, val = buf.steer_idx[:, layer], buf.steer_val[:, layer]  # [S_max, K_max] views
+    if act.is_cuda and HAS_TRITON:
+        sparse_steer_(act, row_slot, idx, val)
+    else:
+        apply_sparse_steer_(act, row_slot, idx, val)
 
 
 def _steer_fake(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
@@ -56,7 +71,7 @@ direct_register_custom_op("adaras_steer_", _steer_, mutates_args=["act"], fake_i
 
 
 class SteeredActivation(nn.Module):
-    """`act_fn` followed by this layer's steering. Holds no parameters."""
+    """`act_fn` (vLLM's own op) followed by this layer's steering. Holds no parameters."""
 
     def __init__(self, act_fn: nn.Module, layer: int):
         super().__init__()
@@ -65,39 +80,9 @@ class SteeredActivation(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: [T, 2*I] -> act: [T, I]
-        if _use_fused(gate_up):
-            return _fused(gate_up, self.layer)
         act = self.act_fn(gate_up)
         torch.ops.vllm.adaras_steer_(act, gate_up, self.layer)
         return act
-
-
-def _use_fused(gate_up: torch.Tensor) -> bool:
-    # Only in eager CUDA mode: under torch.compile the opaque op above is used,
-    # so the graph never captures per-step state.
-    if torch.compiler.is_compiling() or not gate_up.is_cuda:
-        return False
-    ctx = runtime.current()  # capture steps take the torch path
-    return HAS_TRITON and ctx is not None and not ctx.cap_spans
-
-
-def _fused(gate_up: torch.Tensor, layer: int) -> torch.Tensor:
-    """One Triton launch for SiLU*up + steering + feature gather (CUDA, eager)."""
-    ctx = runtime.current()
-    ctx.hooked += 1
-    T = gate_up.shape[0]
-    row_slot = torch.zeros(T, dtype=torch.int32, device=gate_up.device)
-    if ctx.row_slot is not None:
-        row_slot[: ctx.row_slot.shape[0]] = ctx.row_slot
-        idx, val = ctx.steer_idx[:, layer], ctx.steer_val[:, layer]
-    else:
-        idx = torch.full((1, 0), -1, dtype=torch.int32, device=gate_up.device)
-        val = torch.zeros((1, 0), dtype=torch.float32, device=gate_up.device)
-    feat_idx = ctx.feat_idx[layer] if ctx.feats is not None else None
-    out, feats = silu_and_mul_steer(gate_up, row_slot, idx.contiguous(), val.contiguous(), feat_idx)
-    if feats is not None:
-        ctx.feats += feats.index_select(0, ctx.feat_rows)
-    return out
 
 
 def check_supported(vllm_config) -> None:

@@ -1,0 +1,135 @@
+"""Step state: which rows of the forward in progress are steered, and by what.
+
+`StepBuffers` are allocated once per worker, at their maximum size, and filled
+in place before every forward:
+
+  * `row_slot`   int32 [T_max]            0 = row not steered, s > 0 = slot s
+  * `steer_idx`  int32 [S_max, L, K_max]  local (this rank's shard) neuron columns, -1 pad
+  * `steer_val`  fp32  [S_max, L, K_max]  alpha * delta, 0 pad (slot 0 is all pad)
+
+T_max is vLLM's max_num_batched_tokens, S_max its max_num_seqs + 1 (a slot is
+one distinct (profile, alpha) pair in the step, so every request in a batch
+can steer differently), K_max the profile format's MAX_NEURONS_PER_LAYER.
+Rows past the step's tokens stay 0, so a kernel may read `row_slot[:T]` for
+any padded T. The steering op only reads these buffers: their addresses never
+change, which is what a captured CUDA graph needs.
+
+`StepContext` is the per-step view the steered MLPs read, like vLLM's own
+forward context: set by the runtime before the forward, cleared after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adaras.profile import MAX_NEURONS_PER_LAYER
+from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_sparse_steer
+
+
+@dataclass
+class StepContext:
+    buffers: StepBuffers | None = None
+    steered: bool = False  # some row of this step is steered
+    plan: SteerPlan | None = None  # CPU path: per-layer flat indices/values of the sparse add
+    # predictor gate: prompt rows of adaptive requests -> features
+    feat_rows: torch.Tensor | None = None  # int64 [R]
+    feat_idx: torch.Tensor | None = None  # int32 [L, F]
+    feat_plan: FeaturePlan | None = None  # per-layer feature columns
+    feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
+    # (req_id, rows slice into feats, feature slice, prompt positions folded after
+    # this step, prompt completes this step)
+    spans: list[tuple[str, slice, slice, int, bool]] = field(default_factory=list)
+    # activation capture (offline pipeline); read before steering is added
+    cap_rows: torch.Tensor | None = None  # int64 [Rm] rows that enter a mean
+    cap_seg: torch.Tensor | None = None  # int64 [Rm] which capturing request each row is
+    cap_sum: torch.Tensor | None = None  # fp32 [L, Nm, I_shard]
+    cap_tok_rows: torch.Tensor | None = None  # int64 [Rt]
+    cap_feats: torch.Tensor | None = None  # fp32 [Rt, F_all]
+    cap_feat_plan: FeaturePlan | None = None
+    # (req_id, mean segment or -1, token rows slice, feature slice, rows in mean,
+    # prompt positions recorded after this step, done)
+    cap_spans: list[tuple[str, int, slice, slice, int, int, bool]] = field(default_factory=list)
+    hooked: int = 0  # steering-op calls that saw this context (the start-up probe reads it)
+
+    @property
+    def empty(self) -> bool:
+        return not self.steered and not self.spans and not self.cap_spans
+
+
+_CURRENT: StepContext | None = None
+
+
+def current() -> StepContext | None:
+    """The context of the forward in progress (None: nothing to do this step)."""
+    return _CURRENT
+
+
+def set_current(ctx: StepContext | None) -> None:
+    global _CURRENT
+    _CURRENT = ctx
+
+
+class StepBuffers:
+    def __init__(self, max_tokens: int, max_slots: int, num_layers: int, num_cols: int,
+                 device: torch.device, max_k: int = MAX_NEURONS_PER_LAYER):
+        self.num_cols = num_cols  # neurons in this rank's shard
+        self.row_slot = torch.zeros(max_tokens, dtype=torch.int32, device=device)  # [T_max]
+        self.steer_idx = torch.full((max_slots, num_layers, max_k), -1, dtype=torch.int32,
+                                    device=device)  # [S_max, L, K_max]
+        self.steer_val = torch.zeros((max_slots, num_layers, max_k), dtype=torch.float32,
+                                     device=device)  # [S_max, L, K_max]
+        self._slots: tuple = ()  # the (profile, alpha) keys written into slots 1..S
+        self._k = 0  # columns of the tables in use
+        self._rows = np.zeros(0, dtype=np.int32)  # row_slot[:T] as last written
+        self._plan: SteerPlan | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.row_slot.shape[0]
+
+    @property
+    def max_slots(self) -> int:
+        return self.steer_idx.shape[0] - 1
+
+    def fill(self, slots: tuple, row_slot: np.ndarray | None, plan: bool) -> SteerPlan | None:
+        """Write this step's slots and per-row slot index in place.
+
+        slots: ((LoadedProfile, alpha), ...) for slots 1..S, in slot order;
+        row_slot: int32 [T] for the step's tokens (None: no row steered).
+        With `plan` (the CPU path), also return the per-layer sparse plan,
+        reused while the rows and slots stay the same (steady decode)."""
+        if row_slot is None:
+            row_slot = np.zeros(0, dtype=np.int32)
+        if row_slot.shape[0] > self.max_tokens or len(slots) > self.max_slots:
+            raise ValueError(f"step has {row_slot.shape[0]} tokens and {len(slots)} steering "
+                             f"slots; the buffers hold {self.max_tokens} and {self.max_slots}")
+        same_slots = len(slots) == len(self._slots) and all(
+            p is q and a == b for (p, a), (q, b) in zip(slots, self._slots))
+        if not same_slots:
+            for s, (p, alpha) in enumerate(slots, start=1):
+                kp = p.idx.shape[1]
+                self.steer_idx[s, :, :kp] = p.idx
+                self.steer_idx[s, :, kp:] = -1
+                self.steer_val[s, :, :kp] = p.delta * alpha
+                self.steer_val[s, :, kp:] = 0.0
+            self._slots = slots
+            self._k = max((p.idx.shape[1] for p, _ in slots), default=0)
+        same_rows = np.array_equal(row_slot, self._rows)
+        if not same_rows:
+            n, prev = row_slot.shape[0], self._rows.shape[0]
+            if n:
+                self.row_slot[:n].copy_(torch.from_numpy(row_slot))
+            if prev > n:
+                self.row_slot[n:prev].zero_()
+            self._rows = row_slot.copy()
+        if not plan or not slots:
+            self._plan = None
+            return None
+        if self._plan is None or not (same_rows and same_slots):
+            n, s = row_slot.shape[0], len(slots) + 1
+            self._plan = plan_sparse_steer(self.row_slot[:n], self.steer_idx[:s, :, :self._k],
+                                           self.steer_val[:s, :, :self._k], self.num_cols)
+        return self._plan
