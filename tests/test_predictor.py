@@ -46,6 +46,33 @@ def test_streaming_equals_full_prob():
             assert_close(stream(p, x, random_splits(t, g)), full)
 
 
+def test_merged_block_states_equal_the_full_prompt():
+    """What the prefix cache relies on: the states of separate token blocks,
+    each pooled from scratch, merge (in any order) into the state of the
+    whole prompt; merging an empty state changes nothing."""
+    p = make_predictor()
+    g = torch.Generator().manual_seed(7)
+    for t in (2, 33, 100):
+        x = torch.randn(t, F, generator=g) * 3 + 1
+        full = p.prob(x)
+        blocks = [p.update(p.init_state(), chunk) for chunk in x.split(random_splits(t, g))]
+        merged = blocks[0]
+        for b in blocks[1:]:
+            merged = merged.merge(b)
+        assert merged.n == t
+        assert_close(p.finish(merged), full, atol=1e-6, rtol=0)
+        backwards = blocks[-1]
+        for b in reversed(blocks[:-1]):
+            backwards = b.merge(backwards)
+        assert_close(p.finish(backwards), full, atol=1e-6, rtol=0)
+        assert p.init_state().merge(merged) is merged and merged.merge(p.init_state()) is merged
+    with torch.no_grad():  # huge scores: the merge rescales like the streaming update
+        p.attn.weight.mul_(1000.0)
+    x = torch.randn(40, F, generator=g) * 5
+    halves = [p.update(p.init_state(), c) for c in x.split([17, 23])]
+    assert_close(p.finish(halves[0].merge(halves[1])), p.prob(x))
+
+
 def test_streaming_is_stable_with_huge_scores():
     p = make_predictor()
     with torch.no_grad():

@@ -46,6 +46,19 @@ class PoolState:
     acc: Tensor
     n: int
 
+    def merge(self, other: PoolState) -> PoolState:
+        """The state of both token sets (any split of a prompt, in any order):
+        exact up to fp32 rounding, which is what lets a KV block's state stand
+        in for its tokens (adaras.engine.prefix_states)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        m = max(self.m, other.m)
+        a, b = math.exp(self.m - m), math.exp(other.m - m)
+        return PoolState(m=m, s=self.s * a + other.s * b, acc=self.acc * a + other.acc * b,
+                         n=self.n + other.n)
+
 
 class FailurePredictor(nn.Module):
     def __init__(

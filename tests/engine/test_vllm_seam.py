@@ -117,3 +117,32 @@ def test_every_patch_lives_in_the_seam_module():
                                                     "CompletionRequest", "SamplingParams"):
                         offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+def test_prefix_cache_symbols_the_engine_core_patch_relies_on():
+    """seam.patch_prefix_cache: the block hasher calls the extra-keys function
+    by its module name, for every block; the cache lookup reads only the
+    request's block hashes; and the request fields the patch reads exist."""
+    import vllm.v1.core.block_pool as block_pool
+    import vllm.v1.core.kv_cache_coordinator as coordinator
+    import vllm.v1.core.kv_cache_manager as manager
+    import vllm.v1.core.kv_cache_utils as utils
+    import vllm.v1.request as request
+
+    functions = {f.name: f for f in ast.parse(inspect.getsource(utils)).body
+                 if isinstance(f, ast.FunctionDef)}
+    extra = functions["generate_block_hash_extra_keys"]
+    assert [a.arg for a in extra.args.args] == ["request", "start_token_idx", "end_token_idx",
+                                                "start_mm_idx"]
+    assert "generate_block_hash_extra_keys(" in ast.unparse(functions["get_request_block_hasher"])
+    lookup = ast.unparse(stock_methods(manager, "KVCacheManager")["get_computed_blocks"])
+    assert "find_longest_cache_hit(request.block_hashes" in lookup
+    assert "return (self.empty_kv_cache_blocks, 0, 0)" in lookup \
+        or "return self.empty_kv_cache_blocks, 0, 0" in lookup
+    init = ast.unparse(stock_methods(request, "Request")["__init__"])
+    for field in ("self.num_prompt_tokens", "self.num_preemptions", "self.block_hashes",
+                  "self.sampling_params"):
+        assert field in init, field
+    pool = ast.unparse(stock_methods(block_pool, "BlockPool")["__init__"])
+    assert "self.hash_block_size = hash_block_size" in pool
+    assert "self.block_pool = BlockPool(" in inspect.getsource(coordinator)

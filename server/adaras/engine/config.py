@@ -1,6 +1,7 @@
 """Engine-side request options that are not the steering contract
 (`adaras.steering` owns that): the profiles loaded into every worker at
-start-up, and the offline pipeline's activation capture.
+start-up, the prefix-cache salt of steered requests, and the offline
+pipeline's activation capture.
 
 This module is imported by the frontend, the engine core and the workers, so it
 must stay free of vLLM and torch imports.
@@ -26,6 +27,12 @@ def parse_profiles_env(value: str | None) -> dict[str, str]:
             raise ValueError(f"{PROFILES_ENV}: expected name=path, got {item!r}")
         out[name.strip()] = path.strip()
     return out
+
+
+# extra_args key of a steered request's prefix-cache salt, set by the frontend
+# (adaras.engine.plugin.steering_salt) and added by the engine core to the hash
+# of every KV block that holds a position the request may steer
+SALT_KEY = "adaras_salt"
 
 
 # ---- activation capture (the offline pipeline's teacher-forced capture path) ----

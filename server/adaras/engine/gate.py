@@ -6,7 +6,10 @@ the prompt is complete.
 
 Prompt features are folded by position: a request that vLLM preempted and
 recomputes from token 0 skips the positions it already folded, so its p_fail
-equals that of an uninterrupted run.
+equals that of an uninterrupted run. A request that vLLM served part of its
+prompt from the prefix cache starts from the states of those blocks, pinned
+for it by the scheduler, and every full prompt block it computes leaves its
+own state for the next request (adaras.engine.prefix_states).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from adaras.engine.prefix_states import PrefixStates
 from adaras.engine.profile_store import LoadedProfile
 from adaras.engine.step import StepContext
 from adaras.predictor import FailurePredictor, PoolState
@@ -21,8 +25,9 @@ from steering_kernels.steer_plan import plan_features
 
 
 class PredictorGate:
-    def __init__(self, num_cols: int, device: torch.device):
+    def __init__(self, num_cols: int, device: torch.device, prefix: PrefixStates):
         self.num_cols, self.device = num_cols, device  # neurons in this rank's shard
+        self.prefix = prefix
         self._key: tuple = ()
         self._table = None  # (feat_idx int32 [L, F_all], FeaturePlan) for self._key
 
@@ -52,14 +57,49 @@ class PredictorGate:
         ctx.feat_rows = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [R]
         ctx.feats = torch.zeros(n, o, device=self.device)  # [R, F_all]
 
-    @staticmethod
-    def fold(state, feats: torch.Tensor, prompt_done: bool, pos: int) -> None:
-        """Stream one step's features [R, F] (fp32, CPU) into `state.pool`; at
-        the end of the prompt decide `state.applied`."""
+    def start_from_prefix(self, state, computed: int) -> None:
+        """The request's first step starts `computed` tokens in (a prefix-cache
+        hit): its pooling state is the merge of the pinned block states."""
+        pinned = state.pinned
+        blocks = computed // pinned.block_size if pinned is not None else 0
+        if pinned is None or computed % pinned.block_size or blocks > len(pinned.states):
+            state.error = (f"internal: {computed} prompt tokens came from the prefix cache "
+                           "without their predictor state; the request was not gated")
+            state.pool = None
+            return
+        for block in pinned.states[:blocks]:
+            state.pool = state.pool.merge(block)
+        state.pool_pos = computed
+        pinned.states = []  # unpinned: the store keeps its own references
+        self.prefix.restored_tokens += computed
+
+    def fold(self, state, feats: torch.Tensor, prompt_done: bool, pos: int) -> None:
+        """Stream one step's features [R, F] (fp32, CPU) of prompt positions
+        [state.pool_pos, pos) into `state.pool`; store the state of each full
+        block they complete; at the end of the prompt decide `state.applied`."""
         predictor: FailurePredictor = state.profile.profile.predictor
+        if state.pinned is not None:
+            self._store_blocks(state, predictor, feats, state.pool_pos)
         pool: PoolState = predictor.update(state.pool, feats)
         state.pool, state.pool_pos = pool, pos
         if prompt_done:
             state.p_fail = predictor.finish(pool)
             state.applied = state.p_fail >= state.steering.threshold
             state.pool = None
+            state.pinned = state.block_pool = None
+
+    def _store_blocks(self, state, predictor: FailurePredictor, feats: torch.Tensor,
+                      start: int) -> None:
+        """feats [R, F]: positions start .. start + R - 1 of the prompt."""
+        pinned, size = state.pinned, state.pinned.block_size
+        pos, end = start, start + feats.shape[0]
+        while pos < end:
+            block = pos // size
+            stop = min((block + 1) * size, end)
+            part = feats[pos - start: stop - start]  # [t, F]
+            state.block_pool = predictor.update(state.block_pool or predictor.init_state(), part)
+            pos = stop
+            if pos == (block + 1) * size:  # the block is complete (and all prompt)
+                if block < len(pinned.hashes):
+                    self.prefix.put(pinned.hashes[block], pinned.version, state.block_pool)
+                state.block_pool = None

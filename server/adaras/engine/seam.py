@@ -7,6 +7,7 @@ entry point (`plugin.register`), registered model classes (`models.py`),
 each patch saying what it replaces and why:
 
     patch_input_processor       frontend: validate, salt and route each request
+    patch_prefix_cache          engine core: salt steered blocks; adaptive cache hits
     patch_model_runner          workers: per-step steering context, release, RPC
     patch_cpu_generator_rewind  workers: vLLM-CPU crash fix (seeded chunked prefill)
     patch_openai_requests       HTTP server: carry `steering` into extra_args
@@ -28,16 +29,23 @@ def patch_input_processor() -> None:
     Why: vLLM has no per-request hook between parsing SamplingParams and
     scheduling. Here a bad `steering` or `adaras_capture` object is refused
     with a ValueError naming the field (the API's 400) before the engine
-    sees it; steered requests get a prefix-cache salt (their KV is never
-    served to other requests); adaptive and capture requests skip reading
-    the prefix cache so every prompt token runs through the MLPs. __init__
-    records the profiles the workers hold (ADARAS_PROFILES), for the name check.
+    sees it; steered requests carry a prefix-cache salt in extra_args (the
+    engine core salts the blocks they may steer: `patch_prefix_cache`);
+    capture requests skip reading the prefix cache so every prompt token runs
+    through the MLPs. __init__ records the profiles the workers hold
+    (ADARAS_PROFILES), for the name check.
     """
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     from adaras.engine import plugin  # looked up per call: tests replace plugin.steering_salt
-    from adaras.engine.config import CAPTURE_KEY, PROFILES_ENV, parse_capture, parse_profiles_env
+    from adaras.engine.config import (
+        CAPTURE_KEY,
+        PROFILES_ENV,
+        SALT_KEY,
+        parse_capture,
+        parse_profiles_env,
+    )
     from adaras.steering import STEERING_KEY, steering_from_extra_args
 
     if getattr(InputProcessor, "_adaras", False):
@@ -63,14 +71,99 @@ def patch_input_processor() -> None:
             request.sampling_params.skip_reading_prefix_cache = True
         if steering is not None and steering.active:
             salt = plugin.steering_salt(request.sampling_params.extra_args)
-            request.cache_salt = salt if not request.cache_salt else f"{request.cache_salt}|{salt}"
-            if steering.mode == "adaptive":
-                request.sampling_params.skip_reading_prefix_cache = True
+            if salt is not None:
+                request.sampling_params.extra_args = {**request.sampling_params.extra_args,
+                                                      SALT_KEY: salt}
         return request
 
     InputProcessor.__init__ = __init__
     InputProcessor.process_inputs = process_inputs
     InputProcessor._adaras = True
+
+
+def patch_prefix_cache() -> None:
+    """The engine core's prefix cache: block hashing and cache lookup.
+
+    kv_cache_utils.generate_block_hash_extra_keys (wrapped, and rebound where
+    vLLM imported it by name): a steered request's salt (extra_args, from the
+    frontend) is added to the hash of every block that holds a position it
+    may steer, from `prefix_states.first_steered_position` on, with that
+    position (the same tokens steered from another position are other KV).
+    Why: vLLM's own `cache_salt` changes the hash of block 0 and so of every
+    block after it; steering only changes the KV of the positions it steers,
+    so the blocks before them stay shareable with every other request.
+
+    KVCacheManager.get_computed_blocks (wrapped): an adaptive request's hit
+    is cut to the leading blocks whose predictor states are held, which are
+    pinned for its worker (`prefix_states`); no hit where none are held, the
+    store lives in another process, or the request was preempted (its worker
+    then recomputes from token 0, skipping what it already pooled).
+    """
+    import sys
+
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from adaras.engine import prefix_states
+    from adaras.engine.config import SALT_KEY
+    from adaras.steering import FINGERPRINT_KEY, STEERING_KEY, steering_from_extra_args
+
+    if getattr(KVCacheManager, "_adaras", False):
+        return
+    orig_extra_keys = kv_cache_utils.generate_block_hash_extra_keys
+    orig_computed = KVCacheManager.get_computed_blocks
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm = orig_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx)
+        params = request.sampling_params
+        extra = params.extra_args if params is not None else None
+        if extra and SALT_KEY in extra:
+            first = prefix_states.first_steered_position(
+                steering_from_extra_args(extra), extra.get(FINGERPRINT_KEY, ""),
+                request.num_prompt_tokens)
+            if end_token_idx > first:  # the key names which positions of the block are steered
+                keys = (*(keys or ()), ("adaras", extra[SALT_KEY], first))
+        return keys, next_mm
+
+    def get_computed_blocks(self, request):
+        params = request.sampling_params
+        extra = params.extra_args if params is not None else None
+        if not extra or STEERING_KEY not in extra:
+            return orig_computed(self, request)
+        steering = steering_from_extra_args(extra)
+        if steering.mode != "adaptive":
+            return orig_computed(self, request)
+        store = prefix_states.local()
+        if store is None or request.num_preemptions or \
+                not self.prefix_cache_lookup_enabled(request):
+            return self.empty_kv_cache_blocks, 0, 0
+        usable = store.pin(request.request_id, steering.profile, extra.get(FINGERPRINT_KEY, ""),
+                           request.block_hashes, self.coordinator.block_pool.hash_block_size)
+        if usable == 0:
+            return self.empty_kv_cache_blocks, 0, 0
+        return orig_computed(self, _LeadingBlocks(request, usable))
+
+    # Modules imported later bind the wrapped function from kv_cache_utils;
+    # those already imported (block_pool, by kv_cache_manager) are rebound.
+    kv_cache_utils.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("vllm.") and \
+                vars(module).get("generate_block_hash_extra_keys") is orig_extra_keys:
+            module.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+    KVCacheManager._adaras = True
+
+
+class _LeadingBlocks:
+    """A request seen through its first `n` block hashes (the prefix-cache
+    lookup reads `block_hashes`; everything else is the request's)."""
+
+    def __init__(self, request, n: int):
+        self._request = request
+        self.block_hashes = request.block_hashes[:n]
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
 
 
 def patch_model_runner() -> None:
