@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vllm import SamplingParams
 
 from adaras.engine import _rpc, pop_reports
-from adaras.profile import SteeringProfile
+from adaras.profile import SteeringProfile, file_version
 
 from .conftest import generate, prompt_ids
 from .test_steered_engine import offline_p_fail, params, tokens
@@ -21,10 +22,28 @@ pytestmark = pytest.mark.engine
 ATOL = 1e-5  # fp32 engine and reference
 
 
+def adaptive_params(path: str, **steering) -> SamplingParams:
+    """Adaptive on profile "pred", carrying its version as the HTTP API does
+    (only requests that name their profile's version read the prefix cache)."""
+    p = params({"mode": "adaptive", "profile": "pred", **steering})
+    p.extra_args["steering_fingerprint"] = file_version(path)
+    return p
+
+
 def p_fails(llm, outs) -> list[float]:
     reports = pop_reports(llm, [o.request_id for o in outs])
     return [reports[o.request_id]["failure_probability"] for o in outs], \
         [reports[o.request_id]["applied"] for o in outs]
+
+
+def test_without_the_version_an_adaptive_request_reads_no_cache(qwen3_llm, qwen3_profiles):
+    prompt = prompt_ids(1, 100, seed=44)[0]
+    qwen3_llm.reset_prefix_cache()
+    before = _rpc(qwen3_llm, "stats")["prefix_tokens_restored"]
+    for _ in range(2):
+        generate(qwen3_llm, [prompt], params({"mode": "adaptive", "profile": "pred"}))
+    assert _rpc(qwen3_llm, "stats")["prefix_tokens_restored"] == before
+    pop_reports(qwen3_llm)
 
 
 def test_adaptive_cache_hits_give_the_cold_p_fail_and_decision(qwen3_llm, qwen3_dir,
@@ -36,8 +55,9 @@ def test_adaptive_cache_hits_give_the_cold_p_fail_and_decision(qwen3_llm, qwen3_
     prompts = [shared[:n] + tail[:t] for n, tail, t in
                zip((130, 70, 96, 33), tails, (7, 40, 1, 25))]
     offline = [offline_p_fail(qwen3_dir, profile, p) for p in prompts]
-    threshold = sorted(offline)[1] + 1e-3  # between the 2nd and 3rd: two are steered
-    adaptive = params({"mode": "adaptive", "profile": "pred", "threshold": threshold})
+    ranked = sorted(offline)
+    threshold = (ranked[1] + ranked[2]) / 2  # halfway: two are steered, none on the boundary
+    adaptive = adaptive_params(qwen3_profiles["pred"], threshold=threshold)
 
     cold = []
     for p in prompts:
@@ -68,7 +88,7 @@ def test_without_block_states_an_adaptive_request_computes_its_prompt(qwen3_llm,
     qwen3_llm.reset_prefix_cache()
     generate(qwen3_llm, [prompt], params())
     before = _rpc(qwen3_llm, "stats")["prefix_tokens_restored"]
-    out = generate(qwen3_llm, [prompt], params({"mode": "adaptive", "profile": "pred"}))
+    out = generate(qwen3_llm, [prompt], adaptive_params(qwen3_profiles["pred"]))
     assert _rpc(qwen3_llm, "stats")["prefix_tokens_restored"] == before
     (p,), _ = p_fails(qwen3_llm, out)
     assert p == pytest.approx(offline_p_fail(qwen3_dir, profile, prompt), abs=ATOL)

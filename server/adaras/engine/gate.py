@@ -7,9 +7,9 @@ the prompt is complete.
 Prompt features are folded by position: a request that vLLM preempted and
 recomputes from token 0 skips the positions it already folded, so its p_fail
 equals that of an uninterrupted run. A request that vLLM served part of its
-prompt from the prefix cache starts from the states of those blocks, pinned
-for it by the scheduler, and every full prompt block it computes leaves its
-own state for the next request (adaras.engine.prefix_states).
+prompt from the prefix cache starts from the stored states of those blocks,
+and every full prompt block it computes leaves its own state for the next
+request (adaras.engine.prefix_states).
 """
 
 from __future__ import annotations
@@ -59,18 +59,23 @@ class PredictorGate:
 
     def start_from_prefix(self, state, computed: int) -> None:
         """The request's first step starts `computed` tokens in (a prefix-cache
-        hit): its pooling state is the merge of the pinned block states."""
-        pinned = state.pinned
-        blocks = computed // pinned.block_size if pinned is not None else 0
-        if pinned is None or computed % pinned.block_size or blocks > len(pinned.states):
-            state.error = (f"internal: {computed} prompt tokens came from the prefix cache "
-                           "without their predictor state; the request was not gated")
-            state.pool = None
+        hit): its pooling state is the merge of those blocks' stored states."""
+        blocks = state.blocks
+        states = []
+        if blocks is not None and computed % blocks.block_size == 0:
+            for h in blocks.hashes[: computed // blocks.block_size]:
+                block_state = self.prefix.get(h, blocks.version)
+                if block_state is None:
+                    break
+                states.append(block_state)
+        if blocks is None or len(states) * blocks.block_size != computed:
+            state.error = (f"{computed} prompt tokens came from the prefix cache without "
+                           "their predictor state; the request was not gated")
+            state.pool = state.blocks = None
             return
-        for block in pinned.states[:blocks]:
-            state.pool = state.pool.merge(block)
+        for block_state in states:
+            state.pool = state.pool.merge(block_state)
         state.pool_pos = computed
-        pinned.states = []  # unpinned: the store keeps its own references
         self.prefix.restored_tokens += computed
 
     def fold(self, state, feats: torch.Tensor, prompt_done: bool, pos: int) -> None:
@@ -78,7 +83,7 @@ class PredictorGate:
         [state.pool_pos, pos) into `state.pool`; store the state of each full
         block they complete; at the end of the prompt decide `state.applied`."""
         predictor: FailurePredictor = state.profile.profile.predictor
-        if state.pinned is not None:
+        if state.blocks is not None:
             self._store_blocks(state, predictor, feats, state.pool_pos)
         pool: PoolState = predictor.update(state.pool, feats)
         state.pool, state.pool_pos = pool, pos
@@ -86,12 +91,12 @@ class PredictorGate:
             state.p_fail = predictor.finish(pool)
             state.applied = state.p_fail >= state.steering.threshold
             state.pool = None
-            state.pinned = state.block_pool = None
+            state.blocks = state.block_pool = None
 
     def _store_blocks(self, state, predictor: FailurePredictor, feats: torch.Tensor,
                       start: int) -> None:
         """feats [R, F]: positions start .. start + R - 1 of the prompt."""
-        pinned, size = state.pinned, state.pinned.block_size
+        blocks, size = state.blocks, state.blocks.block_size
         pos, end = start, start + feats.shape[0]
         while pos < end:
             block = pos // size
@@ -100,6 +105,6 @@ class PredictorGate:
             state.block_pool = predictor.update(state.block_pool or predictor.init_state(), part)
             pos = stop
             if pos == (block + 1) * size:  # the block is complete (and all prompt)
-                if block < len(pinned.hashes):
-                    self.prefix.put(pinned.hashes[block], pinned.version, state.block_pool)
+                if block < len(blocks.hashes):
+                    self.prefix.put(blocks.hashes[block], blocks.version, state.block_pool)
                 state.block_pool = None

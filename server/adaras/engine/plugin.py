@@ -112,6 +112,15 @@ def register() -> None:
     seam.patch_cpu_generator_rewind()
 
 
+def first_steered_position(steering, num_prompt_tokens: int) -> int:
+    """The first position whose KV a steered request may change, which its
+    prefix-cache salt starts at. Adaptive requests decide after the prompt
+    and steer decode positions only. `always` requests may also steer prompt
+    positions (a profile's "steer_prompt"), which the engine core cannot see:
+    every position counts."""
+    return num_prompt_tokens if steering.mode == "adaptive" else 0
+
+
 def steering_salt(extra_args: dict | None) -> str | None:
     """Prefix-cache salt for a steered request; None when it is not steered."""
     from adaras.steering import FINGERPRINT_KEY, steering_from_extra_args

@@ -5,121 +5,135 @@ The failure predictor pools a prompt with an online softmax whose state
 (running max, sum of weights, weighted feature sum) merges exactly across any
 split of the tokens (`PoolState.merge`). So the state of the tokens of one
 KV block, kept under that block's hash (which chains the whole prefix before
-it, and any salt) and the profile's version, stands in for running those
-tokens through the predictor again:
+it, and any salt or LoRA) and the profile's version, stands in for running
+those tokens through the predictor again.
 
-  * scheduler (engine core): an adaptive request's prefix-cache hit is cut to
-    the leading blocks whose states are held, and those states are pinned for
-    the request (`pin`); with none held it reads no cache, as before;
-  * worker: the gate starts the request's pooling state from the pinned
-    states of the blocks vLLM skipped (`take`), and stores the state of every
-    full prompt block it computes (`put`).
+vLLM-CPU always runs the worker in another process than the scheduler, so
+the two sides share no memory. They share a rule instead, and each applies it
+to what it sees:
 
-Where a state is missing the request computes those tokens: p_fail is never
-built from a state that is not there. The store is an LRU of at most
-`ADARAS_PREFIX_STATES` states (default 16384; one state is F + 2 floats, about
-1 KiB at F = 256, so 16 MiB); a state whose block vLLM evicted is never hit
-again and ages out.
+  * the worker stores the state of every full prompt block an adaptive
+    request computes (`PrefixStates`, first in first out);
+  * the scheduler records the same blocks when it schedules them
+    (`BlockIndex`, first in first out, the same capacity), and cuts an
+    adaptive request's prefix-cache hit to the leading blocks it recorded.
+    It passes the request's prompt block hashes to the worker in
+    `extra_args` (vLLM does not send hashes to workers).
 
-Both sides must live in one process: vLLM's uniprocess executor (one worker,
-its default for TP = 1). With a multiprocess executor the scheduler's process
-holds no store (`local()` is None) and adaptive requests read no prefix cache.
+The worker keeps twice the scheduler's capacity, so an index entry always has
+its state unless the worker failed to compute one; then the request reports
+an error and is not gated: p_fail is never built from a state that is not
+there. Only requests that carry their profile's version (`steering_fingerprint`,
+which the HTTP API always sets) take part: the version names the predictor
+the states were pooled for. A preempted adaptive request recomputes its
+prompt and records nothing more.
+
+Capacity: `ADARAS_PREFIX_STATES` block states in the index (default 8192);
+one state is F + 2 floats, about 1 KiB at F = 256, so the worker holds at
+most 16 MiB.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from adaras.predictor import PoolState
 
 CAPACITY_ENV = "ADARAS_PREFIX_STATES"
-DEFAULT_CAPACITY = 16384
-MAX_PINNED = 4096  # pins of requests that were aborted before their first step
+DEFAULT_CAPACITY = 8192
+# extra_args key the scheduler adds for the worker: [hash block size, [prompt block hashes]]
+BLOCKS_KEY = "adaras_prompt_blocks"
+
+
+def capacity() -> int:
+    return int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
 
 
 @dataclass
-class Pinned:
-    """What the scheduler granted one adaptive request."""
+class PromptBlocks:
+    """One adaptive request's prompt blocks, as the scheduler hashed them."""
 
-    version: str  # the profile version the states were pooled for
-    hashes: list  # the request's block hashes (vLLM's list, grows with the request)
+    version: str  # the profile version its states are pooled for
     block_size: int  # tokens per hash block
-    states: list[PoolState] = field(default_factory=list)  # of blocks 0..len-1, pinned
+    hashes: list[bytes]  # of its full prompt blocks
 
 
-class PrefixStates:
-    def __init__(self, find_profile, capacity: int | None = None):
-        """find_profile(profile name or None, fingerprint or "") -> the
-        LoadedProfile a request will run with, or None (unknown profile)."""
-        self.find_profile = find_profile
-        self.capacity = capacity if capacity is not None else int(
-            os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
-        self.states: OrderedDict[tuple[bytes, str], PoolState] = OrderedDict()
-        self.pinned: dict[str, Pinned] = {}
+class _Fifo:
+    """Keys (block hash, version) in insertion order, at most `limit`; adding a
+    key already held changes nothing."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: OrderedDict[tuple[bytes, str], object] = OrderedDict()
+
+    def add(self, key: tuple[bytes, str], value=None) -> None:
+        if key in self.items:
+            return
+        self.items[key] = value
+        while len(self.items) > self.limit:
+            self.items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class BlockIndex(_Fifo):
+    """Scheduler side: the blocks whose states the worker holds."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__(capacity() if limit is None else limit)
+
+    def leading(self, hashes: list[bytes], version: str) -> int:
+        """How many leading blocks of a request are recorded."""
+        n = 0
+        for h in hashes:
+            if (h, version) not in self.items:
+                break
+            n += 1
+        return n
+
+    def record(self, request_blocks: PromptBlocks, before: int, after: int) -> None:
+        """The request computed prompt positions [before, after) this step:
+        record every block that this completes (in block order, as the
+        worker stores them)."""
+        size = request_blocks.block_size
+        for block in range(before // size, after // size):
+            if block < len(request_blocks.hashes) and (block + 1) * size > before:
+                self.add((request_blocks.hashes[block], request_blocks.version))
+
+
+class PrefixStates(_Fifo):
+    """Worker side: block states, twice the scheduler's capacity."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__(2 * capacity() if limit is None else limit)
         self.restored_tokens = 0  # prompt tokens whose state came from here, ever
 
-    def pin(self, req_id: str, profile: str | None, fingerprint: str, hashes: list,
-            block_size: int) -> int:
-        """Pin the states of the request's leading blocks that are held;
-        returns how many (the blocks its prefix-cache hit may cover)."""
-        loaded = self.find_profile(profile, fingerprint)
-        if loaded is None or loaded.profile.predictor is None:
-            self.pinned.pop(req_id, None)
-            return 0
-        version = loaded.version
-        states = []
-        for h in hashes:
-            state = self.states.get((h, version))
-            if state is None:
-                break
-            self.states.move_to_end((h, version))
-            states.append(state)
-        self.pinned.pop(req_id, None)
-        self.pinned[req_id] = Pinned(version, hashes, block_size, states)
-        while len(self.pinned) > MAX_PINNED:
-            self.pinned.pop(next(iter(self.pinned)))
-        return len(states)
-
-    def take(self, req_id: str) -> Pinned | None:
-        return self.pinned.pop(req_id, None)
+    def get(self, block_hash: bytes, version: str) -> PoolState | None:
+        return self.items.get((block_hash, version))
 
     def put(self, block_hash: bytes, version: str, state: PoolState) -> None:
-        self.states[(block_hash, version)] = state
-        self.states.move_to_end((block_hash, version))
-        while len(self.states) > self.capacity:
-            self.states.popitem(last=False)
-
-    def drop(self, req_id: str) -> None:
-        """Forget a request's pin (it finished or was aborted before its
-        worker took it)."""
-        self.pinned.pop(req_id, None)
+        self.add((block_hash, version), state)
 
 
-_LOCAL: PrefixStates | None = None
+_INDEX: BlockIndex | None = None
 
 
-def local() -> PrefixStates | None:
-    """The store of the worker in this process, if any (see module doc)."""
-    return _LOCAL
+def scheduler_index() -> BlockIndex:
+    """The index of this process's scheduler (one engine core per process)."""
+    global _INDEX
+    if _INDEX is None:
+        _INDEX = BlockIndex()
+    return _INDEX
 
 
-def set_local(store: PrefixStates | None) -> None:
-    global _LOCAL
-    _LOCAL = store
-
-
-def first_steered_position(steering, fingerprint: str, num_prompt_tokens: int) -> int:
-    """The first position whose KV a steered request may change, for its
-    prefix-cache salt. Adaptive requests decide after the prompt and steer
-    decode positions only. `always` requests also steer the prompt positions
-    their profile names (provenance "steer_prompt"); where the profile is not
-    known in this process, every position counts as steered."""
-    if steering.mode == "adaptive":
-        return num_prompt_tokens
-    loaded = _LOCAL.find_profile(steering.profile, fingerprint) if _LOCAL is not None else None
-    if loaded is None:
-        return 0
-    steered = loaded.profile.steered_prompt_positions
-    return 0 if steered < 0 else num_prompt_tokens - steered
+def prompt_blocks(extra_args: dict | None, version: str) -> PromptBlocks | None:
+    """The PromptBlocks the scheduler attached to a request, if it did and the
+    request runs on `version`."""
+    raw = (extra_args or {}).get(BLOCKS_KEY)
+    if not raw or not version:
+        return None
+    size, hashes = raw
+    return PromptBlocks(version, int(size), list(hashes))

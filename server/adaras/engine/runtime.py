@@ -26,7 +26,7 @@ import torch
 from adaras.engine.capture import ActivationCapture
 from adaras.engine.config import PROFILES_ENV, parse_profiles_env
 from adaras.engine.gate import PredictorGate
-from adaras.engine.prefix_states import Pinned, PrefixStates, set_local
+from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
 from adaras.engine.profile_store import LoadedProfile, ProfileStore
 from adaras.engine.step import StepBuffers, StepContext, current, set_current
 from adaras.predictor import PoolState
@@ -86,7 +86,7 @@ class RequestState:
     steer_prompt: int = 0
     pool: PoolState | None = None
     pool_pos: int = 0  # prompt positions already in `pool` (recomputation skips them)
-    pinned: Pinned | None = None  # prefix-cache block states granted by the scheduler
+    blocks: PromptBlocks | None = None  # its prompt blocks' hashes, to store their states
     block_pool: PoolState | None = None  # the current prompt block's own state
     p_fail: float | None = None
     applied: bool = False  # decode steps are steered
@@ -114,8 +114,7 @@ class SteeringRuntime:
         self.store = ProfileStore(shape, self.shard, device,
                                   default=os.environ.get(DEFAULT_PROFILE_ENV) or None)
         self.buffers = StepBuffers(max_tokens, max_requests + 1, shape.num_layers, shard, device)
-        self.prefix = PrefixStates(self.store.find)
-        set_local(self.prefix)  # the scheduler of this process reads it (if it shares it)
+        self.prefix = PrefixStates()
         self.gate = PredictorGate(shard, device, self.prefix)
         self.capture = ActivationCapture(shape.num_layers, shape.intermediate_size, self.shard,
                                          device, self._put_capture)
@@ -175,7 +174,8 @@ class SteeringRuntime:
             state.error = f"profile {name!r} has no failure predictor; adaptive mode cannot gate"
         else:
             state.pool = prof.predictor.init_state()
-            state.pinned = self.prefix.take(req_id)
+            if (extra or {}).get(FINGERPRINT_KEY) == loaded.version:
+                state.blocks = prompt_blocks(extra, loaded.version)
         self._put_report(req_id, state)
         return state
 
@@ -204,15 +204,13 @@ class SteeringRuntime:
         happens on every step, including the empty one before going idle."""
         self.requests.pop(req_id, None)
         self.capture.active.pop(req_id, None)
-        self.prefix.drop(req_id)
 
     def stats(self) -> dict:
         """Sizes of the per-request tables (all 0 when idle and drained)."""
         return {"requests": len(self.requests), "captures": len(self.capture.active),
                 "reports": len(self.reports), "capture_results": len(self.capture_results),
                 "profiles": sorted(self.profiles), "versions": len(self.store.by_version),
-                "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix.states),
-                "prefix_pins": len(self.prefix.pinned),
+                "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix),
                 "prefix_tokens_restored": self.prefix.restored_tokens}
 
     # ---- per step ---------------------------------------------------------
@@ -261,9 +259,13 @@ class SteeringRuntime:
                 if row_slot is None:
                     row_slot = np.zeros(int(ends[-1]), dtype=np.int32)
                 row_slot[start + first_decode: start + n] = slot
-            if state.pool is not None and state.pool.n == 0 and state.pool_pos == 0 \
-                    and computed > 0 and state.p_fail is None:
-                self.gate.start_from_prefix(state, computed)  # served from the prefix cache
+            if state.pool is not None and state.p_fail is None:
+                if state.pool.n == 0 and state.pool_pos == 0 and computed > 0:
+                    self.gate.start_from_prefix(state, computed)  # served from the prefix cache
+                    if state.error:
+                        self._put_report(rid, state)
+                elif computed < state.pool_pos:  # preempted: recomputes, stores no more blocks
+                    state.blocks = state.block_pool = None
             if state.pool is not None and state.p_fail is None and computed < prompt:
                 m = min(n, prompt - computed)
                 first = min(max(state.pool_pos - computed, 0), m)  # > 0 only when recomputing

@@ -82,29 +82,34 @@ def patch_input_processor() -> None:
 
 
 def patch_prefix_cache() -> None:
-    """The engine core's prefix cache: block hashing and cache lookup.
+    """The engine core's prefix cache: block hashing, cache lookup, scheduling.
 
     kv_cache_utils.generate_block_hash_extra_keys (wrapped, and rebound where
     vLLM imported it by name): a steered request's salt (extra_args, from the
-    frontend) is added to the hash of every block that holds a position it
-    may steer, from `prefix_states.first_steered_position` on, with that
-    position (the same tokens steered from another position are other KV).
-    Why: vLLM's own `cache_salt` changes the hash of block 0 and so of every
-    block after it; steering only changes the KV of the positions it steers,
-    so the blocks before them stay shareable with every other request.
+    frontend) and its first steered position (`plugin.first_steered_position`)
+    go into the hash of every block that holds a position it may steer. Why:
+    vLLM's own `cache_salt` changes the hash of block 0 and so of every block
+    after it; steering only changes the KV of the positions it steers, so the
+    blocks before them stay shareable with every other request.
 
     KVCacheManager.get_computed_blocks (wrapped): an adaptive request's hit
-    is cut to the leading blocks whose predictor states are held, which are
-    pinned for its worker (`prefix_states`); no hit where none are held, the
-    store lives in another process, or the request was preempted (its worker
-    then recomputes from token 0, skipping what it already pooled).
+    is cut to the leading blocks whose predictor states its worker holds
+    (`prefix_states`), and its prompt block hashes go to the worker in
+    extra_args; no hit for a request without its profile's version, or one
+    that was preempted (its worker recomputes from token 0, skipping what it
+    already pooled).
+
+    Scheduler.schedule (wrapped): after vLLM has scheduled a step, record the
+    prompt blocks each adaptive request completes in it: the blocks its
+    worker stores states for in that step.
     """
     import sys
 
     import vllm.v1.core.kv_cache_utils as kv_cache_utils
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
 
-    from adaras.engine import prefix_states
+    from adaras.engine import plugin, prefix_states
     from adaras.engine.config import SALT_KEY
     from adaras.steering import FINGERPRINT_KEY, STEERING_KEY, steering_from_extra_args
 
@@ -112,15 +117,15 @@ def patch_prefix_cache() -> None:
         return
     orig_extra_keys = kv_cache_utils.generate_block_hash_extra_keys
     orig_computed = KVCacheManager.get_computed_blocks
+    orig_schedule = Scheduler.schedule
 
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
         keys, next_mm = orig_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx)
         params = request.sampling_params
         extra = params.extra_args if params is not None else None
         if extra and SALT_KEY in extra:
-            first = prefix_states.first_steered_position(
-                steering_from_extra_args(extra), extra.get(FINGERPRINT_KEY, ""),
-                request.num_prompt_tokens)
+            first = plugin.first_steered_position(steering_from_extra_args(extra),
+                                                  request.num_prompt_tokens)
             if end_token_idx > first:  # the key names which positions of the block are steered
                 keys = (*(keys or ()), ("adaras", extra[SALT_KEY], first))
         return keys, next_mm
@@ -130,18 +135,37 @@ def patch_prefix_cache() -> None:
         extra = params.extra_args if params is not None else None
         if not extra or STEERING_KEY not in extra:
             return orig_computed(self, request)
-        steering = steering_from_extra_args(extra)
-        if steering.mode != "adaptive":
+        if steering_from_extra_args(extra).mode != "adaptive":
             return orig_computed(self, request)
-        store = prefix_states.local()
-        if store is None or request.num_preemptions or \
+        version = extra.get(FINGERPRINT_KEY)
+        if not version or request.num_preemptions or \
                 not self.prefix_cache_lookup_enabled(request):
             return self.empty_kv_cache_blocks, 0, 0
-        usable = store.pin(request.request_id, steering.profile, extra.get(FINGERPRINT_KEY, ""),
-                           request.block_hashes, self.coordinator.block_pool.hash_block_size)
+        size = self.coordinator.block_pool.hash_block_size
+        if prefix_states.BLOCKS_KEY not in extra:  # what the worker stores states under
+            params.extra_args = {**extra, prefix_states.BLOCKS_KEY: [
+                size, list(request.block_hashes[: request.num_prompt_tokens // size])]}
+        usable = prefix_states.scheduler_index().leading(request.block_hashes, version)
         if usable == 0:
             return self.empty_kv_cache_blocks, 0, 0
         return orig_computed(self, _LeadingBlocks(request, usable))
+
+    def schedule(self, *args, **kwargs):
+        output = orig_schedule(self, *args, **kwargs)
+        index = None
+        for req_id, n in output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            params = request.sampling_params if request is not None else None
+            extra = params.extra_args if params is not None else None
+            if not extra or prefix_states.BLOCKS_KEY not in extra or request.num_preemptions:
+                continue
+            after = min(request.num_computed_tokens, request.num_prompt_tokens)
+            before = request.num_computed_tokens - n
+            if before < after:
+                index = index or prefix_states.scheduler_index()
+                blocks = prefix_states.prompt_blocks(extra, extra.get(FINGERPRINT_KEY, ""))
+                index.record(blocks, before, after)
+        return output
 
     # Modules imported later bind the wrapped function from kv_cache_utils;
     # those already imported (block_pool, by kv_cache_manager) are rebound.
@@ -151,6 +175,7 @@ def patch_prefix_cache() -> None:
                 vars(module).get("generate_block_hash_extra_keys") is orig_extra_keys:
             module.generate_block_hash_extra_keys = generate_block_hash_extra_keys
     KVCacheManager.get_computed_blocks = get_computed_blocks
+    Scheduler.schedule = schedule
     KVCacheManager._adaras = True
 
 
