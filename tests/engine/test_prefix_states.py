@@ -2,8 +2,8 @@
 cache bring their predictor states, so p_fail and the gate's decision equal a
 cold run's and the Hugging Face offline predictor's, under chunked prefill
 (32-token steps, 32-token blocks) and with requests that share prefixes of
-different lengths. Steered requests salt only the blocks they may steer, so
-their prompt KV is shared with unsteered requests, which stay bitwise stock."""
+different lengths. Adaptive requests salt only their decode blocks, so their
+prompt KV is shared with unsteered requests, which stay bitwise stock."""
 
 from __future__ import annotations
 
@@ -94,10 +94,10 @@ def test_without_block_states_an_adaptive_request_computes_its_prompt(qwen3_llm,
     assert p == pytest.approx(offline_p_fail(qwen3_dir, profile, prompt), abs=ATOL)
 
 
-def test_unsteered_requests_reuse_steered_requests_prompt_blocks_bitwise(qwen3_llm, qwen3_stock):
-    """Adaptive and decode-only `always` requests leave their prompt blocks
-    unsalted: an unsteered request with the same prompt reads them and still
-    matches stock vLLM token for token and logprob for logprob."""
+def test_unsteered_requests_reuse_adaptive_prompt_blocks_bitwise(qwen3_llm, qwen3_stock):
+    """Adaptive requests leave their prompt blocks unsalted: an unsteered
+    request with the same prompt reads them and still matches stock vLLM
+    token for token and logprob for logprob (and `always` ones salt all)."""
     prompts = prompt_ids(2, 100, seed=43)
     want = generate(qwen3_stock, prompts, params(logprobs=2))
     for steering in ({"mode": "adaptive", "profile": "pred", "threshold": 0.0},

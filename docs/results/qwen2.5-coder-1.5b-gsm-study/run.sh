@@ -6,11 +6,12 @@
 #   probe/predictor  200 problems (seed 0): greedy labels; 48 of them x 8 traces
 #                    at T=0.6 -> pairs (truncated traces never pair)
 #   screen           40 dev problems (seed 1): baseline + always at each alpha
-#   (dev             40 more dev problems: profile variants at alpha*; not run)
+#   dev              40 more dev problems: profile variants at alpha* (planned
+#                    before confirm; it died and ran after it: descriptive only)
 #   confirm          240 held-out problems (seed 2, every earlier problem
 #                    excluded): baseline, always, adaptive, random at alpha*;
 #                    primary comparison pre-registered in the manifest first
-#   (humaneval       transfer to HumanEval at alpha*; not run)
+#   humaneval        transfer to HumanEval at alpha*
 # WIDTH=96 requests in flight: the fastest width measured by
 # benchmarks/bench_batch_width.py on this machine.
 set -euo pipefail
@@ -49,11 +50,11 @@ $A train-predictor --run $RUN --profile $RUN/identify/profile.safetensors
 $A eval --run $RUN $DS --problems 240 --seed 2 --stage confirm \
    --modes baseline,always,adaptive,random --alpha $ASTAR --primary always $ENGINE
 
-# Not run yet (next session): the profile variants at alpha* on other dev
-# problems, and the transfer to HumanEval.
-# $A eval --run $RUN $DS --problems 40 --seed 1 --stage dev --modes baseline,always \
-#    --profile $RUN/identify/profile.safetensors --alpha $ASTAR --ks 25,50 \
-#    --ablation skip-last-2=$RUN/identify-skip2/profile.safetensors \
-#    --ablation last-prompt=$RUN/identify-prompt-last/profile.safetensors $ENGINE
-# $A eval --run $RUN --dataset humaneval --problems 82 --max-tokens 512 --stage humaneval \
-#    --modes baseline,always --alpha $ASTAR $ENGINE
+# 4. The profile variants at alpha* on other dev problems (descriptive: they
+#    ran after the confirm run), and 5. the transfer to HumanEval.
+$A eval --run $RUN $DS --problems 40 --seed 1 --stage dev --modes baseline,always \
+   --profile $RUN/identify/profile.safetensors --alpha $ASTAR --ks 25,50 \
+   --ablation skip-last-2=$RUN/identify-skip2/profile.safetensors \
+   --ablation last-prompt=$RUN/identify-prompt-last/profile.safetensors $ENGINE
+$A eval --run $RUN --dataset humaneval --problems 82 --max-tokens 512 --stage humaneval \
+   --modes baseline,always --alpha $ASTAR $ENGINE
