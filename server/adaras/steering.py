@@ -28,6 +28,12 @@ FIELDS: tuple[str, ...] = ("mode", "profile", "alpha", "threshold")
 STEERING_KEY = "steering"  # the HTTP body field and the SamplingParams.extra_args key
 # extra_args key of the profile version (sha256 of its file) fixed at admission
 FINGERPRINT_KEY = "steering_fingerprint"
+# extra_args key of the prompt positions an `always` request may steer, fixed at
+# admission from its profile (0 = decode only, 1 = also the last, -1 = all). The
+# engine core salts the KV blocks from the first of them on; the worker never
+# steers more of the prompt than this declares. Absent: every position may be
+# steered, so every block is salted.
+PROMPT_POSITIONS_KEY = "steering_prompt_positions"
 DEFAULT_THRESHOLD = 0.5  # adaptive, when neither the request nor the profile sets one
 # Far above any useful strength (the Qwen study screens up to 30), and low
 # enough that alpha * delta cannot overflow the model's activations into inf/NaN.
@@ -136,15 +142,19 @@ class Resolved:
     threshold: float | None = None  # adaptive only
     neurons: int = 0
     version: str = ""  # the profile file's sha256 prefix (FINGERPRINT_KEY)
+    prompt_positions: int = 0  # always: the profile's steered prompt positions (-1 = all)
 
     def extra_args(self) -> dict:
         """What the engine gets in SamplingParams.extra_args ({} when off)."""
         if self.mode == "off":
             return {}
         steering = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha}
+        out = {STEERING_KEY: steering, FINGERPRINT_KEY: self.version}
         if self.mode == "adaptive":
             steering["threshold"] = self.threshold
-        return {STEERING_KEY: steering, FINGERPRINT_KEY: self.version}
+        else:
+            out[PROMPT_POSITIONS_KEY] = self.prompt_positions
+        return out
 
     def report(self, failure_probability: float | None = None, applied: bool | None = None,
                error: str | None = None) -> dict:
@@ -161,8 +171,10 @@ class Resolved:
 
 
 def resolve(request: SteeringRequest, *, profile: str | None, default_alpha: float,
-            profile_threshold: float | None, neurons: int = 0, version: str = "") -> Resolved:
-    """Fill a request's defaults from the profile it runs on (named `profile`)."""
+            profile_threshold: float | None, neurons: int = 0, version: str = "",
+            prompt_positions: int = 0) -> Resolved:
+    """Fill a request's defaults from the profile it runs on (named `profile`;
+    `prompt_positions`: its SteeringProfile.steered_prompt_positions)."""
     if not request.active:
         return Resolved()
     alpha = default_alpha if request.alpha is None else request.alpha
@@ -170,4 +182,20 @@ def resolve(request: SteeringRequest, *, profile: str | None, default_alpha: flo
     if request.mode == "adaptive":
         threshold = request.threshold if request.threshold is not None else (
             profile_threshold if profile_threshold is not None else DEFAULT_THRESHOLD)
-    return Resolved(request.mode, profile, alpha, threshold, neurons, version)
+    positions = prompt_positions if request.mode == "always" else 0
+    return Resolved(request.mode, profile, alpha, threshold, neurons, version, positions)
+
+
+def declared_prompt_positions(extra_args: dict | None) -> int | None:
+    """PROMPT_POSITIONS_KEY of a request, or None when it declares none."""
+    value = (extra_args or {}).get(PROMPT_POSITIONS_KEY)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= -1 \
+        else None
+
+
+def steered_prompt_positions(profile_positions: int, declared: int | None) -> int:
+    """The prompt positions a worker steers: the profile's, but never more than
+    the request declared (its blocks are salted only from there; -1 = all)."""
+    if declared is None or declared < 0:
+        return profile_positions
+    return declared if profile_positions < 0 else min(profile_positions, declared)

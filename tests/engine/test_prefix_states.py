@@ -13,6 +13,7 @@ from vllm import SamplingParams
 
 from adaras.engine import _rpc, pop_reports
 from adaras.profile import SteeringProfile, file_version
+from adaras.steering import PROMPT_POSITIONS_KEY
 
 from .conftest import generate, prompt_ids
 from .test_steered_engine import offline_p_fail, params, tokens
@@ -94,16 +95,20 @@ def test_without_block_states_an_adaptive_request_computes_its_prompt(qwen3_llm,
     assert p == pytest.approx(offline_p_fail(qwen3_dir, profile, prompt), abs=ATOL)
 
 
-def test_unsteered_requests_reuse_adaptive_prompt_blocks_bitwise(qwen3_llm, qwen3_stock):
-    """Adaptive requests leave their prompt blocks unsalted: an unsteered
-    request with the same prompt reads them and still matches stock vLLM
-    token for token and logprob for logprob (and `always` ones salt all)."""
+def test_unsteered_requests_reuse_steered_prompt_blocks_bitwise(qwen3_llm, qwen3_stock):
+    """Adaptive requests, and `always` requests that declare a decode-only
+    profile (as the HTTP API does), leave their prompt blocks unsalted: an
+    unsteered request with the same prompt reads them and still matches stock
+    vLLM token for token and logprob for logprob."""
     prompts = prompt_ids(2, 100, seed=43)
     want = generate(qwen3_stock, prompts, params(logprobs=2))
-    for steering in ({"mode": "adaptive", "profile": "pred", "threshold": 0.0},
-                     {"mode": "always", "profile": "a", "alpha": 2.0}):
+    for steering, declared in (({"mode": "adaptive", "profile": "pred", "threshold": 0.0}, None),
+                               ({"mode": "always", "profile": "a", "alpha": 2.0}, 0)):
         qwen3_llm.reset_prefix_cache()
-        steered = generate(qwen3_llm, prompts, params(steering))
+        steered_params = params(steering)
+        if declared is not None:
+            steered_params.extra_args[PROMPT_POSITIONS_KEY] = declared
+        steered = generate(qwen3_llm, prompts, steered_params)
         got = generate(qwen3_llm, prompts, params(logprobs=2))
         assert tokens(steered) != tokens(want)  # they were steered
         assert tokens(got) == tokens(want)

@@ -96,7 +96,8 @@ class ProfileRegistry:
         except SteeringConfigError as e:
             raise SteeringError(e.param, str(e)) from None
         return resolve(req, profile=name, default_alpha=prof.default_alpha,
-                       profile_threshold=prof.threshold, neurons=prof.k, version=entry.version)
+                       profile_threshold=prof.threshold, neurons=prof.k, version=entry.version,
+                       prompt_positions=prof.steered_prompt_positions)
 
     # ---- management --------------------------------------------------------
     def info(self, name: str) -> ProfileInfo:

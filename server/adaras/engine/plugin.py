@@ -112,13 +112,21 @@ def register() -> None:
     seam.patch_cpu_generator_rewind()
 
 
-def first_steered_position(steering, num_prompt_tokens: int) -> int:
+def first_steered_position(steering, extra_args: dict | None, num_prompt_tokens: int) -> int:
     """The first position whose KV a steered request may change, which its
     prefix-cache salt starts at. Adaptive requests decide after the prompt
-    and steer decode positions only. `always` requests may also steer prompt
-    positions (a profile's "steer_prompt"), which the engine core cannot see:
-    every position counts."""
-    return num_prompt_tokens if steering.mode == "adaptive" else 0
+    and steer decode positions only. `always` requests also steer the prompt
+    positions their profile names ("steer_prompt"), which the engine core
+    cannot see: the request declares them (PROMPT_POSITIONS_KEY, set by the
+    HTTP API); without a declaration every position counts."""
+    from adaras.steering import declared_prompt_positions
+
+    if steering.mode == "adaptive":
+        return num_prompt_tokens
+    declared = declared_prompt_positions(extra_args)
+    if declared is None or declared < 0:
+        return 0
+    return max(num_prompt_tokens - declared, 0)
 
 
 def steering_salt(extra_args: dict | None) -> str | None:

@@ -36,7 +36,9 @@ from adaras.steering import (
     STEERING_KEY,
     Resolved,
     SteeringConfigError,
+    declared_prompt_positions,
     resolve,
+    steered_prompt_positions,
     steering_from_extra_args,
     unknown_profile,
 )
@@ -167,7 +169,9 @@ class SteeringRuntime:
         state = RequestState(
             resolve(config, profile=prof.name, default_alpha=prof.default_alpha,
                     profile_threshold=prof.threshold, neurons=prof.k, version=loaded.version),
-            loaded, steer_prompt=prof.steered_prompt_positions if config.mode == "always" else 0)
+            loaded, steer_prompt=steered_prompt_positions(
+                prof.steered_prompt_positions, declared_prompt_positions(extra))
+            if config.mode == "always" else 0)
         if config.mode == "always":
             state.applied = True
         elif prof.predictor is None:

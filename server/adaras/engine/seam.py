@@ -124,7 +124,7 @@ def patch_prefix_cache() -> None:
         params = request.sampling_params
         extra = params.extra_args if params is not None else None
         if extra and SALT_KEY in extra:
-            first = plugin.first_steered_position(steering_from_extra_args(extra),
+            first = plugin.first_steered_position(steering_from_extra_args(extra), extra,
                                                   request.num_prompt_tokens)
             if end_token_idx > first:  # the key names which positions of the block are steered
                 keys = (*(keys or ()), ("adaras", extra[SALT_KEY], first))
@@ -313,13 +313,14 @@ def patch_openai_requests() -> None:
     Replaces: nothing; wraps the original. Why: vLLM's OpenAI request models
     keep unknown body fields (`extra="allow"`) but drop them when building
     SamplingParams. The steering middleware leaves the resolved `steering`
-    object and the profile's fingerprint in the body; this carries them into
-    `SamplingParams.extra_args`, where the plugin reads them.
+    object, the profile's fingerprint and (always) its steered prompt
+    positions in the body; this carries them into `SamplingParams.extra_args`,
+    where the plugin reads them.
     """
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from adaras.steering import FINGERPRINT_KEY, STEERING_KEY
+    from adaras.steering import FINGERPRINT_KEY, PROMPT_POSITIONS_KEY, STEERING_KEY
 
     for cls in (ChatCompletionRequest, CompletionRequest):
         if getattr(cls, "_adaras_hooked", False):
@@ -333,6 +334,8 @@ def patch_openai_requests() -> None:
                 params.extra_args = dict(params.extra_args or {})
                 params.extra_args[STEERING_KEY] = extra[STEERING_KEY]
                 params.extra_args[FINGERPRINT_KEY] = extra.get(FINGERPRINT_KEY, "")
+                if PROMPT_POSITIONS_KEY in extra:
+                    params.extra_args[PROMPT_POSITIONS_KEY] = extra[PROMPT_POSITIONS_KEY]
             return params
 
         cls.to_sampling_params = to_sampling_params
