@@ -22,7 +22,9 @@ group. Both are driven by the same loads from an async OpenAI client:
 
 Each load runs --repeats times per row after one untimed warm-up of it; the
 table reports the best run (interference on a shared machine only slows a run
-down) and the median. Ratios are to stock's best. Targets (issue 9): off and
+down) and the median. With --bracket stock is started a second time after
+adaras serve and its runs join the stock rows, so drift of the machine over
+the run shows up in the stock rows' spread. Ratios are to stock's best. Targets (issue 9): off and
 adaptive >= 0.98x stock, always and configs >= 0.97x; on the prefix load,
 adaptive's mean TTFT and wall time <= 1.1x off's.
 
@@ -252,6 +254,8 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=int, default=3)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--bracket", action="store_true",
+                    help="start stock again after adaras serve (its runs join the stock rows)")
     ap.add_argument("engine", nargs="*", help="vLLM engine flags (after --)")
     args = ap.parse_args()
 
@@ -284,13 +288,15 @@ def main() -> None:
         "prefix-adaptive": ("prefix", {"mode": "adaptive"}),
     }
     runs: dict[str, list[dict]] = {}
-    for label, cmd, extra_env, rows in (
-        ("stock", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                   model_dir, "--served-model-name", name], {"ADARAS_PLUGIN": "0"}, rows_stock),
-        ("adaras", [sys.executable, "-m", "adaras.cli", "serve", "--model", model_dir,
-                    "--served-model-name", name, "--profile", f"{profile_name}={profile}"],
-         {}, rows_adaras),
-    ):
+    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                 model_dir, "--served-model-name", name]
+    servers = [("stock", stock_cmd, {"ADARAS_PLUGIN": "0"}, rows_stock),
+               ("adaras", [sys.executable, "-m", "adaras.cli", "serve", "--model", model_dir,
+                           "--served-model-name", name, "--profile", f"{profile_name}={profile}"],
+                {}, rows_adaras)]
+    if args.bracket:  # stock again after adaras: the machine's drift, in the stock rows
+        servers.append(("stock-again", stock_cmd, {"ADARAS_PLUGIN": "0"}, rows_stock))
+    for label, cmd, extra_env, rows in servers:
         port = free_port()
         server = Server(label, [*cmd, "--port", str(port)] + (["--"] if label == "adaras" else [])
                         + engine, {**env, **extra_env}, port, work / f"{label}.log")
@@ -298,7 +304,8 @@ def main() -> None:
             t0 = time.monotonic()
             server.wait_healthy()
             print(f"{label}: healthy after {time.monotonic() - t0:.0f} s", flush=True)
-            runs.update(asyncio.run(measure(server.url, name, rows, args.repeats)))
+            for row, got in asyncio.run(measure(server.url, name, rows, args.repeats)).items():
+                runs.setdefault(row, []).extend(got)
         finally:
             server.stop()
     hf = None if args.skip_hf else hf_reference(model_dir, str(profile))

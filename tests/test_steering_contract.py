@@ -22,6 +22,7 @@ from adaras.steering import (
     DEFAULT_THRESHOLD,
     FIELDS,
     MODES,
+    PROMPT_POSITIONS_KEY,
     SteeringConfigError,
     parse_steering,
     resolve,
@@ -90,6 +91,30 @@ def test_admission_and_the_worker_resolve_the_same_steering(both_sides, raw):
     assert admitted.version == registry.entries[admitted.profile].version
     SteeringReport.model_validate(server)  # the documented schema holds
     SteeringReport.model_validate(worker)
+
+
+@pytest.mark.parametrize("steer_prompt, positions", [(None, 0), ("last", 1), ("all", -1)])
+def test_admission_declares_the_prompt_positions_the_worker_steers(tmp_path, steer_prompt,
+                                                                   positions):
+    """`always` requests carry their profile's steered prompt positions to the
+    engine core (which salts the KV blocks from there) and the worker steers
+    exactly those; adaptive requests declare none and steer no prompt position."""
+    engine = InProcessEngine()
+    registry = ProfileRegistry(engine, SHAPE, tmp_path / "uploads")
+    prof = SteeringProfile.random("p", SHAPE, k=4, seed=1)
+    prof.provenance = {"steer_prompt": steer_prompt} if steer_prompt else {}
+    prof.predictor = FailurePredictor(torch.tensor([0], dtype=torch.int32),
+                                      torch.tensor([3], dtype=torch.int32), hidden=4)
+    prof.save(tmp_path / "p.safetensors")
+    asyncio.run(registry.load("p", str(tmp_path / "p.safetensors")))
+    always = registry.resolve({"mode": "always"}).extra_args()
+    assert always[PROMPT_POSITIONS_KEY] == positions
+    assert engine.runtime._new_request("r1", types.SimpleNamespace(extra_args=always)) \
+        .steer_prompt == positions
+    adaptive = registry.resolve({"mode": "adaptive"}).extra_args()
+    assert PROMPT_POSITIONS_KEY not in adaptive
+    assert engine.runtime._new_request("r2", types.SimpleNamespace(extra_args=adaptive)) \
+        .steer_prompt == 0
 
 
 def test_the_unknown_profile_error_is_the_same_on_both_sides(both_sides):
