@@ -175,6 +175,25 @@ def test_runtime_stats_need_the_admin_key(server):
     assert stats["unavailable"] is None
 
 
+def test_adaptive_requests_read_the_prefix_cache_through_the_api(server, client):
+    """The API sets the profile version, so the second adaptive request with
+    the same long prompt takes its prompt blocks (128 tokens each on the CPU)
+    from the prefix cache with their predictor states, and gets the same p_fail."""
+    prompt = " ".join(f"w{i % 37}" for i in range(600))
+    before = runtime_stats(server)["prefix_tokens_restored"]
+    p_fail = []
+    for _ in range(2):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
+                                        extra_body={"steering": {"mode": "adaptive",
+                                                                 "profile": "pred"}})
+        report = out.model_extra["steering"]
+        assert "error" not in report, report
+        p_fail.append(report["failure_probability"])
+    stats = runtime_stats(server)
+    assert stats["prefix_tokens_restored"] - before >= 128 and stats["prefix_states"] > 0
+    assert p_fail[1] == pytest.approx(p_fail[0], abs=1e-5)
+
+
 def test_start_up_probe_ran_the_steering_op(server):
     assert "start-up probe: the steering op ran" in server.log_text()
 

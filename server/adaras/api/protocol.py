@@ -94,6 +94,10 @@ class RuntimeStats(BaseModel):
     profiles: list[str]
     versions: int = Field(description="profile versions held, incl. replaced ones in use")
     hooked_layers: int = Field(description="steering-op calls with work to do, since start")
+    prefix_states: int = Field(0, description="predictor states of cached prompt blocks held")
+    prefix_tokens_restored: int = Field(
+        0, description="prompt tokens of adaptive requests served from the prefix cache with "
+                       "their predictor state, since start")
     unavailable: str | None = Field(None, description="why steering is refused, if it is")
 
 
