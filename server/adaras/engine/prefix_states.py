@@ -57,7 +57,7 @@ class PromptBlocks:
 
     version: str  # the profile version its states are pooled for
     block_size: int  # tokens per hash block
-    hashes: list[bytes]  # of its full prompt blocks
+    hashes: list[bytes]  # of its full prompt blocks (the list in extra_args, not a copy)
 
 
 class _Fifo:
@@ -98,10 +98,9 @@ class BlockIndex(_Fifo):
         """The request computed prompt positions [before, after) this step:
         record every block that this completes (in block order, as the
         worker stores them)."""
-        size = request_blocks.block_size
-        for block in range(before // size, after // size):
-            if block < len(request_blocks.hashes) and (block + 1) * size > before:
-                self.add((request_blocks.hashes[block], request_blocks.version))
+        size, hashes = request_blocks.block_size, request_blocks.hashes
+        for block in range(before // size, min(after // size, len(hashes))):
+            self.add((hashes[block], request_blocks.version))
 
 
 class PrefixStates(_Fifo):
@@ -136,4 +135,4 @@ def prompt_blocks(extra_args: dict | None, version: str) -> PromptBlocks | None:
     if not raw or not version:
         return None
     size, hashes = raw
-    return PromptBlocks(version, int(size), list(hashes))
+    return PromptBlocks(version, int(size), hashes)

@@ -152,7 +152,6 @@ def patch_prefix_cache() -> None:
 
     def schedule(self, *args, **kwargs):
         output = orig_schedule(self, *args, **kwargs)
-        index = None
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             params = request.sampling_params if request is not None else None
@@ -162,9 +161,8 @@ def patch_prefix_cache() -> None:
             after = min(request.num_computed_tokens, request.num_prompt_tokens)
             before = request.num_computed_tokens - n
             if before < after:
-                index = index or prefix_states.scheduler_index()
                 blocks = prefix_states.prompt_blocks(extra, extra.get(FINGERPRINT_KEY, ""))
-                index.record(blocks, before, after)
+                prefix_states.scheduler_index().record(blocks, before, after)
         return output
 
     # Modules imported later bind the wrapped function from kv_cache_utils;
