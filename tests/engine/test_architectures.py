@@ -38,6 +38,17 @@ def test_unsteered_match_stock_beside_steered(arch_setup):
     assert any(got[i] != stock_tokens[i] for i in range(1, len(prompts), 2))
 
 
+def test_unsteered_requests_run_the_compiled_plain_graph(arch_setup):
+    _, _, llm, prompts, stock_tokens = arch_setup
+    before = llm.collective_rpc("adaras_rpc", args=("stats",))[0]
+    got = tokens(generate(llm, prompts[:2], params()))
+    after = llm.collective_rpc("adaras_rpc", args=("stats",))[0]
+    assert after["plain_graph"] == "compiled"
+    assert after["forwards_plain"] > before["forwards_plain"]
+    assert after["steering_op_calls"] == before["steering_op_calls"]
+    assert got == stock_tokens[:2]
+
+
 def test_steered_logprobs_match_hf_hook(arch_setup):
     model_dir, profiles, llm, prompts, _ = arch_setup
     profile = SteeringProfile.load(profiles["b"])

@@ -146,3 +146,39 @@ def test_prefix_cache_symbols_the_engine_core_patch_relies_on():
     pool = ast.unparse(stock_methods(block_pool, "BlockPool")["__init__"])
     assert "self.hash_block_size = hash_block_size" in pool
     assert "self.block_pool = BlockPool(" in inspect.getsource(coordinator)
+
+
+def test_compile_symbols_the_plain_twin_relies_on():
+    """models.plain_twin: vLLM's compile decorator keeps the dynamic dims and
+    the no-compile flag on the instance, keys its AOT cache by the forward's
+    qualified name, finds the compiled code by the class's forward, and
+    decorates a subclass of an already decorated backbone again."""
+    import vllm.compilation.decorators as decorators
+    import vllm.compilation.wrapper as wrapper
+    from vllm.compilation.backends import set_model_tag  # noqa: F401
+
+    source = inspect.getsource(decorators)
+    assert "self._dynamic_arg_dims = dynamic_arg_dims" in source
+    assert "self.do_not_compile = (" in source
+    assert "TorchCompileWithNoGuardsWrapper in cls.__bases__" in source
+    assert "fn.__qualname__" in inspect.getsource(decorators._model_hash_key)
+    assert "_model_hash_key(self.forward)" in source
+    original = ast.unparse(stock_methods(wrapper, "TorchCompileWithNoGuardsWrapper")
+                           ["original_code_object"])
+    assert "self.__class__.forward.__code__" in original
+
+
+@pytest.mark.parametrize("module,cls", [("qwen2", "Qwen2ForCausalLM"),
+                                        ("qwen3", "Qwen3ForCausalLM"),
+                                        ("llama", "LlamaForCausalLM")])
+def test_stock_causal_lm_forward_only_calls_the_backbone(module, cls):
+    """The steered classes replace forward with a choice between two backbones
+    and nothing else: the stock forward must do nothing but call self.model."""
+    import importlib
+
+    mod = importlib.import_module(f"vllm.model_executor.models.{module}")
+    forward = stock_methods(mod, cls)["forward"]
+    assert [a.arg for a in forward.args.args] == ["self", "input_ids", "positions",
+                                                  "intermediate_tensors", "inputs_embeds"]
+    calls = [n for n in ast.walk(forward) if isinstance(n, ast.Call)]
+    assert [ast.unparse(c.func) for c in calls] == ["self.model"]

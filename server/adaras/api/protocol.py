@@ -98,6 +98,14 @@ class RuntimeStats(BaseModel):
     prefix_tokens_restored: int = Field(
         0, description="prompt tokens of adaptive requests served from the prefix cache with "
                        "their predictor state, since start")
+    plain_graph: str = Field(
+        "none", description="'compiled': steps with nothing to steer or gather run a second "
+                            "compiled graph without the steering op; 'eager': the model is not "
+                            "compiled and the op is skipped per layer")
+    forwards_plain: int = Field(0, description="forwards without the steering op, since start")
+    forwards_steered: int = Field(0, description="forwards with the steering op, since start")
+    steering_op_calls: int = Field(0, description="steering-op calls (one per layer of each "
+                                                  "steered forward), since start")
     unavailable: str | None = Field(None, description="why steering is refused, if it is")
 
 

@@ -10,9 +10,19 @@ Each class subclasses the stock one and wraps every decoder layer's
 `steer_` is an opaque custom op, so vLLM's torch.compile sees one node and the
 per-step state (which rows, which profile, which alpha) is read at run time
 from the worker's `StepContext` (adaras.engine.step), never baked into the graph.
+
+Steps with nothing to steer or gather run a second compiled graph without the
+op: the *plain twin* (`plain_twin`), a module of a subclass of the stock
+backbone that shares every submodule and weight, compiled by vLLM's own
+`support_torch_compile` while `SteeredActivation` leaves the op out of the
+trace. So such a step runs exactly stock vLLM's graph, with no extra call per
+layer. Both graphs are compiled at start-up (the first forward runs both).
 """
 
 from __future__ import annotations
+
+import contextlib
+import types
 
 import torch
 from torch import nn
@@ -25,10 +35,23 @@ from adaras.engine import step
 from steering_kernels import HAS_TRITON, apply_sparse_steer_, sparse_steer_
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
+_TRACE_OP = True  # False while the plain twin runs: its trace leaves the op out
+
+
+@contextlib.contextmanager
+def _without_op():
+    global _TRACE_OP
+    _TRACE_OP = False
+    try:
+        yield
+    finally:
+        _TRACE_OP = True
+
 
 def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     # act: [T, I] = vLLM's silu_and_mul(gate_up), T possibly padded past the
     # step's tokens (their slot is 0); gate_up: [T, 2*I]
+    step.STATS.op_calls += 1
     ctx = step.current()
     if ctx is None:
         return
@@ -81,7 +104,8 @@ class SteeredActivation(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: [T, 2*I] -> act: [T, I]
         act = self.act_fn(gate_up)
-        torch.ops.vllm.adaras_steer_(act, gate_up, self.layer)
+        if _TRACE_OP:  # read while tracing: a constant of each compiled graph
+            torch.ops.vllm.adaras_steer_(act, gate_up, self.layer)
         return act
 
 
@@ -126,22 +150,87 @@ def wrap_mlps(model: nn.Module) -> int:
     return n
 
 
-class SteeredQwen3ForCausalLM(Qwen3ForCausalLM):
+def plain_twin(model: nn.Module) -> nn.Module:
+    """The backbone `model` again, over the same submodules and weights, as a
+    separately compiled module whose graph has no steering op.
+
+    Its class subclasses the stock backbone (Qwen2Model, ...) with a copy of
+    the stock `forward` under its own qualified name and code object, and is
+    decorated with vLLM's `support_torch_compile` and the stock dynamic
+    dimensions. The name keys vLLM's AOT compile cache, the code object
+    Dynamo's: the two graphs never share an artifact. Where vLLM does not
+    compile the backbone (eager), the backbone itself is returned: the op is
+    then skipped by a Python check per layer."""
+    if getattr(model, "do_not_compile", True):
+        return model
+    from vllm.compilation.backends import set_model_tag
+    from vllm.compilation.decorators import support_torch_compile
+
+    base = type(model)
+    name = f"AdarasPlain{base.__name__}"
+    stock = base.forward
+    code = stock.__code__
+    code = code.replace(co_qualname=f"{name}.forward") if hasattr(code, "co_qualname") \
+        else code.replace(co_name=code.co_name)
+    forward = types.FunctionType(code, stock.__globals__, "forward", stock.__defaults__,
+                                 stock.__closure__)
+    forward.__kwdefaults__ = stock.__kwdefaults__
+    forward.__qualname__ = f"{name}.forward"
+    forward.__annotations__ = stock.__annotations__
+
+    def __init__(self, *, vllm_config, prefix: str = "", twin_of: nn.Module):
+        nn.Module.__init__(self)
+        for key, value in twin_of.__dict__.items():
+            self.__dict__[key] = dict(value) if key in ("_modules", "_parameters",
+                                                         "_buffers") else value
+        # the decorator's __init__ then resets the compile state for this module
+
+    cls = type(name, (base,), {"forward": forward, "__init__": __init__,
+                               "__module__": __name__, "__qualname__": name})
+    cls = support_torch_compile(dynamic_arg_dims=model._dynamic_arg_dims)(cls)
+    with set_model_tag(name):  # VllmBackend's cache directory, where it is used
+        return cls(vllm_config=model.vllm_config, twin_of=model)
+
+
+class _Steered:
+    """The steered causal LM's own part: wrapped MLPs, and a forward that runs
+    the plain twin when no row of the step is steered or gathered."""
+
+    def _init_steering(self) -> None:
+        wrap_mlps(self)
+        # not a submodule: its weights are the backbone's, loaded once
+        object.__setattr__(self, "plain_model", plain_twin(self.model))
+        self._adaras_warm = self.plain_model is self.model
+        step.STATS.plain_graph = "eager" if self._adaras_warm else "compiled"
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if step.current() is not None:
+            step.STATS.forwards_steered += 1
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if not self._adaras_warm:  # first forward (vLLM's start-up run): compile both graphs
+            self._adaras_warm = True
+            self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        step.STATS.forwards_plain += 1
+        with _without_op():
+            return self.plain_model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
+class SteeredQwen3ForCausalLM(_Steered, Qwen3ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        wrap_mlps(self)
+        self._init_steering()
 
 
-class SteeredQwen2ForCausalLM(Qwen2ForCausalLM):
+class SteeredQwen2ForCausalLM(_Steered, Qwen2ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        wrap_mlps(self)
+        self._init_steering()
 
 
-class SteeredLlamaForCausalLM(LlamaForCausalLM):
+class SteeredLlamaForCausalLM(_Steered, LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         check_supported(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        wrap_mlps(self)
+        self._init_steering()

@@ -28,7 +28,7 @@ from adaras.engine.config import PROFILES_ENV, parse_profiles_env
 from adaras.engine.gate import PredictorGate
 from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
 from adaras.engine.profile_store import LoadedProfile, ProfileStore
-from adaras.engine.step import StepBuffers, StepContext, current, set_current
+from adaras.engine.step import STATS, StepBuffers, StepContext, current, set_current
 from adaras.predictor import PoolState
 from adaras.profile import ModelShape
 from adaras.steering import (
@@ -215,7 +215,9 @@ class SteeringRuntime:
                 "reports": len(self.reports), "capture_results": len(self.capture_results),
                 "profiles": sorted(self.profiles), "versions": len(self.store.by_version),
                 "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix),
-                "prefix_tokens_restored": self.prefix.restored_tokens}
+                "prefix_tokens_restored": self.prefix.restored_tokens,
+                "plain_graph": STATS.plain_graph, "forwards_plain": STATS.forwards_plain,
+                "forwards_steered": STATS.forwards_steered, "steering_op_calls": STATS.op_calls}
 
     # ---- per step ---------------------------------------------------------
     def begin_step(self, req_ids: list[str], req_id_to_index: dict[str, int],

@@ -59,6 +59,18 @@ class StepContext:
         return not self.steered and not self.spans and not self.cap_spans
 
 
+@dataclass
+class GraphStats:
+    """Which compiled graph this worker's forwards ran, since start (the
+    steered model counts; the runtime reports it)."""
+
+    plain_graph: str = "none"  # "compiled": a twin graph without the op, "eager", "none"
+    forwards_plain: int = 0  # forwards without the steering op (nothing to steer or gather)
+    forwards_steered: int = 0  # forwards with the op in every layer
+    op_calls: int = 0  # steering-op calls, with or without work to do
+
+
+STATS = GraphStats()
 _CURRENT: StepContext | None = None
 
 
