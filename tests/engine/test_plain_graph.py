@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import _shape, generate, prompt_ids, shutdown, start_llm
+from .conftest import _env, _shape, generate, prompt_ids, shutdown, start_llm
 from .test_steered_engine import engine_logprobs, params, tokens
 
 pytestmark = pytest.mark.engine
@@ -98,3 +98,28 @@ def test_eager_engines_skip_the_op_when_nothing_is_steered(eager_llm, qwen3_stoc
     d = delta(stats(eager_llm), before)
     assert d["steering_op_calls"] == layers * d["forwards_steered"] > 0
     assert tokens(steered)[0] != tokens(got)[0]
+
+
+def test_plain_graph_can_be_turned_off_for_a_single_compile(qwen3_dir, qwen3_profiles,
+                                                            qwen3_stock):
+    """ADARAS_PLAIN_GRAPH=0: one compiled graph, so every forward calls the op
+    in every layer (it returns at once), and unsteered output is still stock."""
+    layers = _shape(qwen3_dir).num_layers
+    prompts = prompt_ids(3, 20, seed=44)
+    with _env(ADARAS_PLAIN_GRAPH="0"):
+        llm = start_llm(qwen3_dir, profiles=qwen3_profiles)
+    try:
+        before = stats(llm)
+        assert before["plain_graph"] == "disabled"
+        got = generate(llm, prompts, params())
+        d = delta(stats(llm), before)
+        assert d["forwards_steered"] == 0 and d["forwards_plain"] > 0
+        assert d["steering_op_calls"] == layers * d["forwards_plain"]
+        assert d["hooked_layers"] == 0
+        assert tokens(got) == tokens(generate(qwen3_stock, prompts, params()))
+        steered = generate(llm, prompts[:1], params({"mode": "always", "profile": "a",
+                                                     "alpha": 1.0}))
+        assert stats(llm)["hooked_layers"] > 0
+        assert tokens(steered)[0] != tokens(got)[0]
+    finally:
+        shutdown(llm)

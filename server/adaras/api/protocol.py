@@ -101,7 +101,8 @@ class RuntimeStats(BaseModel):
     plain_graph: str = Field(
         "none", description="'compiled': steps with nothing to steer or gather run a second "
                             "compiled graph without the steering op; 'eager': the model is not "
-                            "compiled and the op is skipped per layer")
+                            "compiled and the op is skipped per layer; 'disabled': "
+                            "ADARAS_PLAIN_GRAPH=0, one graph, the op called in every forward")
     forwards_plain: int = Field(0, description="forwards without the steering op, since start")
     forwards_steered: int = Field(0, description="forwards with the steering op, since start")
     steering_op_calls: int = Field(0, description="steering-op calls (one per layer of each "

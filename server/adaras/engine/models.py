@@ -22,6 +22,7 @@ layer. Both graphs are compiled at start-up (the first forward runs both).
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 
 import torch
@@ -35,6 +36,7 @@ from adaras.engine import step
 from steering_kernels import HAS_TRITON, apply_sparse_steer_, sparse_steer_
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
+PLAIN_GRAPH_ENV = "ADARAS_PLAIN_GRAPH"  # "0": no second graph (see _Steered)
 _TRACE_OP = True  # False while the plain twin runs: its trace leaves the op out
 
 
@@ -197,22 +199,33 @@ class _Steered:
     the plain twin when no row of the step is steered or gathered."""
 
     def _init_steering(self) -> None:
+        """ADARAS_PLAIN_GRAPH=0 keeps one compiled graph: the first start
+        compiles once instead of twice, and every forward calls the op in
+        every layer (it returns at once when nothing is steered)."""
         wrap_mlps(self)
+        if os.environ.get(PLAIN_GRAPH_ENV, "1") == "0":
+            twin, kind = None, "disabled"
+        else:
+            twin = plain_twin(self.model)
+            kind = "eager" if twin is self.model else "compiled"
         # not a submodule: its weights are the backbone's, loaded once
-        object.__setattr__(self, "plain_model", plain_twin(self.model))
-        self._adaras_warm = self.plain_model is self.model
-        step.STATS.plain_graph = "eager" if self._adaras_warm else "compiled"
+        object.__setattr__(self, "plain_model", twin)
+        self._adaras_warm = twin is not None and twin is self.model
+        step.STATS.plain_graph = kind
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
         if step.current() is not None:
             step.STATS.forwards_steered += 1
-            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+            return self.model(*args)
+        step.STATS.forwards_plain += 1
+        if self.plain_model is None:  # one graph: the op is called and returns at once
+            return self.model(*args)
         if not self._adaras_warm:  # first forward (vLLM's start-up run): compile both graphs
             self._adaras_warm = True
-            self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-        step.STATS.forwards_plain += 1
+            self.model(*args)
         with _without_op():
-            return self.plain_model(input_ids, positions, intermediate_tensors, inputs_embeds)
+            return self.plain_model(*args)
 
 
 class SteeredQwen3ForCausalLM(_Steered, Qwen3ForCausalLM):

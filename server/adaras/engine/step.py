@@ -64,7 +64,9 @@ class GraphStats:
     """Which compiled graph this worker's forwards ran, since start (the
     steered model counts; the runtime reports it)."""
 
-    plain_graph: str = "none"  # "compiled": a twin graph without the op, "eager", "none"
+    # "compiled": a twin graph without the op; "eager": the op skipped per layer;
+    # "disabled": ADARAS_PLAIN_GRAPH=0, one graph; "none": no steered model here
+    plain_graph: str = "none"
     forwards_plain: int = 0  # forwards without the steering op (nothing to steer or gather)
     forwards_steered: int = 0  # forwards with the op in every layer
     op_calls: int = 0  # steering-op calls, with or without work to do
