@@ -103,8 +103,11 @@ class RuntimeStats(BaseModel):
                             "compiled graph without the steering op; 'eager': the model is not "
                             "compiled and the op is skipped per layer; 'disabled': "
                             "ADARAS_PLAIN_GRAPH=0, one graph, the op called in every forward")
-    forwards_plain: int = Field(0, description="forwards without the steering op, since start")
-    forwards_steered: int = Field(0, description="forwards with the steering op, since start")
+    forwards_plain: int = Field(0, description="forwards with nothing to steer or gather, since "
+                                               "start (run by the plain graph unless "
+                                               "plain_graph is 'disabled')")
+    forwards_steered: int = Field(0, description="forwards with a steered row or a predictor "
+                                                 "gather (the steered graph), since start")
     steering_op_calls: int = Field(0, description="steering-op calls (one per layer of each "
                                                   "steered forward), since start")
     unavailable: str | None = Field(None, description="why steering is refused, if it is")

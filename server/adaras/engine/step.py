@@ -67,8 +67,8 @@ class GraphStats:
     # "compiled": a twin graph without the op; "eager": the op skipped per layer;
     # "disabled": ADARAS_PLAIN_GRAPH=0, one graph; "none": no steered model here
     plain_graph: str = "none"
-    forwards_plain: int = 0  # forwards without the steering op (nothing to steer or gather)
-    forwards_steered: int = 0  # forwards with the op in every layer
+    forwards_plain: int = 0  # forwards with nothing to steer or gather (the plain graph)
+    forwards_steered: int = 0  # forwards with a steered row or a gather (the op in every layer)
     op_calls: int = 0  # steering-op calls, with or without work to do
 
 
