@@ -134,5 +134,10 @@ def prompt_ids(n: int, length: int, seed: int = 0, vocab: int = 400) -> list[lis
     return [torch.randint(10, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def stats(llm) -> dict:
+    """The worker runtime's stats (SteeringRuntime.stats) of rank 0."""
+    return llm.collective_rpc("adaras_rpc", args=("stats",))[0]
+
+
 def generate(llm, prompts: list[list[int]], params) -> list:
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

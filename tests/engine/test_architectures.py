@@ -9,7 +9,7 @@ import torch
 from adaras.profile import SteeringProfile
 from tests.helpers.tiny import make_tiny_model
 
-from .conftest import generate, make_profiles, prompt_ids, shutdown, start_llm
+from .conftest import generate, make_profiles, prompt_ids, shutdown, start_llm, stats
 from .test_steered_engine import engine_logprobs, hf_logprobs, params, tokens
 
 pytestmark = pytest.mark.engine
@@ -40,9 +40,9 @@ def test_unsteered_match_stock_beside_steered(arch_setup):
 
 def test_unsteered_requests_run_the_compiled_plain_graph(arch_setup):
     _, _, llm, prompts, stock_tokens = arch_setup
-    before = llm.collective_rpc("adaras_rpc", args=("stats",))[0]
+    before = stats(llm)
     got = tokens(generate(llm, prompts[:2], params()))
-    after = llm.collective_rpc("adaras_rpc", args=("stats",))[0]
+    after = stats(llm)
     assert after["plain_graph"] == "compiled"
     assert after["forwards_plain"] > before["forwards_plain"]
     assert after["steering_op_calls"] == before["steering_op_calls"]

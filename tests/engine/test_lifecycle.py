@@ -13,15 +13,11 @@ from vllm import SamplingParams
 
 from adaras.engine import pop_captures, pop_reports
 
-from .conftest import generate, prompt_ids, shutdown, start_llm
+from .conftest import generate, prompt_ids, shutdown, start_llm, stats
 
 pytestmark = pytest.mark.engine
 
 FEATURES = [[0, 3], [1, 0], [1, 95], [0, 50], [1, 17]]
-
-
-def stats(llm) -> dict:
-    return llm.collective_rpc("adaras_rpc", args=("stats",))[0]
 
 
 def drained(llm, timeout: float = 10.0) -> dict:

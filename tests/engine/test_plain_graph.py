@@ -8,14 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import _env, _shape, generate, prompt_ids, shutdown, start_llm
+from .conftest import _env, _shape, generate, prompt_ids, shutdown, start_llm, stats
 from .test_steered_engine import engine_logprobs, params, tokens
 
 pytestmark = pytest.mark.engine
-
-
-def stats(llm) -> dict:
-    return llm.collective_rpc("adaras_rpc", args=("stats",))[0]
 
 
 def delta(after: dict, before: dict) -> dict:

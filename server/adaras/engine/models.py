@@ -210,7 +210,7 @@ class _Steered:
             kind = "eager" if twin is self.model else "compiled"
         # not a submodule: its weights are the backbone's, loaded once
         object.__setattr__(self, "plain_model", twin)
-        self._adaras_warm = twin is not None and twin is self.model
+        self._adaras_warm = twin is self.model  # eager: one model, nothing more to compile
         step.STATS.plain_graph = kind
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
