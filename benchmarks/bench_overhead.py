@@ -164,11 +164,11 @@ def worker_main(name: str, spec_path: str, result_fd: int) -> None:
         out = {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
         if cmd.get("token_ids"):
             out["token_ids"] = [list(o.outputs[0].token_ids) for o in outputs]
-        if name == "plugin":  # drain reports (untimed); they also prove the plugin is live
-            from adaras.engine import pop_reports
+        if name == "plugin":  # the reports came with the outputs; they prove the plugin is live
+            from adaras.engine import reports_of
 
             ids = [o.request_id for o in outputs]
-            reports = pop_reports(llm, ids)
+            reports = reports_of(outputs)
             out["num_reports"] = len(reports)
             out["applied"] = [bool(reports.get(r, {}).get("applied")) for r in ids]
             out["p_fail"] = [reports.get(r, {}).get("failure_probability") for r in ids]

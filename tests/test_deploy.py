@@ -198,8 +198,10 @@ def test_compose_services():
     grafana = doc["services"]["grafana"]
     assert grafana["image"].startswith("grafana/grafana")
     genv = grafana["environment"]
-    assert "GRAFANA_ADMIN_PASSWORD" in genv["GF_SECURITY_ADMIN_PASSWORD"]
-    assert ":-" in genv["GF_SECURITY_ADMIN_PASSWORD"]  # has a default
+    # no shipped password: compose refuses to start until one is set
+    assert genv["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    # Prometheus' lifecycle API would let anyone on the port shut it down
+    assert not any("enable-lifecycle" in str(a) for a in doc["services"]["prometheus"]["command"])
     assert genv["GF_AUTH_ANONYMOUS_ENABLED"].endswith(":-false}")  # off by default
     # named volumes are declared
     for svc in doc["services"].values():
@@ -548,3 +550,46 @@ def test_kustomize_builds(overlay):
         assert {e["name"] for e in c["env"]} >= {"ADARAS_API_KEY", "ADARAS_MODEL"}
     else:
         assert c["image"].endswith(":cpu")
+
+
+# ---- images and pod security ---------------------------------------------------------
+
+DOCKERFILES = (ROOT / "Dockerfile", DEPLOY / "Dockerfile.cpu")
+
+
+def test_the_gpu_image_builds_on_a_vllm_the_plugin_accepts():
+    from packaging.version import Version
+
+    from adaras.engine.plugin import TESTED_VLLM
+
+    image = re.search(r"^ARG VLLM_IMAGE=vllm/vllm-openai:v([0-9.]+)$",
+                      (ROOT / "Dockerfile").read_text(), re.M)
+    assert image, "the GPU image must name its vllm/vllm-openai base"
+    low, high = TESTED_VLLM
+    assert Version(low) <= Version(image[1]) < Version(high)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_run_as_a_non_root_user_with_one_writable_cache(path):
+    text = path.read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    cache = re.search(r"ADARAS_CACHE=(\S+)", text)[1]
+    assert not cache.startswith("/root")
+    assert f"chown adaras:adaras {cache}" in text
+    for var in ("XDG_CACHE_HOME", "VLLM_CACHE_ROOT"):  # compile caches on the same volume
+        assert re.search(rf"{var}={re.escape(cache)}/", text), var
+
+
+def test_k8s_pods_run_unprivileged_on_a_read_only_root():
+    (dep,) = _by_kind("Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    c = _container(dep)
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert {env["ADARAS_CACHE"], "/tmp", "/dev/shm"} <= mounts  # the writable paths

@@ -123,7 +123,7 @@ def test_the_unknown_profile_error_is_the_same_on_both_sides(both_sides):
         registry.resolve({"mode": "always", "profile": "nope"})
     runtime._new_request("r2", types.SimpleNamespace(
         extra_args={"steering": {"mode": "always", "profile": "nope"}}))
-    worker = runtime.pop_reports(["r2"])["r2"]["error"]
+    worker = runtime.take_reports()["r2"]["error"]
     assert str(http.value) == worker
     assert http.value.param == "steering.profile"
 

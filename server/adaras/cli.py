@@ -25,7 +25,9 @@ def serve(
     default_mode: Annotated[str | None, typer.Option(help="off | always | adaptive")] = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
-    api_key: Annotated[str | None, typer.Option(help="required as Bearer key on /v1/*")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Bearer key required on every route but /health, /version, /metrics and the "
+             "API docs")] = None,
     admin_key: Annotated[str | None, typer.Option(help="enables profile load/unload")] = None,
     served_model_name: Annotated[str | None, typer.Option()] = None,
 ) -> None:

@@ -78,6 +78,11 @@ def file_version(path) -> str:
     return h.hexdigest()[:16]
 
 
+def bytes_version(data: bytes) -> str:
+    """`file_version` of a profile file's bytes."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class ModelShape:
@@ -317,9 +322,21 @@ class SteeringProfile:
                 tmp.unlink()
 
     @classmethod
-    def load(cls, path, expect: ModelShape | None = None) -> SteeringProfile:
-        """Read and validate a profile file; every problem is a ProfileError naming the file."""
+    def read(cls, path, expect: ModelShape | None = None) -> tuple[SteeringProfile, str]:
+        """`load` and `file_version` from one read of the file."""
+        path = Path(path)
+        if not path.is_file():  # load() says what is wrong with it
+            return cls.load(path, expect), ""
+        data = path.read_bytes()
+        return cls.load(path, expect, data=data), bytes_version(data)
+
+    @classmethod
+    def load(cls, path, expect: ModelShape | None = None,
+             data: bytes | None = None) -> SteeringProfile:
+        """Read and validate a profile file (or its bytes `data`, read from
+        `path`); every problem is a ProfileError naming the file."""
         from safetensors import safe_open
+        from safetensors.torch import load as load_bytes
 
         path = Path(path)
         where = f"steering profile {str(path)!r}"
@@ -327,14 +344,19 @@ class SteeringProfile:
         def fail(msg: str):
             raise ProfileError(f"{where}: {msg}")
 
-        if not path.exists():
+        if data is None and not path.exists():
             fail("file does not exist; check the path (profiles are *.safetensors files)")
-        if not path.is_file():
+        if data is None and not path.is_file():
             fail("is not a regular file")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            if data is None:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = dict(f.metadata() or {})
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}
+            else:
+                size = int.from_bytes(data[:8], "little")
+                metadata = dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
+                tensors = load_bytes(data)
         except Exception as e:  # SafetensorError, OSError, ...
             fail(f"is not a readable safetensors file ({e}); was it written with SteeringProfile.save?")
 

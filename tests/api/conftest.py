@@ -43,7 +43,8 @@ class Server:
 
 
 def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
-                 admin_key=ADMIN_KEY, env: dict | None = None, max_model_len: int = 2048) -> Server:
+                 admin_key=ADMIN_KEY, env: dict | None = None, max_model_len: int = 2048,
+                 vllm_extra: tuple[str, ...] = ()) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "adaras.cli", "serve", "--model", str(model_dir),
            "--served-model-name", MODEL, "--port", str(port), *extra]
@@ -54,7 +55,7 @@ def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
     if admin_key:
         cmd += ["--admin-key", admin_key]
     cmd += ["--", "--max-model-len", str(max_model_len), "--dtype", "float32",
-            "--max-num-seqs", "32"]
+            "--max-num-seqs", "32", *vllm_extra]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "ADARAS_PLUGIN": "1",
            "ADARAS_CACHE": str(log.parent / "cache"), **(env or {})}
     f = log.open("w")

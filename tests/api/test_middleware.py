@@ -115,7 +115,7 @@ def test_a_hang_up_after_done_is_not_a_disconnect():
         return {"type": "http.disconnect"}
 
     mw = SteeringMiddleware(None, registry=Registry(), model="m")
-    ex = _Exchange(mw, {"type": "http"}, receive, send)
+    ex = _Exchange(mw, {"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
 
     async def run():
         await ex._send({"type": "http.response.start", "status": 200,

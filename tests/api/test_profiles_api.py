@@ -69,7 +69,10 @@ def test_upload(server, tmp_path):
                        files={"file": ("up.safetensors", f, "application/octet-stream")})
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "uploaded" and r.json()["source"] == "upload:up.safetensors"
+    uploads = server.log.parent / "cache" / "uploads"
+    assert [p.name.split(".")[0] for p in uploads.iterdir()] == ["uploaded"]
     assert httpx.delete(url + "/uploaded", headers=ADMIN).status_code == 204
+    assert list(uploads.iterdir()) == []  # deleted with its profile
 
 
 def test_refusals(server, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from vllm import SamplingParams
 
-from adaras.engine import pop_captures, pop_reports
+from adaras.engine import pop_captures, reports_of
 
 from .conftest import generate, prompt_ids, shutdown, start_llm, stats
 
@@ -45,11 +45,12 @@ def test_no_request_state_survives_bursts_separated_by_idle(qwen3_llm):
         prompts = prompt_ids(8, 20 + 10 * burst, seed=70 + burst)
         outs = generate(qwen3_llm, prompts, [mixed_params(i) for i in range(len(prompts))])
         ids = [o.request_id for o in outs]
-        pop_reports(qwen3_llm, ids)
         pop_captures(qwen3_llm, ids)
         time.sleep(0.3)  # idle
         s = drained(qwen3_llm)
-        assert (s["requests"], s["captures"]) == (0, 0), f"burst {burst}: {s}"
+        # nothing read the reports: they left with the outputs, none is held
+        assert (s["requests"], s["captures"], s["reports"]) == (0, 0, 0), f"burst {burst}: {s}"
+        assert all(r["mode"] in ("always", "adaptive") for r in reports_of(outs).values())
 
 
 def test_aborted_requests_release_their_state(qwen3_llm):
@@ -68,8 +69,7 @@ def test_aborted_requests_release_their_state(qwen3_llm):
     while engine.has_unfinished_requests():
         engine.step()
     s = drained(qwen3_llm)
-    assert (s["requests"], s["captures"]) == (0, 0), s
-    pop_reports(qwen3_llm, ids)
+    assert (s["requests"], s["captures"], s["reports"]) == (0, 0, 0), s
     pop_captures(qwen3_llm, ids)
 
 
@@ -107,7 +107,7 @@ def run(llm, prompts, kinds):
                                      extra_args=extra))
     outs = generate(llm, prompts, params)
     ids = [o.request_id for o in outs]
-    reports, caps = pop_reports(llm, ids), pop_captures(llm, ids)
+    reports, caps = reports_of(outs), pop_captures(llm, ids)
     return ([reports.get(i) for i in ids], [caps.get(i) for i in ids],
             [list(o.outputs[0].token_ids) for o in outs])
 

@@ -45,7 +45,7 @@ def run(rt, index, rid, chunks, ex, preempted_after=None):
         step(rt, rid, computed, n, ex if i == 0 else None)
         if preempted_after is None or i < preempted_after:
             index.record(blocks, computed, min(computed + n, PROMPT))
-    report = rt.pop_reports([rid])[rid]
+    report = rt.take_reports()[rid]
     rt.release(rid)
     return report
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from adaras.engine import _rpc, pop_reports
+from adaras.engine import _rpc, reports_of
 from adaras.profile import SteeringProfile, file_version
 from adaras.steering import PROMPT_POSITIONS_KEY
 
@@ -32,7 +32,7 @@ def adaptive_params(path: str, **steering) -> SamplingParams:
 
 
 def p_fails(llm, outs) -> list[float]:
-    reports = pop_reports(llm, [o.request_id for o in outs])
+    reports = reports_of(outs)
     return [reports[o.request_id]["failure_probability"] for o in outs], \
         [reports[o.request_id]["applied"] for o in outs]
 
@@ -44,7 +44,6 @@ def test_without_the_version_an_adaptive_request_reads_no_cache(qwen3_llm, qwen3
     for _ in range(2):
         generate(qwen3_llm, [prompt], params({"mode": "adaptive", "profile": "pred"}))
     assert _rpc(qwen3_llm, "stats")["prefix_tokens_restored"] == before
-    pop_reports(qwen3_llm)
 
 
 def test_adaptive_cache_hits_give_the_cold_p_fail_and_decision(qwen3_llm, qwen3_dir,

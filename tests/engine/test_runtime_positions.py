@@ -58,7 +58,7 @@ def step(rt: SteeringRuntime, computed: int, n: int, new: bool = False) -> None:
 
 
 def p_fail(rt: SteeringRuntime) -> float:
-    return rt.pop_reports(["r"])["r"]["failure_probability"]
+    return rt.take_reports()["r"]["failure_probability"]
 
 
 def run(rt, chunks):
@@ -101,9 +101,18 @@ def test_a_preemption_after_the_decision_keeps_it(runtime):
     assert runtime.stats()["requests"] == 0
 
 
-def test_release_forgets_the_request_and_keeps_its_report(runtime):
-    step(runtime, 0, 40, new=True)
+def test_release_forgets_the_request_and_holds_no_report(runtime):
+    step(runtime, 0, 40, new=True)  # undecided: nothing to report yet
     assert runtime.stats()["requests"] == 1
     runtime.release("r")
     assert runtime.stats()["requests"] == 0 and rt_mod.current() is None
-    assert "r" in runtime.pop_reports(["r"])
+    assert runtime.take_reports() == {} and runtime.stats()["reports"] == 0
+
+
+def test_a_decision_is_reported_once_and_then_nothing_is_held(runtime):
+    step(runtime, 0, 100, new=True)
+    first = runtime.take_reports()
+    assert first["r"]["failure_probability"] is not None
+    step(runtime, 100, 1)  # a decode step posts nothing new
+    assert runtime.take_reports() == {} and runtime.stats()["reports"] == 0
+    runtime.release("r")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from adaras.engine import load_profile, plugin, pop_reports, unload_profile
+from adaras.engine import load_profile, plugin, reports_of, unload_profile
 from adaras.profile import SteeringProfile
 from tests.helpers.hf import capture_neurons, steering_hooks
 
@@ -142,7 +142,7 @@ def test_alpha_zero_gives_unsteered_output(qwen3_llm):
     assert tokens(zero) == tokens(base)
     for z, b in zip(zero, base):
         assert torch.equal(engine_logprobs(z), engine_logprobs(b))
-    reports = pop_reports(qwen3_llm, [o.request_id for o in zero])
+    reports = reports_of(zero)
     assert all(r["applied"] and r["alpha"] == 0.0 for r in reports.values())
 
 
@@ -204,7 +204,7 @@ def test_in_engine_p_fail_matches_offline_predictor_under_chunked_prefill(
     threshold = (ranked[2] + ranked[3]) / 2  # halfway: no request sits on the boundary
     outs = generate(qwen3_llm, prompts,
                     params({"mode": "adaptive", "profile": "pred", "threshold": threshold}))
-    reports = pop_reports(qwen3_llm, [o.request_id for o in outs])
+    reports = reports_of(outs)
     engine = [reports[o.request_id]["failure_probability"] for o in outs]
     torch.testing.assert_close(torch.tensor(engine), torch.tensor(offline), atol=1e-4, rtol=1e-4)
 
@@ -230,7 +230,7 @@ def test_profiles_load_and_unload_at_runtime(qwen3_llm, qwen3_dir, tmp_path):
     assert summary["k"] == 10
     prompt = prompt_ids(1, 20, seed=17)
     out = generate(qwen3_llm, prompt, params({"mode": "always", "profile": "c", "alpha": 1.0}))
-    assert pop_reports(qwen3_llm, [out[0].request_id])[out[0].request_id]["profile"] == "c"
+    assert reports_of(out)[out[0].request_id]["profile"] == "c"
     assert unload_profile(qwen3_llm, "c")
     with pytest.raises(ValueError, match="steering.profile"):
         generate(qwen3_llm, prompt, params({"mode": "always", "profile": "c"}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaras.engine import pop_reports
+from adaras.engine import reports_of
 
 from .conftest import _env, generate, prompt_ids, shutdown, start_llm
 from .test_steered_engine import engine_logprobs, params, tokens
@@ -41,7 +41,7 @@ def test_tp2_predictor_matches_tp1(qwen3_llm, qwen3_tp2):
     p = {}
     for name, llm in (("tp1", qwen3_llm), ("tp2", qwen3_tp2)):
         outs = generate(llm, prompts, steering)
-        reports = pop_reports(llm, [o.request_id for o in outs])
+        reports = reports_of(outs)
         p[name] = torch.tensor([reports[o.request_id]["failure_probability"] for o in outs])
     torch.testing.assert_close(p["tp2"], p["tp1"], atol=1e-4, rtol=1e-4)
 

@@ -21,6 +21,7 @@ from adaras.api.profiles import ProfileRegistry, runtime_router
 from adaras.api.profiles import router as profiles_router
 from adaras.api.settings import DEFAULT_MODEL, Settings
 from adaras.engine import seam
+from adaras.engine.reports import MAILBOX
 from adaras.profile import ModelShape
 
 logger = logging.getLogger("adaras.api")
@@ -72,6 +73,9 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
         for name, path in settings.profiles.items():
             await registry.load(name, path, default=name == settings.default_profile)
         registry.unavailable = await glue.probe_steering(engine, registry)
+    # From here on, steering reaches the engine only through the middleware's
+    # admission (the probe above was the server's own request).
+    MAILBOX.enforced = True
     app.state.adaras_profiles = registry
     app.state.adaras_settings = settings
     app.include_router(profiles_router)
@@ -87,7 +91,8 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
         Middleware(ApiKeyMiddleware, api_key=settings.api_key, admin_key=settings.admin_key,
                    model=settings.model_name),
         Middleware(SteeringMiddleware, registry=registry, model=settings.model_name,
-                   report_timeout_s=settings.report_timeout_s),
+                   max_body_bytes=int(settings.max_body_mb * 2**20),
+                   max_response_bytes=int(settings.max_response_mb * 2**20)),
     ]
     app.middleware_stack = None
     document_steering(app)

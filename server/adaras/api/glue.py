@@ -62,7 +62,6 @@ async def probe_steering(engine, registry, timeout_s: float = PROBE_TIMEOUT_S) -
         async for _ in engine.generate({"prompt_token_ids": [1, 2, 3, 4]}, params, request_id):
             pass
         after = (await engine_rpc(engine, "stats"))["hooked_layers"]
-        await engine_rpc(engine, "pop_reports", [request_id])
         await engine_rpc(engine, "pop_captures", [request_id])
         return before, after
 

@@ -1,33 +1,68 @@
-"""ASGI middleware around vLLM's OpenAI app: API-key auth and the `steering`
-extension of /v1/chat/completions and /v1/completions.
+"""ASGI middleware around vLLM's OpenAI app: API-key auth, admission of every
+JSON request, and the `steering` extension of the completion routes.
 
-Every completion request takes one path:
-  1. pop `steering` from the JSON body and resolve it (400 naming the field on
-     a bad value); leave the engine's copy in the body for the request hooks;
-  2. hand the request to vLLM's own handler (validation, chat template,
-     sampling, streaming, aborting on client disconnect are all vLLM's);
-  3. add the `steering` report to the response: the JSON body, or in a stream
-     every chunk that carries a finish_reason or the usage;
-  4. record metrics and one log line.
+Auth (`ApiKeyMiddleware`): with an API key set, every HTTP and websocket route
+needs it, under any `root_path`, except the read-only routes in `OPEN_PATHS`
+(health, version, metrics, the API docs). Keys are compared in constant time
+on their SHA-256 digests; the scheme is case-insensitive (RFC 7235).
+
+Admission (`SteeringMiddleware`), for every POST with a JSON body:
+  1. the body is read up to `max_body_bytes` (413 above it, while it streams);
+  2. fields only the server sets (`reports.is_internal`: the profile
+     fingerprint, the steered prompt positions, `adaras_*`), at the top level,
+     in `vllm_xargs` or in `sampling_params.extra_args`, are a 400 naming
+     the field;
+  3. on the completion routes (`STEERED_PATHS`) `steering` is resolved (400
+     naming the field on a bad value) and the engine's copy is put in the
+     body with the request's admission key; on any other route a `steering`
+     object other than `{"mode": "off"}` is a 400, and while the server's
+     default mode is not `off`, the generating routes that cannot carry a
+     report (`UNREPORTED_PATHS`) need that explicit `{"mode": "off"}`;
+  4. the request gets a server-made id (`OpenRequest.key`), which vLLM names
+     it by; the client's X-Request-Id is only echoed and logged;
+  5. vLLM's own handler runs (validation, chat template, sampling, streaming,
+     abort on disconnect are all vLLM's);
+  6. the engine's reports arrive with the request's outputs
+     (`adaras.engine.reports`): the response gets its `steering` report (the
+     JSON body, or each stream chunk that ends a choice, and the usage chunk)
+     without any call to the engine;
+  7. metrics and one log line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
 import time
-import uuid
 
 from adaras.api import metrics
-from adaras.api.glue import engine_rpc
 from adaras.api.profiles import ProfileRegistry, SteeringError
 from adaras.api.protocol import ErrorInfo, ErrorResponse
+from adaras.engine import reports
+from adaras.engine.reports import MAILBOX, OpenRequest, is_internal
 from adaras.steering import STEERING_KEY, Resolved
 
 logger = logging.getLogger("adaras.api")
 
-COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Routes that answer with a report (/invocations is SageMaker's alias of both).
+STEERED_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
+# Generating routes that cannot carry a report: while the default mode is not
+# off they need an explicit {"mode": "off"}, so nothing is silently unsteered.
+UNREPORTED_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
+                    "/inference/v1/generate")
+# Routes served without the API key: they neither run the model nor read data.
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
+              "/docs/oauth2-redirect", "/redoc")
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: without the `root_path` it is mounted under."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
@@ -43,70 +78,134 @@ async def send_json(send, status: int, body: bytes, headers: list | None = None)
     await send({"type": "http.response.body", "body": body})
 
 
+def bearer_token(headers) -> bytes | None:
+    """The credentials of an `Authorization: Bearer <token>` header (any case of
+    the scheme), or None."""
+    scheme, _, token = (dict(headers).get(b"authorization") or b"").partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
+def key_matches(token: bytes | str | None, keys: list[bytes]) -> bool:
+    """Constant-time comparison of `token` with each key's SHA-256 digest."""
+    if token is None:
+        return False
+    digest = hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
+    found = False
+    for key in keys:
+        found |= secrets.compare_digest(digest, key)
+    return found
+
+
+def key_digests(*keys: str | None) -> list[bytes]:
+    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
+
+
 class ApiKeyMiddleware:
-    """Bearer key on /v1/* (the API key or the admin key), when one is set."""
+    """With an API key set: every route but OPEN_PATHS needs the API key or the
+    admin key as a bearer token; websockets are refused before they open."""
 
     def __init__(self, app, api_key: str | None, admin_key: str | None, model: str):
         self.app = app
-        self.keys = [k.encode() for k in (api_key, admin_key) if k]
+        self.keys = key_digests(api_key, admin_key)
         self.enabled = api_key is not None
         self.model = model
 
     async def __call__(self, scope, receive, send):
-        if (not self.enabled or scope["type"] != "http" or not scope["path"].startswith("/v1")
-                or scope["method"] == "OPTIONS"):
+        if (not self.enabled or scope["type"] not in ("http", "websocket")
+                or scope.get("method") == "OPTIONS"  # CORS preflight carries no credentials
+                or route_path(scope) in OPEN_PATHS
+                or key_matches(bearer_token(scope["headers"]), self.keys)):
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"")
-        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        if not any(secrets.compare_digest(token, k) for k in self.keys):
-            metrics.ERRORS.labels(self.model, "unauthorized").inc()
-            return await send_json(send, 401, error_body(
-                "missing or wrong API key: send `Authorization: Bearer <key>`",
-                "AuthenticationError", 401), [(b"www-authenticate", b"Bearer")])
-        return await self.app(scope, receive, send)
+        metrics.ERRORS.labels(self.model, "unauthorized").inc()
+        if scope["type"] == "websocket":  # closing before accept: the handshake gets a 403
+            return await send({"type": "websocket.close", "code": 1008})
+        return await send_json(send, 401, error_body(
+            "missing or wrong API key: send `Authorization: Bearer <key>`",
+            "AuthenticationError", 401), [(b"www-authenticate", b"Bearer")])
+
+
+class BodyTooLarge(Exception):
+    pass
 
 
 class SteeringMiddleware:
-    def __init__(self, app, registry: ProfileRegistry, model: str, report_timeout_s: float = 5.0):
+    def __init__(self, app, registry: ProfileRegistry, model: str,
+                 max_body_bytes: int = 32 * 2**20, max_response_bytes: int = 64 * 2**20):
         self.app = app
         self.registry = registry
         self.model = model
-        self.report_timeout_s = report_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.max_response_bytes = max_response_bytes
 
     async def __call__(self, scope, receive, send):
-        if not (scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"] in COMPLETION_PATHS):
+        if scope["type"] != "http" or scope["method"] != "POST" or not _is_json(scope):
             return await self.app(scope, receive, send)
         await _Exchange(self, scope, receive, send).run()
 
 
+def _is_json(scope) -> bool:
+    ctype = dict(scope["headers"]).get(b"content-type", b"")
+    return ctype.split(b";")[0].strip().lower() in (b"application/json", b"")
+
+
+def internal_field(data: dict) -> str | None:
+    """The first field of a request body that only the server may set."""
+    for key in data:
+        if is_internal(key):
+            return key
+    for where, extra in (("vllm_xargs", data.get("vllm_xargs")),
+                         ("sampling_params.extra_args",
+                          (data.get("sampling_params") or {}).get("extra_args")
+                          if isinstance(data.get("sampling_params"), dict) else None)):
+        if isinstance(extra, dict):
+            for key in extra:
+                if key == STEERING_KEY or is_internal(key):
+                    return f"{where}.{key}"
+    return None
+
+
 class _Exchange:
-    """One completion request through the middleware."""
+    """One JSON POST through the middleware."""
 
     def __init__(self, mw: SteeringMiddleware, scope, receive, send):
         self.mw, self.scope, self.receive, self.send = mw, scope, receive, send
+        self.path = route_path(scope)
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
         self.resolved = Resolved()
-        self.engine_report: dict | None = None
+        self.entry: OpenRequest | None = None
+        self.n = 1  # choices per prompt
         self.usage: dict | None = None
         self.client_wants_usage = False
         self.stream = False
         self.status = 500
-        self.request_id = ""
+        self.failed = False  # an error event inside a 200 stream
+        self.client_id = dict(scope["headers"]).get(b"x-request-id")
         self.disconnected = False  # the client hung up before the response ended
         self.response_done = False
+        self.passthrough = False  # response too large to annotate: sent as it came
 
     # ---- request side --------------------------------------------------------
     async def run(self) -> None:
-        body = await self._read_body()
+        try:
+            body = await self._read_body()
+        except BodyTooLarge:
+            metrics.ERRORS.labels(self.mw.model, "bad_request").inc()
+            return await send_json(self.send, 413, error_body(
+                f"request body larger than {self.mw.max_body_bytes} bytes "
+                "(the server's max_body_mb)", "BadRequestError", 413))
         try:
             data = json.loads(body) if body else None
         except ValueError:
             data = None
         if not isinstance(data, dict):  # let vLLM produce its own 400 for junk
             return await self.mw.app(self.scope, self._replay(body), self.send)
+        if (field := internal_field(data)) is not None:
+            return await self._refuse(field, f"{field}: set by the server only; send "
+                                             "`steering` in the body of /v1/chat/completions "
+                                             "or /v1/completions")
+        if self.path not in STEERED_PATHS:
+            return await self._pass_unreported(data)
         try:
             self.resolved = self.mw.registry.resolve(data.pop(STEERING_KEY, None))
         except SteeringError as e:
@@ -114,7 +213,12 @@ class _Exchange:
             logger.info("request rejected: %s: %s", e.param, e)
             return await send_json(self.send, e.status, error_body(str(e), e.error_type, e.status,
                                                                    e.param))
-        data.update(self.resolved.extra_args())  # the engine's copy ({} when off)
+        n = data.get("n")
+        self.n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        admitted = self.resolved.extra_args()  # the engine's copy ({} when off)
+        self.entry = MAILBOX.open(admitted)
+        if admitted:
+            data.update(admitted, **{reports.ADMISSION_KEY: self.entry.key})
         self.stream = bool(data.get("stream"))
         if self.stream:
             opts = data.get("stream_options")
@@ -122,32 +226,62 @@ class _Exchange:
             self.client_wants_usage = bool(opts.get("include_usage"))
             opts["include_usage"] = True  # we need the token counts; hidden if not asked for
             data["stream_options"] = opts
-        body = json.dumps(data).encode()
-
-        headers = [(k, v) for k, v in self.scope["headers"]
-                   if k not in (b"content-length", b"x-request-id")]
-        given = dict(self.scope["headers"]).get(b"x-request-id")
-        self.request_id = given.decode() if given else f"adaras-{uuid.uuid4().hex}"
-        headers += [(b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", self.request_id.encode())]
-        scope = {**self.scope, "headers": headers}
-
         labels = self._labels()
         metrics.REQUESTS.labels(*labels).inc()
         metrics.RUNNING.labels(self.mw.model).inc()
+        body = json.dumps(data).encode()
         try:
-            await self.mw.app(scope, self._replay(body), self._send)
+            await self.mw.app(self._scope(body), self._replay(body), self._send)
         finally:
+            MAILBOX.close(self.entry)
             metrics.RUNNING.labels(self.mw.model).dec()
             self._finish()
 
+    async def _refuse(self, param: str, message: str) -> None:
+        metrics.ERRORS.labels(self.mw.model, "bad_request").inc()
+        logger.info("request rejected: %s: %s", param, message)
+        await send_json(self.send, 400, error_body(message, "BadRequestError", 400, param))
+
+    async def _pass_unreported(self, data: dict) -> None:
+        """A JSON POST to a route without a steering report."""
+        steering = data.pop(STEERING_KEY, None) if STEERING_KEY in data else None
+        explicit_off = isinstance(steering, dict) and steering == {"mode": "off"}
+        if steering is not None and not explicit_off:
+            return await self._refuse(STEERING_KEY, f"steering is not supported on {self.path}: "
+                                      "use /v1/chat/completions or /v1/completions (only "
+                                      "{\"mode\": \"off\"} is accepted here)")
+        if (self.path in UNREPORTED_PATHS and not explicit_off
+                and self.mw.registry.default_mode != "off"):
+            return await self._refuse(STEERING_KEY, (
+                f"this server steers requests by default (mode "
+                f"{self.mw.registry.default_mode!r}), and {self.path} cannot carry a steering "
+                "report: use /v1/chat/completions or /v1/completions, or send "
+                "\"steering\": {\"mode\": \"off\"} to run unsteered"))
+        body = json.dumps(data).encode()
+        await self.mw.app(self._scope(body, keep_id=True), self._replay(body), self.send)
+
+    def _scope(self, body: bytes, keep_id: bool = False) -> dict:
+        drop = (b"content-length",) if keep_id else (b"content-length", b"x-request-id")
+        headers = [(k, v) for k, v in self.scope["headers"] if k not in drop]
+        headers.append((b"content-length", str(len(body)).encode()))
+        if not keep_id:  # vLLM names the request after the server's key, never the client's
+            headers.append((b"x-request-id", self.entry.key.encode()))
+        return {**self.scope, "headers": headers}
+
     async def _read_body(self) -> bytes:
-        chunks = []
+        declared = dict(self.scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.mw.max_body_bytes:
+            raise BodyTooLarge
+        chunks, size = [], 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 break
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.mw.max_body_bytes:
+                raise BodyTooLarge
+            chunks.append(chunk)
             if not message.get("more_body"):
                 break
         return b"".join(chunks)
@@ -171,35 +305,56 @@ class _Exchange:
         return self.mw.model, self.resolved.profile or "none", self.resolved.mode
 
     # ---- response side -------------------------------------------------------
+    def _response_headers(self, headers) -> list:
+        """vLLM's headers, with the client's X-Request-Id echoed (never ours)."""
+        out = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+        if self.client_id is not None:
+            out.append((b"x-request-id", self.client_id))
+        return out
+
     async def _send(self, message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
             ctype = dict(message.get("headers", [])).get(b"content-type", b"")
             self.stream = ctype.startswith(b"text/event-stream")
-            self._start = message
+            self._start = {**message, "headers": self._response_headers(message.get("headers",
+                                                                                    []))}
             if self.stream:
                 self._buffer = b""
-                await self.send(message)
+                await self.send(self._start)
             else:
                 self._chunks: list[bytes] = []
+                self._size = 0
             return
         if message["type"] != "http.response.body":
             return await self.send(message)
         if self.stream:
             return await self._send_stream(message)
+        if self.passthrough:
+            self.response_done = not message.get("more_body")
+            return await self.send(message)
         self._chunks.append(message.get("body", b""))
+        self._size += len(self._chunks[-1])
         if message.get("more_body"):
+            if self._size > self.mw.max_response_bytes:  # too large to hold: send it as it is
+                logger.warning("response of %s over %d bytes: sent without its steering report",
+                               self.entry.key, self.mw.max_response_bytes)
+                self.passthrough = True
+                await self.send(self._start)
+                await self.send({"type": "http.response.body", "body": b"".join(self._chunks),
+                                 "more_body": True})
+                self._chunks = []
             return
         body = b"".join(self._chunks)
         if self.status == 200:
-            body = await self._with_report(body)
-        headers = [(k, v) for k, v in self._start.get("headers", []) if k != b"content-length"]
+            body = self._with_report(body)
+        headers = [(k, v) for k, v in self._start["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         self.response_done = True
         await self.send({**self._start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
 
-    async def _with_report(self, body: bytes) -> bytes:
+    def _with_report(self, body: bytes) -> bytes:
         try:
             data = json.loads(body)
         except ValueError:
@@ -208,7 +363,9 @@ class _Exchange:
             return body
         usage = data.get("usage")
         self.usage = usage if isinstance(usage, dict) else None
-        data[STEERING_KEY] = await self._report()
+        choices = data.get("choices")
+        count = len(choices) if isinstance(choices, list) else 1
+        data[STEERING_KEY] = self._report(range(max(count, 1)))
         return json.dumps(data).encode()
 
     async def _send_stream(self, message) -> None:
@@ -218,12 +375,12 @@ class _Exchange:
             event, self._buffer = self._buffer.split(b"\n\n", 1)
             if event == b"data: [DONE]":  # the response is complete; a hang-up now is no abort
                 self.response_done = True
-            event = await self._rewrite_event(event)
+            event = self._rewrite_event(event)
             if event is not None:
                 out.append(event + b"\n\n")
         more = message.get("more_body", False)
-        if not more and self._buffer:
-            out.append(self._buffer)
+        if (not more or len(self._buffer) > self.mw.max_response_bytes) and self._buffer:
+            out.append(self._buffer)  # no event boundary: pass it on as it is
             self._buffer = b""
         if not more:
             self.response_done = True
@@ -231,7 +388,7 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": b"".join(out),
                              "more_body": more})
 
-    async def _rewrite_event(self, event: bytes) -> bytes | None:
+    def _rewrite_event(self, event: bytes) -> bytes | None:
         if not event.startswith(b"data: ") or event == b"data: [DONE]":
             return event
         try:
@@ -239,6 +396,9 @@ class _Exchange:
         except ValueError:
             return event
         if not isinstance(chunk, dict):
+            return event
+        if "error" in chunk and "choices" not in chunk:  # vLLM's in-stream error event
+            self.failed = True
             return event
         choices = chunk.get("choices")
         choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
@@ -251,44 +411,55 @@ class _Exchange:
                 return None  # the usage chunk we asked for on the client's behalf
             if not self.client_wants_usage:
                 chunk["usage"] = None
-        finished = any(c.get("finish_reason") for c in choices)
-        if finished or (usage and self.client_wants_usage):
-            chunk[STEERING_KEY] = await self._report()
+        ended = [c["index"] for c in choices if c.get("finish_reason") and
+                 isinstance(c.get("index"), int)]
+        if ended:
+            chunk[STEERING_KEY] = self._report(ended)
+        elif usage and self.client_wants_usage:
+            chunk[STEERING_KEY] = self._report(self._all_choices())
         else:
             return event
         return b"data: " + json.dumps(chunk).encode()
 
-    async def _report(self) -> dict:
-        if self.resolved.mode == "adaptive" and self.engine_report is None:
-            self.engine_report = await self._fetch_engine_report()
-        return self._final_report()
+    # ---- the report ----------------------------------------------------------
+    def _all_choices(self) -> range:
+        prompts = 1 + max((p for p, _ in self.entry.reports), default=0) if self.entry else 1
+        return range(prompts * self.n)
 
-    def _final_report(self) -> dict:
-        """The response's report: the admission-time steering plus the engine's
-        gate decision (adaptive)."""
-        engine = self.engine_report or {}
-        return self.resolved.report(engine.get("failure_probability"), engine.get("applied"))
+    def _engine_report(self, choice: int) -> dict | None:
+        """The engine's report for one response choice (completions number a
+        batch's choices prompt by prompt, `n` each)."""
+        if self.entry is None:
+            return None
+        return self.entry.reports.get(divmod(choice, self.n))
 
-    async def _fetch_engine_report(self) -> dict:
-        import asyncio
-
-        deadline = time.perf_counter() + self.mw.report_timeout_s
-        while True:
-            reports = await engine_rpc(self.mw.registry.engine, "pop_reports",
-                                       [f"chatcmpl-{self.request_id}", f"cmpl-{self.request_id}"])
-            # n > 1: every child saw the same prompt, so the same p_fail and decision.
-            done = [r for r in reports.values() if r.get("failure_probability") is not None]
-            if done or time.perf_counter() > deadline:
-                return done[0] if done else {}
-            await asyncio.sleep(0.01)
+    def _report(self, choices) -> dict:
+        """The `steering` report for these response choices: one choice's own,
+        or for several, what they share (failure_probability when equal,
+        applied when any was steered, the first error) plus `choices`."""
+        per = []
+        for i in choices:
+            engine = self._engine_report(i) or {}
+            per.append((i, engine.get("failure_probability"), engine.get("applied"),
+                        engine.get("error")))
+        p_values = {p for _, p, _, _ in per}
+        p_fail = p_values.pop() if len(p_values) == 1 else None
+        applied = [a for _, _, a, _ in per if a is not None]
+        error = next((e for *_, e in per if e), None)
+        out = self.resolved.report(p_fail, any(applied) if applied else None, error)
+        if len(per) > 1 and self.resolved.mode != "off":
+            out["choices"] = [{"index": i, "failure_probability": p,
+                               "applied": self.resolved.mode == "always" if a is None else a,
+                               **({"error": e} if e else {})} for i, p, a, e in per]
+        return out
 
     def _finish(self) -> None:
         labels = self._labels()
         now = time.perf_counter()
-        report = self._final_report()
+        report = self._report(self._all_choices())
         if self.disconnected:  # neither an error nor a completed request
             metrics.DISCONNECTS.labels(self.mw.model).inc()
-        elif self.status != 200:
+        elif self.status != 200 or self.failed:
             kind = "bad_request" if 400 <= self.status < 500 else "engine"
             metrics.ERRORS.labels(self.mw.model, kind).inc()
         else:
@@ -301,14 +472,18 @@ class _Exchange:
                     metrics.TPOT.labels(*labels).observe((now - self.t_first) / (out_tokens - 1))
             if self.t_first is not None:
                 metrics.TTFT.labels(*labels).observe(self.t_first - self.t0)
-            if self.resolved.mode == "adaptive" and report["failure_probability"] is not None:
-                metrics.P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
-                    report["failure_probability"])
+            if self.resolved.mode == "adaptive":
+                for (_, child), engine in (self.entry.reports.items() if self.entry else ()):
+                    if child == 0 and engine.get("failure_probability") is not None:  # per prompt
+                        metrics.P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
+                            engine["failure_probability"])
             if self.resolved.mode != "off":
                 metrics.DECISIONS.labels(self.mw.model, self.resolved.profile,
                                          "applied" if report["applied"] else "skipped").inc()
-        logger.info("request %s path=%s status=%d%s mode=%s profile=%s applied=%s p_fail=%s "
-                    "%.3fs", self.request_id, self.scope["path"], self.status,
+        client = self.client_id.decode("utf-8", "replace") if self.client_id else "-"
+        logger.info("request %s client_id=%r path=%s status=%d%s%s mode=%s profile=%s "
+                    "applied=%s p_fail=%s%s %.3fs", self.entry.key if self.entry else "-",
+                    client, self.path, self.status, " stream-error" if self.failed else "",
                     " disconnected" if self.disconnected else "", self.resolved.mode,
-                    self.resolved.profile, report["applied"],
-                    (self.engine_report or {}).get("failure_probability"), now - self.t0)
+                    self.resolved.profile, report["applied"], report["failure_probability"],
+                    f" error={report['error']!r}" if report.get("error") else "", now - self.t0)

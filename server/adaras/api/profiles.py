@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +27,6 @@ from adaras.profile import (
     ModelShape,
     ProfileError,
     SteeringProfile,
-    file_version,
     valid_profile_name,
 )
 from adaras.steering import Resolved, SteeringConfigError, parse_steering, resolve, unknown_profile
@@ -57,6 +57,7 @@ class Entry:
     profile: SteeringProfile
     version: str
     source: str
+    upload: Path | None = None  # the stored upload, deleted when the entry goes
 
 
 def check_name(name: str) -> str:
@@ -115,14 +116,21 @@ class ProfileRegistry:
                                                   f"{self.unavailable}")
 
     async def load(self, name: str, path: str | Path, *, default: bool = False,
-                   source: str | None = None) -> ProfileInfo:
+                   source: str | None = None, upload: bool = False) -> ProfileInfo:
+        """Validate `path` (one read, off the event loop; ProfileError -> 400),
+        load it into every worker and swap the entry. `upload`: the file is
+        the server's own copy of an upload, deleted with its entry."""
         self._check_available()
         check_name(name)
         path = Path(path)
-        profile = SteeringProfile.load(path, expect=self.shape)  # ProfileError -> 400
+        profile, version = await asyncio.to_thread(SteeringProfile.read, path, self.shape)
         async with self._lock:
             await engine_rpc(self.engine, "load_profile", name, str(path))
-            self.entries[name] = Entry(profile, file_version(path), source or str(path))
+            old = self.entries.get(name)
+            self.entries[name] = Entry(profile, version, source or str(path),
+                                       path if upload else None)
+            if old is not None:
+                self._forget_upload(old)
             if default or self.default is None:
                 self.default = name
                 await engine_rpc(self.engine, "set_default_profile", name)
@@ -134,10 +142,18 @@ class ProfileRegistry:
             if name not in self.entries:
                 raise KeyError(name)
             await engine_rpc(self.engine, "unload_profile", name)
-            del self.entries[name]
+            self._forget_upload(self.entries.pop(name))
             if self.default == name:
                 self.default = next(iter(self.entries), None)
                 await engine_rpc(self.engine, "set_default_profile", self.default)
+
+    def _forget_upload(self, entry: Entry) -> None:
+        """Delete an entry's stored upload once no entry uses the file (the
+        workers hold the profile itself in memory, so requests in flight on it
+        are unaffected)."""
+        if entry.upload is not None and all(e.upload != entry.upload
+                                            for e in self.entries.values()):
+            entry.upload.unlink(missing_ok=True)
 
 
 # ---- router ------------------------------------------------------------------
@@ -146,16 +162,15 @@ def get_registry(request: Request) -> ProfileRegistry:
     return request.app.state.adaras_profiles
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None,
-                  x_admin_key: Annotated[str | None, Header()] = None) -> None:
-    import secrets
+def require_admin(request: Request, x_admin_key: Annotated[str | None, Header()] = None) -> None:
+    from adaras.api.middleware import bearer_token, key_digests, key_matches
 
     admin_key = request.app.state.adaras_settings.admin_key
     if admin_key is None:
         raise HTTPException(403, "profile management is disabled: start the server with "
                                  "--admin-key (or ADARAS_ADMIN_KEY)")
-    given = x_admin_key or (authorization or "").removeprefix("Bearer ").strip()
-    if not secrets.compare_digest(given.encode(), admin_key.encode()):
+    given = x_admin_key or bearer_token(request.scope["headers"])
+    if not key_matches(given, key_digests(admin_key)):
         raise HTTPException(401, "this endpoint needs the admin key "
                                  "(Authorization: Bearer <admin key> or X-Admin-Key)")
 
@@ -213,30 +228,58 @@ async def load_profile(request: Request, registry: RegistryDep, _: AdminDep) -> 
         raise HTTPException(400, str(e)) from None
 
 
+# multipart framing and the small form fields around the file
+UPLOAD_OVERHEAD = 64 * 1024
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes
+    (before it is held anywhere)."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise HTTPException(413, "upload larger than the server's max_upload_mb")
+        yield chunk
+
+
 async def _load_upload(request: Request, registry: ProfileRegistry) -> ProfileInfo:
+    from starlette.formparsers import MultiPartParser
+
     settings = request.app.state.adaras_settings
-    form = await request.form()
-    name, upload = form.get("name"), form.get("file")
-    if not isinstance(name, str) or not isinstance(upload, UploadFile):
-        raise HTTPException(400, "multipart upload needs fields `name` and `file`")
-    check_name(name)
-    data = await upload.read()
-    if len(data) > settings.max_upload_mb * 2**20:
-        raise HTTPException(413, f"profile larger than {settings.max_upload_mb} MB")
-    registry.upload_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=registry.upload_dir, suffix=".safetensors",
-                                     delete=False) as f:
-        f.write(data)
-    tmp = Path(f.name)
+    limit = int(settings.max_upload_mb * 2**20)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + UPLOAD_OVERHEAD:
+        raise HTTPException(413, f"upload larger than the server's max_upload_mb "
+                                 f"({settings.max_upload_mb:g} MB)")
+    form = await MultiPartParser(request.headers, _limited(request, limit + UPLOAD_OVERHEAD),
+                                 max_files=1, max_fields=4).parse()
     try:
-        SteeringProfile.load(tmp, expect=registry.shape)  # refuse before it replaces anything
-        final = registry.upload_dir / f"{name}.{file_version(tmp)}.safetensors"
+        name, upload = form.get("name"), form.get("file")
+        if not isinstance(name, str) or not isinstance(upload, UploadFile):
+            raise HTTPException(400, "multipart upload needs fields `name` and `file`")
+        check_name(name)
+        if upload.size is not None and upload.size > limit:
+            raise HTTPException(413, f"profile larger than {settings.max_upload_mb:g} MB")
+        registry.upload_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=registry.upload_dir, suffix=".safetensors",
+                                         delete=False) as f:
+            while chunk := await upload.read(1 << 20):
+                f.write(chunk)
+        default = str(form.get("default", "false")).lower() in ("1", "true", "yes")
+        filename = upload.filename
+    finally:
+        await form.close()
+    tmp = Path(f.name)
+    try:  # refuse a bad file before it replaces anything
+        _, version = await asyncio.to_thread(SteeringProfile.read, tmp, registry.shape)
+        final = registry.upload_dir / f"{name}.{version}.safetensors"
         tmp.replace(final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    default = str(form.get("default", "false")).lower() in ("1", "true", "yes")
-    return await registry.load(name, final, default=default, source=f"upload:{upload.filename}")
+    return await registry.load(name, final, default=default, source=f"upload:{filename}",
+                               upload=True)
 
 
 @router.delete("/{name}", status_code=204)

@@ -89,7 +89,8 @@ class RuntimeStats(BaseModel):
 
     requests: int = Field(description="steered/adaptive requests the worker tracks")
     captures: int = Field(description="activation captures in flight")
-    reports: int = Field(description="steering reports not yet read (bounded)")
+    reports: int = Field(description="steering reports waiting for the step's output to carry "
+                                     "them (0 between steps: reports travel with outputs)")
     capture_results: int
     profiles: list[str]
     versions: int = Field(description="profile versions held, incl. replaced ones in use")

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients use; default: model")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = Field(None, description="Bearer key required on /v1/* when set")
+    api_key: str | None = Field(
+        None, description="Bearer key required on every route but health, version, metrics and "
+                          "the API docs, when set")
     admin_key: str | None = Field(None, description="key for loading/unloading profiles")
     default_mode: str = Field("off", description="steering mode for requests without `steering`")
     # NoDecode: ADARAS_PROFILES is "name=path,name=path", not JSON.
@@ -34,8 +36,11 @@ class Settings(BaseSettings):
     default_profile_auto: bool = Field(
         True, description="serve the bundled default profile when the default model is served")
     profile_dir: str | None = Field(None, description="where uploaded profiles are stored")
-    max_upload_mb: float = Field(64.0, gt=0)
-    report_timeout_s: float = Field(5.0, gt=0, description="wait for the engine's steering report")
+    max_upload_mb: float = Field(64.0, gt=0, description="largest profile upload (413 above)")
+    max_body_mb: float = Field(32.0, gt=0, description="largest JSON request body (413 above)")
+    max_response_mb: float = Field(
+        64.0, gt=0, description="largest non-streamed response the steering middleware holds "
+                                "to add its report (larger ones are sent without it)")
 
     @field_validator("profiles", mode="before")
     @classmethod

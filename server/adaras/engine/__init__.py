@@ -51,10 +51,10 @@ class Steering:
 
     @staticmethod
     def reports(llm, outputs: list) -> list:
-        """Attach each output's steering report as `output.steering` (None for
-        a request that carried no steering) and return the outputs. Reports are
-        taken out of the engine, so call this once per generate."""
-        got = pop_reports(llm, [o.request_id for o in outputs])
+        """Attach each output's steering report as `output.steering` (its first
+        choice's; None for a request that carried no steering) and return the
+        outputs. Each choice's own report is `output.outputs[i].steering`."""
+        got = reports_of(outputs)
         for o in outputs:
             o.steering = got.get(o.request_id)
         return outputs
@@ -83,13 +83,18 @@ def unload_profile(llm, name: str) -> bool:
     return found
 
 
-def pop_reports(llm, request_ids: list[str] | None = None) -> dict[str, dict]:
+def reports_of(outputs: list) -> dict[str, dict]:
     """Steering reports ({mode, profile, alpha, failure_probability, applied,
-    neurons}) keyed by the request ids you pass (RequestOutput.request_id)."""
-    raw = _rpc(llm, "pop_reports", request_ids)
-    if request_ids is None:
-        return raw
-    return {_owner(rid, request_ids): rep for rid, rep in raw.items()}
+    neurons}) of finished RequestOutputs, keyed by RequestOutput.request_id:
+    the first choice's (see `CompletionOutput.steering` for each). Requests
+    that carried no steering are left out. The reports came with the outputs
+    (`adaras.engine.reports`): the engine holds nothing to collect."""
+    out = {}
+    for o in outputs:
+        report = next((c.steering for c in o.outputs if getattr(c, "steering", None)), None)
+        if report is not None:
+            out[o.request_id] = report
+    return out
 
 
 def _owner(engine_id: str, request_ids: list[str]) -> str:
@@ -122,4 +127,4 @@ def pop_captures(llm, request_ids: list[str]) -> dict[str, dict]:
 
 
 __all__ = ["Steering", "SteeringConfigError", "SteeringRequest", "parse_steering",
-           "load_profile", "unload_profile", "pop_reports", "pop_captures"]
+           "load_profile", "unload_profile", "reports_of", "pop_captures"]

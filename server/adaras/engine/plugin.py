@@ -107,7 +107,9 @@ def register() -> None:
     for arch, cls in ARCHS.items():
         ModelRegistry.register_model(arch, cls)
     seam.patch_input_processor()
+    seam.patch_output_processor()
     seam.patch_prefix_cache()
+    seam.patch_scheduler_reports()
     seam.patch_model_runner()
     seam.patch_cpu_generator_rewind()
 

@@ -1,6 +1,7 @@
 """Worker-side steering: one `SteeringRuntime` per worker process (one per TP
 rank), held by the model runner. It owns the requests' steering state and
-reports, and before every forward turns the persistent batch into the step's
+reports (posted to `reports.Outbox`, which rides each step's output), and
+before every forward turns the persistent batch into the step's
 context, with the help of one part per job:
 
     profile_store.ProfileStore   profiles by name and by version (this rank's shard)
@@ -28,6 +29,7 @@ from adaras.engine.config import PROFILES_ENV, parse_profiles_env
 from adaras.engine.gate import PredictorGate
 from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
 from adaras.engine.profile_store import LoadedProfile, ProfileStore
+from adaras.engine.reports import Outbox
 from adaras.engine.step import STATS, StepBuffers, StepContext, current, set_current
 from adaras.predictor import PoolState
 from adaras.profile import ModelShape
@@ -44,7 +46,7 @@ from adaras.steering import (
 )
 
 DEFAULT_PROFILE_ENV = "ADARAS_DEFAULT_PROFILE"
-MAX_REPORTS = 65536
+MAX_CAPTURES = 65536
 
 
 _SUFFIX = re.compile(r"-[0-9a-f]{8}$")
@@ -65,9 +67,9 @@ def belongs_to(engine_id: str, frontend_id: str) -> bool:
 
 
 def put_bounded(store: OrderedDict, key: str, value) -> None:
-    """Insert, dropping the oldest entries beyond MAX_REPORTS (results nobody pops)."""
+    """Insert, dropping the oldest entries beyond MAX_CAPTURES (results nobody pops)."""
     store[key] = value
-    while len(store) > MAX_REPORTS:
+    while len(store) > MAX_CAPTURES:
         store.popitem(last=False)
 
 
@@ -121,7 +123,7 @@ class SteeringRuntime:
         self.capture = ActivationCapture(shape.num_layers, shape.intermediate_size, self.shard,
                                          device, self._put_capture)
         self.requests: dict[str, RequestState] = {}
-        self.reports: OrderedDict[str, dict] = OrderedDict()
+        self.outbox = Outbox()  # reports made this step; the runner empties it into the output
         self.capture_results: OrderedDict[str, dict] = OrderedDict()
         self.hooked_layers = 0  # steering-op calls with work to do, ever
         for name, path in parse_profiles_env(os.environ.get(PROFILES_ENV)).items():
@@ -180,22 +182,21 @@ class SteeringRuntime:
             state.pool = prof.predictor.init_state()
             if (extra or {}).get(FINGERPRINT_KEY) == loaded.version:
                 state.blocks = prompt_blocks(extra, loaded.version)
+            return state  # reported when the gate has decided
         self._put_report(req_id, state)
         return state
 
     def _put_report(self, req_id: str, state: RequestState) -> None:
-        put_bounded(self.reports, req_id, state.report())
+        """Post the request's report; it leaves with this step's output."""
+        self.outbox.post(req_id, state.report())
 
     def _put_capture(self, req_id: str, result: dict) -> None:
         put_bounded(self.capture_results, req_id, result)
 
-    def pop_reports(self, req_ids: list[str] | None = None) -> dict[str, dict]:
-        """Reports keyed by engine request id; with `req_ids`, only those that
-        belong to one of these frontend ids (see `request_base_id`)."""
-        if req_ids is None:
-            out, self.reports = dict(self.reports), OrderedDict()
-            return out
-        return pop_belonging(self.reports, req_ids)
+    def take_reports(self) -> dict[str, dict]:
+        """The reports posted since the last call, by engine request id (the
+        runner calls this once per step and sends them with the step's output)."""
+        return self.outbox.drain()
 
     def pop_captures(self, req_ids: list[str]) -> dict[str, dict]:
         """Finished captures of requests that belong to these frontend ids,
@@ -203,8 +204,7 @@ class SteeringRuntime:
         return pop_belonging(self.capture_results, req_ids)
 
     def release(self, req_id: str) -> None:
-        """Forget a request that finished or was aborted (its report stays
-        until popped). Called where vLLM drops the request's state, which
+        """Forget a request that finished or was aborted. Called where vLLM drops the request's state, which
         happens on every step, including the empty one before going idle."""
         self.requests.pop(req_id, None)
         self.capture.active.pop(req_id, None)
@@ -212,7 +212,7 @@ class SteeringRuntime:
     def stats(self) -> dict:
         """Sizes of the per-request tables (all 0 when idle and drained)."""
         return {"requests": len(self.requests), "captures": len(self.capture.active),
-                "reports": len(self.reports), "capture_results": len(self.capture_results),
+                "reports": len(self.outbox), "capture_results": len(self.capture_results),
                 "profiles": sorted(self.profiles), "versions": len(self.store.by_version),
                 "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix),
                 "prefix_tokens_restored": self.prefix.restored_tokens,

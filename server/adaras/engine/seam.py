@@ -6,9 +6,11 @@ entry point (`plugin.register`), registered model classes (`models.py`),
 `_on_request_state_removed` hook. What they cannot reach is patched here,
 each patch saying what it replaces and why:
 
-    patch_input_processor       frontend: validate, salt and route each request
+    patch_input_processor       frontend: validate, admit, salt and route each request
+    patch_output_processor      frontend: take each request's steering report off its output
     patch_prefix_cache          engine core: salt steered blocks; adaptive cache hits
-    patch_model_runner          workers: per-step steering context, release, RPC
+    patch_scheduler_reports     engine core: carry reports from the worker to the outputs
+    patch_model_runner          workers: per-step steering context, reports, release, RPC
     patch_cpu_generator_rewind  workers: vLLM-CPU crash fix (seeded chunked prefill)
     patch_openai_requests       HTTP server: carry `steering` into extra_args
 
@@ -29,7 +31,11 @@ def patch_input_processor() -> None:
     Why: vLLM has no per-request hook between parsing SamplingParams and
     scheduling. Here a bad `steering` or `adaras_capture` object is refused
     with a ValueError naming the field (the API's 400) before the engine
-    sees it; steered requests carry a prefix-cache salt in extra_args (the
+    sees it; in the HTTP server, steering and internal fields that the server
+    did not admit are refused too (`reports.MAILBOX.check_admitted`: a client
+    cannot reach the engine's steering by another route or through
+    `vllm_xargs`), and admitted requests skip the name check (the server's
+    profile registry resolved the name); steered requests carry a prefix-cache salt in extra_args (the
     engine core salts the blocks they may steer: `patch_prefix_cache`);
     capture requests skip reading the prefix cache so every prompt token runs
     through the MLPs. __init__ records the profiles the workers hold
@@ -38,7 +44,10 @@ def patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from adaras.engine import plugin  # looked up per call: tests replace plugin.steering_salt
+    from adaras.engine import (
+        plugin,  # looked up per call: tests replace plugin.steering_salt
+        reports,
+    )
     from adaras.engine.config import (
         CAPTURE_KEY,
         PROFILES_ENV,
@@ -62,9 +71,11 @@ def patch_input_processor() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         steering = capture = None
         if isinstance(params, SamplingParams) and params.extra_args:
+            reports.MAILBOX.check_admitted(params.extra_args)  # raises ValueError
             if STEERING_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
-                plugin.check_profile_name(self, steering)
+                if reports.ADMISSION_KEY not in params.extra_args:
+                    plugin.check_profile_name(self, steering)
             capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if capture is not None:  # every prompt token must run through the MLPs
@@ -189,6 +200,84 @@ class _LeadingBlocks:
         return getattr(self._request, name)
 
 
+def patch_scheduler_reports() -> None:
+    """Scheduler.update_from_output (engine core), wrapped.
+
+    Why: a report the worker posted (`reports.OUTPUT_ATTR` on the step's
+    ModelRunnerOutput) must reach the frontend with the request's outputs;
+    EngineCoreOutput's only free-form field is `kv_transfer_params`, so the
+    report rides there under `reports.REPORT_KEY` on the request's next
+    output, and the frontend (`patch_output_processor`) takes it out before
+    vLLM reads the field. Reports of requests that end without another output
+    are dropped with them (`reports.carry`): nothing accumulates.
+    """
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from adaras.engine import reports
+
+    if getattr(Scheduler, "_adaras_reports", False):
+        return
+    orig_update = Scheduler.update_from_output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        result = orig_update(self, scheduler_output, model_runner_output)
+        pending = self.__dict__.setdefault("_adaras_pending_reports", {})
+        posted = getattr(model_runner_output, reports.OUTPUT_ATTR, None)
+        if posted or pending:
+            outputs = [o for eco in result.values() for o in eco.outputs]
+            reports.carry(pending, posted, outputs, self.requests)
+        return result
+
+    Scheduler.update_from_output = update_from_output
+    Scheduler._adaras_reports = True
+
+
+def patch_output_processor() -> None:
+    """OutputProcessor.process_outputs and RequestState._new_completion_output
+    (the frontend process: the HTTP server, or the offline LLM).
+
+    process_outputs (wrapped): before vLLM processes a step's outputs, take
+        each steering report out of `kv_transfer_params` (vLLM would return
+        the field to clients), keep it on the request's state and hand it to
+        the HTTP server's open request (`reports.MAILBOX`), by the
+        server-made id vLLM named the request after.
+    _new_completion_output (wrapped): each CompletionOutput carries its
+        request's latest report as `.steering` (None when it has none), which
+        the offline API reads.
+    """
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
+
+    from adaras.engine import reports
+
+    if getattr(OutputProcessor, "_adaras", False):
+        return
+    orig_process = OutputProcessor.process_outputs
+    orig_completion = RequestState._new_completion_output
+
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        for out in engine_core_outputs:
+            if out.kv_transfer_params is None:
+                continue
+            report = reports.take_report(out)
+            state = self.request_states.get(out.request_id) if report is not None else None
+            if state is None:
+                continue
+            state.adaras_report = report
+            parent = state.parent_req
+            external = parent.external_req_id if parent is not None else state.external_req_id
+            reports.MAILBOX.deliver(external, state.request_index, report)
+        return orig_process(self, engine_core_outputs, *args, **kwargs)
+
+    def _new_completion_output(self, *args, **kwargs):
+        completion = orig_completion(self, *args, **kwargs)
+        completion.steering = getattr(self, "adaras_report", None)
+        return completion
+
+    OutputProcessor.process_outputs = process_outputs
+    RequestState._new_completion_output = _new_completion_output
+    OutputProcessor._adaras = True
+
+
 def patch_model_runner() -> None:
     """GPUModelRunner (the V1 runner, which vLLM-CPU subclasses) and the
     worker wrapper, in every worker.
@@ -199,20 +288,27 @@ def patch_model_runner() -> None:
         just built; this is where LoRA computes its own mapping too.
     execute_model (wrapped): after the forward, feed the predictors and
         captures (`end_step`), even when the forward raised.
+    sample_tokens (wrapped): the step's ModelRunnerOutput carries the reports
+        the runtime posted in the step (`reports.OUTPUT_ATTR`, a plain
+        attribute: the output is pickled to the engine core as it is). Why:
+        vLLM has no per-request side channel from worker to scheduler; the
+        output is the one message every step sends anyway.
     _on_request_state_removed (wrapped): vLLM's own hook for request-scoped
         side state; it releases ours for every finished or aborted request.
     WorkerWrapperBase.adaras_rpc (added): the runtime's operations, reached
         with vLLM's `collective_rpc` (load/unload profiles, reports, stats).
     """
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    from adaras.engine import runtime
+    from adaras.engine import reports, runtime
 
     if getattr(GPUModelRunner, "_adaras", False):
         return
     orig_prepare = GPUModelRunner._prepare_inputs
     orig_execute = GPUModelRunner.execute_model
+    orig_sample = GPUModelRunner.sample_tokens
     orig_removed = GPUModelRunner._on_request_state_removed
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -237,6 +333,17 @@ def patch_model_runner() -> None:
             if rt is not None:
                 rt.end_step()
 
+    def sample_tokens(self, *args, **kwargs):
+        output = orig_sample(self, *args, **kwargs)
+        rt = runtime.get_runtime(self, create=False)
+        if rt is None or not len(rt.outbox):
+            return output
+        # async scheduling wraps the output it will return (GPU)
+        target = getattr(output, "_model_runner_output", output)
+        if isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
+            setattr(target, reports.OUTPUT_ATTR, rt.take_reports())
+        return output
+
     def _on_request_state_removed(self, req_id, req_state):
         # vLLM's hook for request-scoped side caches: called from
         # _update_states for every finished or aborted request, on every step,
@@ -252,6 +359,7 @@ def patch_model_runner() -> None:
 
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner.sample_tokens = sample_tokens
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
     GPUModelRunner._adaras = True
     WorkerWrapperBase.adaras_rpc = adaras_rpc
@@ -311,13 +419,15 @@ def patch_openai_requests() -> None:
     Replaces: nothing; wraps the original. Why: vLLM's OpenAI request models
     keep unknown body fields (`extra="allow"`) but drop them when building
     SamplingParams. The steering middleware leaves the resolved `steering`
-    object, the profile's fingerprint and (always) its steered prompt
-    positions in the body; this carries them into `SamplingParams.extra_args`,
-    where the plugin reads them.
+    object, the profile's fingerprint, (always) its steered prompt positions
+    and the request's admission key in the body; this carries them into
+    `SamplingParams.extra_args`, where the plugin reads them (and
+    `patch_input_processor` checks that the server admitted exactly them).
     """
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+    from adaras.engine.reports import ADMISSION_KEY
     from adaras.steering import FINGERPRINT_KEY, PROMPT_POSITIONS_KEY, STEERING_KEY
 
     for cls in (ChatCompletionRequest, CompletionRequest):
@@ -332,8 +442,9 @@ def patch_openai_requests() -> None:
                 params.extra_args = dict(params.extra_args or {})
                 params.extra_args[STEERING_KEY] = extra[STEERING_KEY]
                 params.extra_args[FINGERPRINT_KEY] = extra.get(FINGERPRINT_KEY, "")
-                if PROMPT_POSITIONS_KEY in extra:
-                    params.extra_args[PROMPT_POSITIONS_KEY] = extra[PROMPT_POSITIONS_KEY]
+                for key in (PROMPT_POSITIONS_KEY, ADMISSION_KEY):
+                    if key in extra:
+                        params.extra_args[key] = extra[key]
             return params
 
         cls.to_sampling_params = to_sampling_params

@@ -147,10 +147,10 @@ class Meter:
                 "prompt_tok_s": round(self.prompt_tokens / s, 1)}
 
 
-def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, pop, meter: Meter):
+def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, collect, meter: Meter):
     """Generate `jobs` `chunk` at a time under a progress bar; yields each
-    chunk's (jobs, RequestOutputs, pop(llm, request ids)) and counts its work
-    in `meter`."""
+    chunk's (jobs, RequestOutputs, collect(llm, RequestOutputs)) and counts its
+    work in `meter`."""
     with progress() as bar:
         task = bar.add_task(description, total=len(jobs))
         for i in range(0, len(jobs), chunk):
@@ -162,7 +162,7 @@ def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, pop, mete
             meter.requests += len(part)
             meter.prompt_tokens += sum(len(j.prompt) for j in part)
             meter.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outs)
-            yield part, outs, pop(llm, [o.request_id for o in outs])
+            yield part, outs, collect(llm, outs)
             bar.advance(task, len(part))
 
 
@@ -171,10 +171,11 @@ def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object
     """Generate `jobs`; after each chunk call `on_done` with (job,
     RequestOutput, steering report) triples so the caller can checkpoint.
     Returns the throughput (Meter.to_dict())."""
-    from adaras.engine import pop_reports
+    from adaras.engine import reports_of
 
     meter = Meter()
-    for part, outs, reports in _in_chunks(llm, jobs, description, chunk, pop_reports, meter):
+    for part, outs, reports in _in_chunks(llm, jobs, description, chunk,
+                                          lambda _, outs: reports_of(outs), meter):
         on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
     return meter.to_dict()
 
@@ -187,7 +188,10 @@ def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, di
     from adaras.engine import pop_captures
 
     meter = Meter()
-    for part, outs, caps in _in_chunks(llm, jobs, description, chunk, pop_captures, meter):
+    def collect(llm, outs):
+        return pop_captures(llm, [o.request_id for o in outs])
+
+    for part, outs, caps in _in_chunks(llm, jobs, description, chunk, collect, meter):
         results = []
         for j, o in zip(part, outs):
             cap = caps.get(o.request_id)
