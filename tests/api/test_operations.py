@@ -33,7 +33,7 @@ def metric(server, name: str, **labels) -> float:
 
 # ---- auth ------------------------------------------------------------------
 
-def test_api_key_is_required_on_v1_only(server):
+def test_api_key_is_required_and_health_and_metrics_stay_open(server):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
     r = httpx.post(server.url + "/v1/completions", json=body,

@@ -25,6 +25,7 @@ def runner() -> dict[str, ast.FunctionDef]:
 RUNNER_METHODS = {  # what the plugin wraps or relies on, with the leading parameters it uses
     "_prepare_inputs": ["self", "scheduler_output", "num_scheduled_tokens"],
     "execute_model": ["self", "scheduler_output"],
+    "sample_tokens": ["self", "grammar_output"],
     "_bookkeeping_sync": ["self"],
     "_on_request_state_removed": ["self", "req_id", "req_state"],
     "_update_states": ["self", "scheduler_output"],
@@ -182,3 +183,54 @@ def test_stock_causal_lm_forward_only_calls_the_backbone(module, cls):
                                                   "intermediate_tensors", "inputs_embeds"]
     calls = [n for n in ast.walk(forward) if isinstance(n, ast.Call)]
     assert [ast.unparse(c.func) for c in calls] == ["self.model"]
+
+
+def test_report_channel_symbols():
+    """What reports.py and the seam's report patches rely on, hop by hop."""
+    import dataclasses
+    import pickle
+
+    import vllm.v1.engine.output_processor as op
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
+
+    # worker -> engine core: a plain dataclass (an extra attribute survives pickling)
+    out = ModelRunnerOutput(req_ids=["r"], req_id_to_index={"r": 0})
+    assert dataclasses.is_dataclass(out) and hasattr(out, "__dict__")
+    out.adaras_reports = {"r": {"applied": True}}
+    assert pickle.loads(pickle.dumps(out)).adaras_reports == {"r": {"applied": True}}
+    assert "self._model_runner_output = model_runner_output" in \
+        inspect.getsource(AsyncGPUModelRunnerOutput.__init__)
+    # engine core: update_from_output's outputs carry a mutable kv_transfer_params dict
+    params = list(inspect.signature(Scheduler.update_from_output).parameters)
+    assert params[:3] == ["self", "scheduler_output", "model_runner_output"]
+    assert "outputs" in EngineCoreOutputs.__struct_fields__
+    eco = EngineCoreOutput(request_id="r", new_token_ids=[])
+    eco.kv_transfer_params = {"adaras_report": {}}
+    assert "kv_transfer_params" in EngineCoreOutput.__struct_fields__
+    # frontend: the output processor's request states and their choice identity
+    stock = stock_methods(op, "OutputProcessor")  # the test process runs the patched ones
+    src = ast.unparse(stock["process_outputs"])
+    assert "self.request_states.get(req_id)" in src
+    assert "engine_core_output.kv_transfer_params" in src
+    state = stock_methods(op, "RequestState")
+    init = ast.unparse(state["__init__"])
+    for field in ("self.external_req_id = ", "self.parent_req = ", "self.request_index = "):
+        assert field in init
+    assert "CompletionOutput" in ast.unparse(state["_new_completion_output"])
+
+
+def test_the_openai_server_names_requests_after_the_x_request_id_header():
+    """The steering middleware sets X-Request-Id to its own key and finds the
+    reports under `chatcmpl-<key>` and `cmpl-<key>-<prompt index>`."""
+    import vllm.entrypoints.openai.chat_completion.serving as chat
+    import vllm.entrypoints.openai.completion.serving as completion
+    import vllm.entrypoints.serve.engine.serving as base
+
+    assert 'raw_request.headers.get("X-Request-Id")' in inspect.getsource(base)
+    assert 'f"chatcmpl-{self._base_request_id(raw_request' in inspect.getsource(chat)
+    src = inspect.getsource(completion)
+    assert 'f"cmpl-{self._base_request_id(raw_request' in src
+    assert 'request_id_item = f"{request_id}-{i}"' in src
