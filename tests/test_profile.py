@@ -376,3 +376,26 @@ def test_validate_in_memory_refusals():
 def test_unwritable_path_is_profile_error(tmp_path):
     with pytest.raises(ProfileError, match="cannot write"):
         make_profile().save(tmp_path / "no" / "such" / "dir" / "p.safetensors")
+
+
+def test_read_validates_and_fingerprints_from_one_read_of_the_file(tmp_path, monkeypatch):
+    """The server's load-by-path: one read gives the profile and its version."""
+    import pathlib
+
+    import safetensors
+
+    from adaras.profile import file_version
+
+    path = tmp_path / "p.safetensors"
+    want = SteeringProfile.random("p", SHAPE, k=6, seed=2)
+    want.save(path)
+    reads = []
+    real = pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    monkeypatch.setattr(safetensors, "safe_open", None)  # no second read through safetensors
+    profile, version = SteeringProfile.read(path, expect=SHAPE)
+    assert reads == [path] and version == file_version(path)
+    assert torch.equal(profile.delta, want.delta) and torch.equal(profile.neurons, want.neurons)
+    path.write_bytes(b"\x08" + b"\0" * 7 + b"{oops}!!")
+    with pytest.raises(ProfileError, match="not a readable safetensors file"):
+        SteeringProfile.read(path, expect=SHAPE)
