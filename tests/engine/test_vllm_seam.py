@@ -9,6 +9,8 @@ import inspect
 
 import pytest
 
+from adaras.engine import seam
+
 
 def stock_methods(module, cls: str) -> dict[str, ast.FunctionDef]:
     tree = ast.parse(inspect.getsource(module))
@@ -167,6 +169,30 @@ def test_compile_symbols_the_plain_twin_relies_on():
     original = ast.unparse(stock_methods(wrapper, "TorchCompileWithNoGuardsWrapper")
                            ["original_code_object"])
     assert "self.__class__.forward.__code__" in original
+
+
+def test_compile_cache_symbols_the_restart_fix_relies_on():
+    """seam.patch_compile_cache: vLLM loads an AOT artifact with torch's
+    `load_compiled_function` and then calls `finalize_loading` on its
+    compiled function, which torch's bundled Inductor callable (the CPU
+    backend's) does not define: the seam adds it. If torch or vLLM change
+    either side, this fails and the patch is to be reviewed."""
+    import vllm.compilation.decorators as decorators
+    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.cpp_builder import get_cpp_compiler  # noqa: F401
+
+    load = inspect.getsource(decorators._try_load_aot_compiled_fn)
+    assert "torch.compiler.load_compiled_function(" in load
+    assert "loaded_fn._artifacts.compiled_fn.finalize_loading(model.vllm_config)" in load
+    assert "_try_load_aot_compiled_fn(self, aot_compilation_path)" in inspect.getsource(
+        decorators)
+    seam.patch_compile_cache()
+    ours = BundledAOTAutogradSerializableCallable.finalize_loading
+    assert ours.__module__ == "adaras.engine.seam", "torch now defines it: drop the patch"
+    isa = inspect.getsource(cpu_vec_isa)
+    assert "def check_build(self, code: str) -> bool:" in isa
+    assert "return self.check_build(VecISA._avx_code)" in isa
 
 
 @pytest.mark.parametrize("module,cls", [("qwen2", "Qwen2ForCausalLM"),

@@ -112,6 +112,7 @@ def register() -> None:
     seam.patch_scheduler_reports()
     seam.patch_model_runner()
     seam.patch_cpu_generator_rewind()
+    seam.patch_compile_cache()
 
 
 def first_steered_position(steering, extra_args: dict | None, num_prompt_tokens: int) -> int:

@@ -217,7 +217,8 @@ class SteeringRuntime:
                 "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix),
                 "prefix_tokens_restored": self.prefix.restored_tokens,
                 "plain_graph": STATS.plain_graph, "forwards_plain": STATS.forwards_plain,
-                "forwards_steered": STATS.forwards_steered, "steering_op_calls": STATS.op_calls}
+                "forwards_steered": STATS.forwards_steered, "steering_op_calls": STATS.op_calls,
+                **compiled_graphs()}
 
     # ---- per step ---------------------------------------------------------
     def begin_step(self, req_ids: list[str], req_id_to_index: dict[str, int],
@@ -334,3 +335,11 @@ def get_runtime(runner, create: bool = True) -> SteeringRuntime | None:
             shape, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(),
             runner.device, max_tokens=runner.max_num_tokens, max_requests=runner.max_num_reqs)
     return rt
+
+
+def compiled_graphs() -> dict:
+    """How this worker got its compiled graphs since start: loaded from
+    vLLM's compile cache (a warm start) or compiled (`seam.patch_compile_cache`)."""
+    from vllm.compilation.counter import compilation_counter as c
+
+    return {"graphs_loaded": c.num_aot_artifacts_loaded, "graphs_compiled": c.num_aot_compiles}

