@@ -193,7 +193,8 @@ def test_compose_services():
     env = adaras["environment"]
     for key in ("ADARAS_API_KEY", "ADARAS_ADMIN_KEY", "ADARAS_MODEL", "ADARAS_CACHE"):
         assert key in env
-    assert any(v.endswith(":" + env["ADARAS_CACHE"]) for v in adaras["volumes"])
+    (cache,) = [v for v in adaras["volumes"] if v.endswith(":" + env["ADARAS_CACHE"])]
+    assert _host_path(cache) is None  # a named volume: compile caches outlive the container
     assert doc["services"]["prometheus"]["image"].startswith("prom/prometheus")
     grafana = doc["services"]["grafana"]
     assert grafana["image"].startswith("grafana/grafana")
@@ -501,7 +502,14 @@ def test_k8s_deployment():
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert mounts[cache] in volumes
     vol = volumes[mounts[cache]]
-    assert "emptyDir" in vol or "persistentVolumeClaim" in vol
+    # compile caches persist across pod restarts: a claim of the base, shared by the replicas
+    claim = vol["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [d for p, d in _k8s_objects() if d.get("kind") == "PersistentVolumeClaim"
+              and d["metadata"]["name"] == claim]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    base = load_yaml(K8S / "base" / "kustomization.yaml")[0]["resources"]
+    assert any(d.get("metadata", {}).get("name") == claim for r in base
+               for d in load_yaml(K8S / "base" / r))
 
 
 def test_k8s_service():
@@ -540,7 +548,7 @@ def test_kustomize_builds(overlay):
     assert r.returncode == 0, r.stderr
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["Deployment", "PodDisruptionBudget", "Service"]
+    assert kinds == ["Deployment", "PersistentVolumeClaim", "PodDisruptionBudget", "Service"]
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     c = _container(dep)
     if overlay == "gpu":

@@ -74,3 +74,19 @@ def test_an_unwritable_cache_only_costs_the_probe(tmp_path, monkeypatch):
     check = seam.remember_successes(lambda isa, code: calls.append(1) or True)
     assert check(FakeIsa("avx2"), "c") and check(FakeIsa("avx2"), "c")
     assert len(calls) == 2
+
+
+def test_each_cpu_kind_gets_its_own_compile_cache(tmp_path, monkeypatch):
+    """Loaded graphs are machine code: a cache shared by machines of two CPU
+    kinds (one volume, many nodes) keeps their artifacts apart."""
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+
+    dirs = []
+    for isas in (["avx2"], ["avx2", "avx512"], ["avx2"]):
+        monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+        monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda isas=isas: list(isas))
+        root = seam.per_cpu_cache_root()
+        assert seam.per_cpu_cache_root() == root  # idempotent: spawned processes inherit it
+        dirs.append(root)
+    assert dirs[0] == dirs[2] != dirs[1]
+    assert all(d.startswith(str(tmp_path) + "/cpu-") for d in dirs)

@@ -439,10 +439,17 @@ def patch_compile_cache() -> None:
        test code, torch's version and the compiler binary, and is not run
        again; a probe that failed is not recorded (it may have timed out
        under load), so it runs again next time.
+
+    A loaded artifact is machine code for the CPU it was compiled on, and
+    vLLM's cache key does not say which, so a cache shared by machines of
+    different kinds (a k8s volume, a copied home directory) would hand AVX-512
+    kernels to a CPU without them: `per_cpu_cache_root` gives each CPU kind
+    its own directory under VLLM_CACHE_ROOT.
     """
     from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
     from torch._inductor import cpu_vec_isa
 
+    per_cpu_cache_root()
     if not hasattr(BundledAOTAutogradSerializableCallable, "finalize_loading"):
         def finalize_loading(self, vllm_config) -> None:
             return None  # deserialize() has loaded everything
@@ -453,6 +460,26 @@ def patch_compile_cache() -> None:
         return
     cpu_vec_isa.VecISA.check_build = remember_successes(cpu_vec_isa.VecISA.check_build)
     cpu_vec_isa.VecISA._adaras_cached = True
+
+
+def per_cpu_cache_root() -> str:
+    """Point VLLM_CACHE_ROOT at `<root>/cpu-<key>`, the key naming the
+    machine and the vector ISAs Inductor may generate code for (read from
+    the CPU's flags, no probe). Idempotent, and inherited by the processes
+    vLLM spawns; returns the directory."""
+    import hashlib
+    import platform
+
+    from torch._inductor.cpu_vec_isa import x86_isa_checker
+    from vllm import envs
+
+    isas = sorted(x86_isa_checker()) if platform.machine() in ("x86_64", "AMD64") else []
+    key = hashlib.sha256(" ".join([platform.machine(), *isas]).encode()).hexdigest()[:12]
+    root = os.path.normpath(envs.VLLM_CACHE_ROOT)
+    if os.path.basename(root) != f"cpu-{key}":
+        root = os.path.join(root, f"cpu-{key}")
+        os.environ["VLLM_CACHE_ROOT"] = root
+    return root
 
 
 def remember_successes(check):
