@@ -4,10 +4,11 @@
         [--kv-gib 3] [--out results.json] [--skip-hf] [-- <vLLM engine flags>]
 
 Starts stock vLLM (`python -m vllm.entrypoints.openai.api_server`, with
-ADARAS_PLUGIN=0 so the plugin never registers) and then `adaras serve` on the
-same model with the same engine flags and environment, one after the other
-(never both at once: they would share the cores), each in its own process
-group. Both are driven by the same loads from an async OpenAI client:
+ADARAS_PLUGIN=0 so the plugin never registers) and `adaras serve` on the same
+model with the same engine flags and environment, each in its own process
+group, and keeps both up. Only one is loaded at a time: an idle vLLM server
+sleeps (its worker waits on a socket), which the script checks and prints. Both
+are driven by the same loads from an async OpenAI client:
 
   decode   64 chat requests of exactly 128 tokens (greedy, ignore_eos), 32 in
            flight: output tok/s. adaras rows: steering off, always, adaptive
@@ -20,11 +21,13 @@ group. Both are driven by the same loads from an async OpenAI client:
            with a `down_proj` forward pre-hook adding alpha * delta at the
            profile's neurons, 128 new tokens, greedy.
 
-Each load runs --repeats times per row after one untimed warm-up of it; the
-table reports the best run (interference on a shared machine only slows a run
-down) and the median. With --bracket stock is started a second time after
-adaras serve and its runs join the stock rows, so drift of the machine over
-the run shows up in the stock rows' spread. Ratios are to stock's best. Targets (issue 9): off and
+After one untimed warm-up of every row, it runs --repeats rounds; a round runs
+every row of both servers once, the two servers one after the other (which
+goes first alternates) and the rows in a rotated order. The throughput of this
+machine drifts by a third within minutes (docs/startup.md), far more than the
+few percent measured, so each row's ratio is paired: its run over stock's run
+in the same round, and the table reports the median of those paired ratios
+(and their range) beside each row's median tok/s. Targets (issue 9): off and
 adaptive >= 0.98x stock, always and configs >= 0.97x; on the prefix load,
 adaptive's mean TTFT and wall time <= 1.1x off's.
 
@@ -155,25 +158,56 @@ async def run_prefix(client, model: str, steering: dict | None) -> dict:
     return {"ttft_s": statistics.mean(ttfts), "wall_s": time.perf_counter() - t0}
 
 
-async def measure(url: str, model: str, rows: dict[str, tuple[str, object]], repeats: int) -> dict:
-    """rows: name -> ("decode", [steering per request]) | ("prefix", steering)."""
+async def run_row(client, model: str, load: str, steering) -> dict:
+    return await (run_decode if load == "decode" else run_prefix)(client, model, steering)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its descendants so far."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def measure(servers: dict, model: str, repeats: int) -> tuple[dict, dict]:
+    """servers: label -> (Server, rows), rows: name -> ("decode", [steering per
+    request]) | ("prefix", steering). Returns each row's runs (with its round)
+    and the idle servers' CPU use while another was loaded (cores)."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="bench", timeout=600, max_retries=0)
-    runs: dict[str, list[dict]] = {name: [] for name in rows}
-    for load, steering in rows.values():  # untimed warm-up of every row
-        await (run_decode if load == "decode" else run_prefix)(client, model, steering)
-    for r in range(repeats):  # rounds, each row once, order rotated per round
-        names = list(rows)
-        names = names[r % len(names):] + names[: r % len(names)]
-        for name in names:
-            load, steering = rows[name]
-            res = await (run_decode if load == "decode" else run_prefix)(client, model, steering)
-            runs[name].append(res)
-            print(f"  {name:>16}: {json.dumps({k: round(v, 3) for k, v in res.items()})}",
-                  flush=True)
-    await client.close()
-    return runs
+    clients = {label: AsyncOpenAI(base_url=srv.url + "/v1", api_key="bench", timeout=600,
+                                  max_retries=0) for label, (srv, _) in servers.items()}
+    runs: dict[str, list[dict]] = {}
+    idle: dict[str, list[float]] = {label: [] for label in servers}
+    for label, (_, rows) in servers.items():  # untimed warm-up of every row
+        for load, steering in rows.values():
+            await run_row(clients[label], model, load, steering)
+    labels = list(servers)
+    for r in range(repeats):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            srv, rows = servers[label]
+            others = {o: cpu_seconds(servers[o][0].proc.pid) for o in labels if o != label}
+            t0 = time.perf_counter()
+            names = list(rows)
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                res = {**await run_row(clients[label], model, *rows[name]), "round": r}
+                runs.setdefault(name, []).append(res)
+                print(f"  round {r} {name:>16}: "
+                      f"{json.dumps({k: round(v, 3) for k, v in res.items()})}", flush=True)
+            wall = time.perf_counter() - t0
+            for o, before in others.items():
+                idle[o].append((cpu_seconds(servers[o][0].proc.pid) - before) / wall)
+    for client in clients.values():
+        await client.close()
+    return runs, idle
 
 
 # ------------------------------------------------------------- HF reference
@@ -218,32 +252,39 @@ def hf_reference(model_dir: str, profile_path: str, batch: int = 32, max_new: in
 
 
 # ------------------------------------------------------------------- main
-def best(runs: list[dict], key: str, high: bool) -> float:
-    vals = [r[key] for r in runs]
-    return max(vals) if high else min(vals)
+def paired(runs: dict[str, list[dict]], name: str, ref: str, key: str) -> list[float]:
+    """name's run over ref's run in the same round, for every round."""
+    by_round = {r["round"]: r[key] for r in runs[ref]}
+    return [r[key] / by_round[r["round"]] for r in runs[name] if r["round"] in by_round]
 
 
-def report(runs: dict[str, list[dict]], hf: dict | None) -> list[str]:
-    stock = best(runs["stock"], "tok_s", True)
-    lines = ["decode load: 64 requests x 128 tokens, 32 in flight (output tok/s, best and median "
-             f"of {len(runs['stock'])})",
-             "| row | best tok/s | median tok/s | ratio to stock | target |",
-             "|---|---|---|---|---|"]
+def report(runs: dict[str, list[dict]], hf: dict | None, idle: dict) -> list[str]:
+    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+    n = len(runs["stock"])
+    lines = ["decode load: 64 requests x 128 tokens, 32 in flight: output tok/s, median of "
+             f"{n} rounds; ratio: median (range) of the row's run over stock's in the same round",
+             "| row | median tok/s | ratio to stock | target |", "|---|---|---|---|"]
     for name in ("stock", "off", "always", "adaptive", "configs"):
-        b, med = best(runs[name], "tok_s", True), statistics.median(r["tok_s"] for r in runs[name])
+        ratios = paired(runs, name, "stock", "tok_s")
+        ratio = statistics.median(ratios)
         target = TARGETS.get(name)
-        verdict = "" if target is None else f">= {target} ({'met' if b / stock >= target else 'MISSED'})"
-        lines.append(f"| {name} | {b:.1f} | {med:.1f} | {b / stock:.3f} | {verdict} |")
+        verdict = "" if target is None else \
+            f">= {target} ({'met' if ratio >= target else 'MISSED'})"
+        lines.append(f"| {name} | {med(name, 'tok_s'):.1f} | {ratio:.3f} "
+                     f"({min(ratios):.3f}-{max(ratios):.3f}) | {verdict} |")
     if hf is not None:
-        lines.append(f"| hf hooks (batch 32) | {hf['tok_s']:.1f} | | {hf['tok_s'] / stock:.3f} | |")
+        lines.append(f"| hf hooks (batch 32, after the servers) | {hf['tok_s']:.1f} | "
+                     f"{hf['tok_s'] / med('stock', 'tok_s'):.3f} (to the median) | |")
     lines += ["", "shared-prefix load: 32 requests, one ~900-word system prompt, 8 in flight, "
-              "16 tokens (best of the runs)",
+              "16 tokens: medians; ratios paired by round as above",
               "| row | mean TTFT s | wall s | TTFT vs off | wall vs off |", "|---|---|---|---|---|"]
-    off_t, off_w = best(runs["prefix-off"], "ttft_s", False), best(runs["prefix-off"], "wall_s", False)
     for name in ("prefix-stock", "prefix-off", "prefix-adaptive"):
-        t, w = best(runs[name], "ttft_s", False), best(runs[name], "wall_s", False)
-        lines.append(f"| {name.removeprefix('prefix-')} | {t:.3f} | {w:.2f} | {t / off_t:.2f} | "
-                     f"{w / off_w:.2f} |")
+        t = statistics.median(paired(runs, name, "prefix-off", "ttft_s"))
+        w = statistics.median(paired(runs, name, "prefix-off", "wall_s"))
+        lines.append(f"| {name.removeprefix('prefix-')} | {med(name, 'ttft_s'):.3f} | "
+                     f"{med(name, 'wall_s'):.2f} | {t:.2f} | {w:.2f} |")
+    lines += ["", "idle server while the other was loaded (CPU cores, max over blocks): " +
+              ", ".join(f"{label} {max(v):.3f}" for label, v in idle.items() if v)]
     return lines
 
 
@@ -254,8 +295,6 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=int, default=3)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--bracket", action="store_true",
-                    help="start stock again after adaras serve (its runs join the stock rows)")
     ap.add_argument("engine", nargs="*", help="vLLM engine flags (after --)")
     args = ap.parse_args()
 
@@ -287,33 +326,34 @@ def main() -> None:
         "prefix-off": ("prefix", {"mode": "off"}),
         "prefix-adaptive": ("prefix", {"mode": "adaptive"}),
     }
-    runs: dict[str, list[dict]] = {}
     stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                  model_dir, "--served-model-name", name]
-    servers = [("stock", stock_cmd, {"ADARAS_PLUGIN": "0"}, rows_stock),
-               ("adaras", [sys.executable, "-m", "adaras.cli", "serve", "--model", model_dir,
-                           "--served-model-name", name, "--profile", f"{profile_name}={profile}"],
-                {}, rows_adaras)]
-    if args.bracket:  # stock again after adaras: the machine's drift, in the stock rows
-        servers.append(("stock-again", stock_cmd, {"ADARAS_PLUGIN": "0"}, rows_stock))
-    for label, cmd, extra_env, rows in servers:
-        port = free_port()
-        server = Server(label, [*cmd, "--port", str(port)] + (["--"] if label == "adaras" else [])
-                        + engine, {**env, **extra_env}, port, work / f"{label}.log")
-        try:
+    adaras_cmd = [sys.executable, "-m", "adaras.cli", "serve", "--model", model_dir,
+                  "--served-model-name", name, "--profile", f"{profile_name}={profile}"]
+    servers = {}
+    try:
+        for label, cmd, extra_env, rows in (
+                ("stock", stock_cmd, {"ADARAS_PLUGIN": "0"}, rows_stock),
+                ("adaras", adaras_cmd, {}, rows_adaras)):
+            port = free_port()
+            server = Server(label, [*cmd, "--port", str(port)] +
+                            (["--"] if label == "adaras" else []) + engine,
+                            {**env, **extra_env}, port, work / f"{label}.log")
+            servers[label] = (server, rows)
             t0 = time.monotonic()
             server.wait_healthy()
             print(f"{label}: healthy after {time.monotonic() - t0:.0f} s", flush=True)
-            for row, got in asyncio.run(measure(server.url, name, rows, args.repeats)).items():
-                runs.setdefault(row, []).extend(got)
-        finally:
+        runs, idle = asyncio.run(measure(servers, name, args.repeats))
+    finally:
+        for server, _ in servers.values():
             server.stop()
     hf = None if args.skip_hf else hf_reference(model_dir, str(profile))
-    lines = report(runs, hf)
+    lines = report(runs, hf, idle)
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps({"model": name, "engine": engine, "kv_gib": args.kv_gib,
-                                        "runs": runs, "hf": hf, "table": lines}, indent=1))
+                                        "runs": runs, "idle_cores": idle, "hf": hf,
+                                        "table": lines}, indent=1))
 
 
 if __name__ == "__main__":

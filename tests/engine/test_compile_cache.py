@@ -90,3 +90,18 @@ def test_each_cpu_kind_gets_its_own_compile_cache(tmp_path, monkeypatch):
         dirs.append(root)
     assert dirs[0] == dirs[2] != dirs[1]
     assert all(d.startswith(str(tmp_path) + "/cpu-") for d in dirs)
+
+
+def test_the_server_log_says_whether_a_start_compiles_or_loads(tmp_path, monkeypatch):
+    from adaras.api import glue
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    assert "is empty: this start compiles" in glue.compile_cache_note()
+    artifact = tmp_path / "torch_compile_cache" / "torch_aot_compile" / "abc" / "rank_0_0"
+    artifact.mkdir(parents=True)
+    (artifact / "model").write_bytes(b"")
+    assert "1 compiled graph(s) stored" in glue.compile_cache_note()
+    assert glue.compiled_graphs_note({"graphs_loaded": 2, "graphs_compiled": 0}) == \
+        "2 compiled graph(s) loaded from the compile cache, 0 compiled"
+    assert glue.compiled_graphs_note({"graphs_loaded": 0, "graphs_compiled": 0}).endswith(
+        "(eager mode)")

@@ -84,7 +84,8 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
         logger.error("adaras: steering disabled, requests that ask for it get 503: %s",
                      registry.unavailable)
     else:
-        logger.info("adaras: start-up probe: the steering op ran")
+        logger.info("adaras: start-up probe: the steering op ran; %s",
+                    glue.compiled_graphs_note(await glue.engine_rpc(engine, "stats")))
     # Outermost first: auth, then steering, then vLLM's own middleware. vLLM
     # has already built the middleware stack, so insert and let it rebuild.
     app.user_middleware[:0] = [
@@ -183,6 +184,7 @@ async def serve(settings: Settings, passthrough: list[str]) -> None:
     model_path = str(resolve_model(settings.model))
     args = vllm_args(settings, model_path, passthrough)
     size_kv_cache(args)  # CPU: raises KvCacheTooSmall before the engine starts
+    logger.info("adaras: %s", glue.compile_cache_note())
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
         app = await build_app(settings, args, engine)

@@ -6,6 +6,8 @@
   `SamplingParams.extra_args`, where the engine plugin reads them.
 * `engine_rpc` calls the worker runtime through `collective_rpc`.
 * `probe_steering` checks at start-up that the steering op runs.
+* `compile_cache_note` and `compiled_graphs_note` say in the log whether a
+  start compiles or loads its graphs.
 """
 
 from __future__ import annotations
@@ -78,3 +80,28 @@ async def probe_steering(engine, registry, timeout_s: float = PROBE_TIMEOUT_S) -
     return (f"a steered probe request did not reach the steering op ({arch}): the model class "
             "is not one of the steered ones (Qwen3, Qwen2, Llama) or vLLM bypassed the "
             "plugin's runner hook")
+
+
+def compile_cache_note() -> str:
+    """Before the engine starts: where its compile cache is and whether it
+    holds any compiled graph (the per-CPU directory, seam.per_cpu_cache_root)."""
+    import os
+
+    from vllm import envs
+
+    aot = os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", "torch_aot_compile")
+    graphs = sum(1 for _, _, files in os.walk(aot) for f in files if f == "model") \
+        if os.path.isdir(aot) else 0
+    if graphs:
+        return (f"compile cache {envs.VLLM_CACHE_ROOT}: {graphs} compiled graph(s) stored; "
+                "graphs of this model and configuration load instead of compiling")
+    return (f"compile cache {envs.VLLM_CACHE_ROOT} is empty: this start compiles the model's "
+            "graphs (minutes on a few cores) and stores them; later starts load them")
+
+
+def compiled_graphs_note(stats: dict) -> str:
+    """After the engine started: what its workers did (SteeringRuntime.stats)."""
+    loaded, compiled = stats.get("graphs_loaded", 0), stats.get("graphs_compiled", 0)
+    if loaded + compiled == 0:
+        return "no compiled graph (eager mode)"
+    return f"{loaded} compiled graph(s) loaded from the compile cache, {compiled} compiled"
