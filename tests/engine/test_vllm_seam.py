@@ -187,6 +187,21 @@ def test_compile_cache_symbols_the_restart_fix_relies_on():
     assert "loaded_fn._artifacts.compiled_fn.finalize_loading(model.vllm_config)" in load
     assert "_try_load_aot_compiled_fn(self, aot_compilation_path)" in inspect.getsource(
         decorators)
+    # models.aot_artifact / load_compiled compute the artifact's path and install
+    # a loaded graph as the decorator's __call__ does
+    call = inspect.getsource(decorators)
+    for line in ("factors: list[str] = aot_compile_hash_factors(self.vllm_config)",
+                 "factors.append(_model_hash_key(self.forward))",
+                 "hash_key = hashlib.sha256(str(factors).encode()).hexdigest()",
+                 '"torch_aot_compile",', 'cache_dir = os.path.join(cache_dir, f"rank_{rank}_{dp_rank}")',
+                 "dp_rank = self.vllm_config.parallel_config.data_parallel_index",
+                 'aot_compilation_path = os.path.join(cache_dir, "model")',
+                 'os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache',
+                 "self.compilation_config.local_cache_dir = cache_dir",
+                 "self.aot_compiled_fn = loaded_fn",
+                 "self.was_aot_compile_fn_loaded_from_disk = True",
+                 'if getattr(self, "aot_compiled_fn", None) is not None:'):
+        assert line in call, line
     seam.patch_compile_cache()
     ours = BundledAOTAutogradSerializableCallable.finalize_loading
     assert ours.__module__ == "adaras.engine.seam", "torch now defines it: drop the patch"

@@ -16,7 +16,10 @@ op: the *plain twin* (`plain_twin`), a module of a subclass of the stock
 backbone that shares every submodule and weight, compiled by vLLM's own
 `support_torch_compile` while `SteeredActivation` leaves the op out of the
 trace. So such a step runs exactly stock vLLM's graph, with no extra call per
-layer. Both graphs are compiled at start-up (the first forward runs both).
+layer. Both graphs are ready before serving starts: vLLM's warm-up forward
+compiles (or loads) the steered graph, and the twin is loaded from vLLM's
+compile cache when it is there (`load_compiled`, without running it) or
+compiled by running that warm-up batch once more.
 """
 
 from __future__ import annotations
@@ -152,24 +155,11 @@ def wrap_mlps(model: nn.Module) -> int:
     return n
 
 
-def plain_twin(model: nn.Module) -> nn.Module:
-    """The backbone `model` again, over the same submodules and weights, as a
-    separately compiled module whose graph has no steering op.
-
-    Its class subclasses the stock backbone (Qwen2Model, ...) with a copy of
-    the stock `forward` under its own qualified name and code object, and is
-    decorated with vLLM's `support_torch_compile` and the stock dynamic
-    dimensions. The name keys vLLM's AOT compile cache, the code object
-    Dynamo's: the two graphs never share an artifact. Where vLLM does not
-    compile the backbone (eager), the backbone itself is returned: the op is
-    then skipped by a Python check per layer."""
-    if getattr(model, "do_not_compile", True):
-        return model
-    from vllm.compilation.backends import set_model_tag
-    from vllm.compilation.decorators import support_torch_compile
-
-    base = type(model)
-    name = f"AdarasPlain{base.__name__}"
+def renamed(base: type, name: str) -> type:
+    """A subclass of `base` named `name` whose `forward` is base.forward's code
+    under the qualified name `name.forward`. vLLM keys its AOT compile cache by
+    the forward's qualified name and Dynamo its compiled code by the code
+    object, so the subclass's graph shares no compiled artifact with base's."""
     stock = base.forward
     code = stock.__code__
     code = code.replace(co_qualname=f"{name}.forward") if hasattr(code, "co_qualname") \
@@ -179,6 +169,35 @@ def plain_twin(model: nn.Module) -> nn.Module:
     forward.__kwdefaults__ = stock.__kwdefaults__
     forward.__qualname__ = f"{name}.forward"
     forward.__annotations__ = stock.__annotations__
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def own_compile_key(model: nn.Module) -> None:
+    """Give the steered backbone (a stock backbone instance with wrapped MLPs)
+    a class of its own (`renamed`), so its compiled graph, which calls the
+    op, never shares vLLM's compile-cache entry with stock vLLM's graph of
+    the same model and configuration, which does not: a steered engine
+    would otherwise load stock's graph and never steer."""
+    if getattr(model, "do_not_compile", True):
+        return
+    model.__class__ = renamed(type(model), f"AdarasSteered{type(model).__name__}")
+
+
+def plain_twin(model: nn.Module) -> nn.Module:
+    """The backbone `model` again, over the same submodules and weights, as a
+    separately compiled module whose graph has no steering op.
+
+    Its class is `renamed` from the stock backbone (Qwen2Model, ...) and is
+    decorated with vLLM's `support_torch_compile` and the stock dynamic
+    dimensions, so its graph has its own compile-cache entry. Where vLLM does
+    not compile the backbone (eager), the backbone itself is returned: the op
+    is then skipped by a Python check per layer."""
+    if getattr(model, "do_not_compile", True):
+        return model
+    from vllm.compilation.backends import set_model_tag
+    from vllm.compilation.decorators import support_torch_compile
+
+    name = f"AdarasPlain{type(model).__name__}"
 
     def __init__(self, *, vllm_config, prefix: str = "", twin_of: nn.Module):
         nn.Module.__init__(self)
@@ -187,11 +206,53 @@ def plain_twin(model: nn.Module) -> nn.Module:
                                                          "_buffers") else value
         # the decorator's __init__ then resets the compile state for this module
 
-    cls = type(name, (base,), {"forward": forward, "__init__": __init__,
-                               "__module__": __name__, "__qualname__": name})
+    cls = renamed(type(model), name)
+    cls.__init__ = __init__
     cls = support_torch_compile(dynamic_arg_dims=model._dynamic_arg_dims)(cls)
     with set_model_tag(name):  # VllmBackend's cache directory, where it is used
         return cls(vllm_config=model.vllm_config, twin_of=model)
+
+
+def aot_artifact(module: nn.Module) -> tuple[str, str] | None:
+    """(cache directory, artifact path) where vLLM's compile decorator keeps
+    `module`'s AOT-compiled graph, computed as its `__call__` computes them;
+    None when vLLM does not use AOT artifacts."""
+    import hashlib
+
+    from vllm import envs
+    from vllm.compilation.caching import aot_compile_hash_factors
+    from vllm.compilation.decorators import _model_hash_key
+
+    if not envs.VLLM_USE_AOT_COMPILE or envs.VLLM_DISABLE_COMPILE_CACHE:
+        return None
+    factors = aot_compile_hash_factors(module.vllm_config)
+    factors.append(_model_hash_key(module.forward))
+    root = os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", "torch_aot_compile",
+                        hashlib.sha256(str(factors).encode()).hexdigest())
+    parallel = module.vllm_config.parallel_config
+    return root, os.path.join(root, f"rank_{parallel.rank}_{parallel.data_parallel_index}",
+                              "model")
+
+
+def load_compiled(module: nn.Module) -> bool:
+    """Load `module`'s compiled graph from vLLM's compile cache without
+    running it, as its compile decorator does on a first call that finds the
+    artifact (then its calls run the loaded graph); False when there is none
+    or it does not load (the caller compiles it by running it)."""
+    from vllm.compilation import decorators
+
+    found = aot_artifact(module)
+    if found is None or not os.path.isfile(found[1]):
+        return False
+    root, path = found
+    module.compilation_config.local_cache_dir = root
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor_cache")
+    loaded = decorators._try_load_aot_compiled_fn(module, path)
+    if loaded is None:
+        return False
+    module.aot_compiled_fn = loaded
+    module.was_aot_compile_fn_loaded_from_disk = True
+    return True
 
 
 class _Steered:
@@ -208,6 +269,7 @@ class _Steered:
         else:
             twin = plain_twin(self.model)
             kind = "eager" if twin is self.model else "compiled"
+        own_compile_key(self.model)  # after the twin, which is made from the stock class
         # not a submodule: its weights are the backbone's, loaded once
         object.__setattr__(self, "plain_model", twin)
         self._adaras_warm = twin is self.model  # eager: one model, nothing more to compile
@@ -221,9 +283,13 @@ class _Steered:
         step.STATS.forwards_plain += 1
         if self.plain_model is None:  # one graph: the op is called and returns at once
             return self.model(*args)
-        if not self._adaras_warm:  # first forward (vLLM's start-up run): compile both graphs
+        if not self._adaras_warm:  # first forward (vLLM's start-up run): both graphs
             self._adaras_warm = True
-            self.model(*args)
+            out = self.model(*args)
+            if load_compiled(self.plain_model):
+                step.STATS.plain_graph_from = "loaded"
+                return out
+            step.STATS.plain_graph_from = "compiled"
         with _without_op():
             return self.plain_model(*args)
 

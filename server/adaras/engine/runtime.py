@@ -216,7 +216,8 @@ class SteeringRuntime:
                 "profiles": sorted(self.profiles), "versions": len(self.store.by_version),
                 "hooked_layers": self.hooked_layers, "prefix_states": len(self.prefix),
                 "prefix_tokens_restored": self.prefix.restored_tokens,
-                "plain_graph": STATS.plain_graph, "forwards_plain": STATS.forwards_plain,
+                "plain_graph": STATS.plain_graph, "plain_graph_from": STATS.plain_graph_from,
+                "forwards_plain": STATS.forwards_plain,
                 "forwards_steered": STATS.forwards_steered, "steering_op_calls": STATS.op_calls,
                 **compiled_graphs()}
 

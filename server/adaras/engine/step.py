@@ -67,6 +67,9 @@ class GraphStats:
     # "compiled": a twin graph without the op; "eager": the op skipped per layer;
     # "disabled": ADARAS_PLAIN_GRAPH=0, one graph; "none": no steered model here
     plain_graph: str = "none"
+    # how the compiled twin got ready at start-up: "loaded" from vLLM's compile
+    # cache without running it, or "compiled" (by running vLLM's warm-up batch)
+    plain_graph_from: str | None = None
     forwards_plain: int = 0  # forwards with nothing to steer or gather (the plain graph)
     forwards_steered: int = 0  # forwards with a steered row or a gather (the op in every layer)
     op_calls: int = 0  # steering-op calls, with or without work to do
