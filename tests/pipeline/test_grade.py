@@ -67,6 +67,17 @@ def test_gsm_symbolic_reference_answers_grade_correct_and_off_by_one_wrong():
         assert not wrong.correct and wrong.error is None, p.answer
 
 
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_every_math_answer_grades_correct_against_itself_and_wrong_plus_one(split):
+    """The vendored MATH files (data/math): 58 of their gold answers never
+    matched the same answer boxed before the grader read gold as LaTeX."""
+    problems = load_problems(str(Path(__file__).parents[2] / "data" / "math" / f"{split}.jsonl"))
+    right = grade_all(problems, [f"So it is $\\boxed{{{p.answer}}}$." for p in problems])
+    assert [p.id for p, g in zip(problems, right) if not g.correct] == []
+    wrong = grade_all(problems, [f"$\\boxed{{{p.answer}+1}}$" for p in problems])
+    assert [p.id for p, g in zip(problems, wrong) if g.correct] == []
+
+
 @pytest.mark.parametrize(
     ("gold", "completion", "expected"),
     [
@@ -84,6 +95,12 @@ def test_gsm_symbolic_reference_answers_grade_correct_and_off_by_one_wrong():
         ("-7", "\\boxed{-7}", True),
         ("-7", "\\boxed{7}", False),
         ("\\frac{\\sqrt{2}}{2}", "$\\boxed{\\frac{1}{\\sqrt{2}}}$", True),
+        # LaTeX gold answers (MATH): a plain parse read these as 3 and as 1
+        ("3\\sqrt{13}", "\\boxed{3\\sqrt{13}}", True),
+        ("3\\sqrt{13}", "\\boxed{3}", False),
+        ("1,-2", "\\boxed{-2, 1}", True),
+        ("1,-2", "\\boxed{1}", False),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\pi/2)}", True),
     ],
 )
 def test_math_equivalences(gold, completion, expected):

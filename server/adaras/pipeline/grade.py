@@ -145,8 +145,10 @@ def _grade_math(problem: Problem, completion: str, timeout: float) -> Grade:
 
     limit = _signal_timeout(timeout)
     with _keep_alarm():
-        gold = parse(problem.answer, parsing_timeout=limit) or parse(
-            f"${problem.answer}$", parsing_timeout=limit
+        # As LaTeX first, as the model's \boxed{} answer is read: a plain parse reads
+        # "3\sqrt{13}" as 3 and "1,-2" as 1, so such gold answers never match.
+        gold = parse(f"\\boxed{{{problem.answer}}}", parsing_timeout=limit) or parse(
+            problem.answer, parsing_timeout=limit
         )
         if not gold:
             return Grade(False, None, f"could not parse the reference answer {problem.answer!r}")
