@@ -95,7 +95,8 @@ def test_summary_is_json():
     assert s["k"] == 40 and s["has_predictor"] is True
     assert set(s) == {
         "name", "k", "default_alpha", "threshold", "model", "provenance",
-        "layer_histogram", "has_predictor", "fingerprint",
+        "layer_histogram", "has_predictor", "has_answer_predictor", "dose_in_sigma",
+        "fingerprint",
     }
 
 
@@ -225,7 +226,9 @@ BROKEN = {
         r"duplicate \(layer, neuron\) pair .* at entries 4 and 9",
     ),
     "unknown format": (lambda t, m: _set(m, "format", "gguf"), "unknown format 'gguf'"),
-    "unknown version": (lambda t, m: _set(m, "format_version", "2"), "unsupported format_version '2'"),
+    "unknown version": (lambda t, m: _set(m, "format_version", "3"), "unsupported format_version '3'"),
+    "v1 with sigma": (lambda t, m: _set(t, "sigma", torch.ones(40)),
+                      "unexpected tensor 'sigma' \\(a format_version 1 profile has no such tensor\\)"),
     "missing format": (lambda t, m: m.pop("format"), "missing metadata key 'format'"),
     "missing name": (lambda t, m: m.pop("name"), "missing metadata key 'name'"),
     "missing model": (lambda t, m: m.pop("model"), "missing metadata key 'model'"),
@@ -399,3 +402,105 @@ def test_read_validates_and_fingerprints_from_one_read_of_the_file(tmp_path, mon
     path.write_bytes(b"\x08" + b"\0" * 7 + b"{oops}!!")
     with pytest.raises(ProfileError, match="not a readable safetensors file"):
         SteeringProfile.read(path, expect=SHAPE)
+
+
+# ------------------------------------------------------------ format version 2
+def make_v2(k: int = 40) -> SteeringProfile:
+    p = make_profile(k)
+    p.sigma = torch.linspace(0.05, 2.0, k)  # float32 [K]
+    torch.manual_seed(1)
+    head = FailurePredictor(torch.tensor([3, 4], dtype=torch.int32),
+                            torch.tensor([1, 2], dtype=torch.int32), hidden=4)
+    p.answer_predictor = head.eval()
+    return p
+
+
+def test_v2_round_trip_keeps_sigma_and_both_heads(tmp_path):
+    p = make_v2()
+    p.save(tmp_path / "p.safetensors")
+    q = SteeringProfile.load(tmp_path / "p.safetensors")
+    assert torch.equal(q.sigma, p.sigma) and q.sigma.dtype == torch.float32
+    x = torch.randn(7, 2)
+    assert q.answer_predictor.prob(x) == p.answer_predictor.prob(x)
+    assert q.answer_predictor.config() == p.answer_predictor.config()
+    assert q.predictor.config() == p.predictor.config()
+    assert q.summary() == p.summary() and q.summary()["has_answer_predictor"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert f.metadata()["format_version"] == "2"
+        assert {k.split(".")[0] for k in f.keys()} == {"layers", "neurons", "delta", "sigma",
+                                                        "predictor", "answer_predictor"}
+
+
+@pytest.mark.parametrize("heads", [(), ("predictor",), ("answer_predictor",),
+                                   ("predictor", "answer_predictor")])
+def test_a_profile_carries_neither_one_or_both_heads(tmp_path, heads):
+    p = make_v2()
+    for head in ("predictor", "answer_predictor"):
+        if head not in heads:
+            setattr(p, head, None)
+    p.save(tmp_path / "p.safetensors")
+    q = SteeringProfile.load(tmp_path / "p.safetensors")
+    assert (q.predictor is not None, q.answer_predictor is not None) == \
+        ("predictor" in heads, "answer_predictor" in heads)
+
+
+def test_v1_files_still_load_without_sigma_or_answer_head(tmp_path):
+    q = SteeringProfile.load(write(tmp_path, *good_parts()))
+    assert q.sigma is None and q.answer_predictor is None and q.predictor is not None
+    assert q.dose_in_sigma() is None
+
+
+def test_dose_in_sigma_is_mean_alpha_delta_over_sigma_and_linear_in_alpha():
+    p = make_v2(3)
+    p.delta = torch.tensor([1.0, -2.0, 0.5])
+    p.sigma = torch.tensor([0.5, 4.0, 0.0])  # the last has no spread: left out
+    assert p.dose_in_sigma(0.3) == pytest.approx(0.3 * (2.0 + 0.5) / 2)
+    assert p.dose_in_sigma(0.6) == pytest.approx(2 * p.dose_in_sigma(0.3))
+    assert p.dose_in_sigma(0.0) == 0.0
+    p.default_alpha = 0.3
+    assert p.dose_in_sigma() == p.dose_in_sigma(0.3)
+
+
+def _v2_parts():
+    p = make_v2()
+    tensors, metadata = good_parts(p)
+    metadata["format_version"] = "2"
+    tensors["sigma"] = p.sigma.clone()
+    for key, t in p.answer_predictor.to_tensors().items():
+        tensors["answer_predictor." + key] = t
+    metadata["answer_predictor"] = json.dumps(p.answer_predictor.config())
+    return tensors, metadata
+
+
+BROKEN_V2 = {
+    "negative sigma": (_bad_entry("sigma", 4, -0.1), "sigma must be finite and >= 0"),
+    "nan sigma": (_bad_entry("sigma", 4, float("nan")), "sigma must be finite and >= 0"),
+    "sigma length": (lambda t, m: _set(t, "sigma", t["sigma"][:-2].clone()),
+                     "tensor 'sigma' has 38 entries; 'delta' has 40"),
+    "sigma float64": (lambda t, m: _set(t, "sigma", t["sigma"].double()),
+                      "tensor 'sigma' must be a 1-D float32 tensor"),
+    "answer head without config": (lambda t, m: m.pop("answer_predictor"),
+                                   "has 'answer_predictor.\\*' tensors but no 'answer_predictor' "
+                                   "metadata"),
+    "answer config without tensors": (
+        lambda t, m: [t.pop(k) for k in list(t) if k.startswith("answer_predictor.")],
+        "metadata 'answer_predictor' is present but there are no 'answer_predictor.\\*' tensors"),
+    "answer feature out of range": (_bad_entry("answer_predictor.feature_neurons", 1, 48),
+                                    "answer_predictor feature entry 1: neuron index 48 is out of "
+                                    "range"),
+    "answer config bad json": (lambda t, m: _set(m, "answer_predictor", "{"),
+                               "metadata 'answer_predictor' is malformed JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_V2))
+def test_broken_v2_profiles_are_refused_with_a_clear_message(tmp_path, case):
+    mutate, pattern = BROKEN_V2[case]
+    tensors, metadata = _v2_parts()
+    assert SteeringProfile.load(write(tmp_path, tensors, metadata, "ok.safetensors")).sigma \
+        is not None
+    mutate(tensors, metadata)
+    with pytest.raises(ProfileError, match=pattern):
+        SteeringProfile.load(write(tmp_path, tensors, metadata))

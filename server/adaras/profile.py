@@ -4,17 +4,27 @@ Tensors
     layers   int32 [K]    decoder layer index of each steered neuron
     neurons  int32 [K]    index within that layer's MLP intermediate dimension
     delta    float32 [K]  mean-difference steering values S
-    predictor.<key>       optional failure-predictor tensors (FailurePredictor.to_tensors())
+    sigma    float32 [K]  optional (v2): each neuron's activation spread over the
+                          probe traces (standard deviation of the per-trace mean
+                          activation), so alpha * |delta| / sigma is the dose in
+                          sigma units
+    predictor.<key>         optional failure predictor read from the prompt
+                            (FailurePredictor.to_tensors())
+    answer_predictor.<key>  optional (v2): a second head, read from the positions
+                            decoded after the prompt (the answer probe)
 
 Metadata (all values are strings)
     format          "adaras-profile"
-    format_version  "1"
+    format_version  "2" (written); "1" is still read: v1 is v2 without sigma and
+                    answer_predictor
     name            ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$, must not contain ".."
     default_alpha   float >= 0
     threshold       optional float in [0, 1]
     model           JSON {"architecture", "num_layers", "intermediate_size", "hidden_size"}
     provenance      JSON object, free-form (dataset, counts, K, selection options, time, ...)
     predictor       optional JSON, FailurePredictor.config(); present iff predictor.* tensors are
+    answer_predictor  optional JSON (v2), the answer head's config; present iff
+                    answer_predictor.* tensors are
 
 Model compatibility rule (ModelShape.compatible_with): num_layers, intermediate_size
 and hidden_size must be equal. Architecture names are compared case-insensitively
@@ -41,8 +51,10 @@ from torch import Tensor
 from .predictor import FailurePredictor
 
 FORMAT = "adaras-profile"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READS_VERSIONS = ("1", "2")
 PREDICTOR_PREFIX = "predictor."
+ANSWER_PREFIX = "answer_predictor."
 # The engine's per-step steering tables are [slots, layers, MAX_NEURONS_PER_LAYER],
 # allocated once per worker (adaras.engine.step).
 MAX_NEURONS_PER_LAYER = 256
@@ -167,10 +179,25 @@ class SteeringProfile:
     threshold: float | None = None
     provenance: dict = field(default_factory=dict)
     predictor: FailurePredictor | None = None
+    sigma: Tensor | None = None  # float32 [K], or None when unknown (v1, imported lists)
+    answer_predictor: FailurePredictor | None = None
 
     @property
     def k(self) -> int:
         return int(self.layers.numel())
+
+    def dose_in_sigma(self, alpha: float | None = None) -> float | None:
+        """mean over neurons of |alpha * delta| / sigma at `alpha` (default: the
+        profile's default_alpha): how far steering moves a neuron, in units of
+        its own spread across traces. None without sigma; neurons whose sigma is
+        0 are left out."""
+        if self.sigma is None:
+            return None
+        alpha = self.default_alpha if alpha is None else alpha
+        ok = self.sigma > 0
+        if not bool(ok.any()):
+            return None
+        return float((alpha * self.delta[ok].abs().double() / self.sigma[ok].double()).mean())
 
     # ------------------------------------------------------------ validation
     @property
@@ -212,6 +239,15 @@ class SteeringProfile:
                 fail(f"tensor '{tname}' has dtype {_dt(t.dtype)}, expected {_dt(want)}")
             if t.dim() != 1:
                 fail(f"tensor '{tname}' must be 1-D [K], got shape {list(t.shape)}")
+        if self.sigma is not None:
+            t = self.sigma
+            if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1:
+                fail(f"tensor 'sigma' must be a 1-D float32 tensor [K], got "
+                     f"{_dt(t.dtype) + str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+            if t.numel() != self.delta.numel():
+                fail(f"tensor 'sigma' has {t.numel()} entries; 'delta' has {self.delta.numel()}")
+            if not bool((torch.isfinite(t) & (t >= 0)).all()):
+                fail("sigma must be finite and >= 0 (a standard deviation per neuron)")
         lengths = (self.layers.numel(), self.neurons.numel(), self.delta.numel())
         if len(set(lengths)) != 1:
             fail(
@@ -260,14 +296,16 @@ class SteeringProfile:
             json.dumps(self.provenance, allow_nan=False)
         except (TypeError, ValueError) as e:
             fail(f"provenance is not JSON-serialisable: {e}")
-        p = self.predictor
-        if p is not None:
+        for prefix, p in ((PREDICTOR_PREFIX, self.predictor), (ANSWER_PREFIX, self.answer_predictor)):
+            if p is None:
+                continue
+            head = prefix.rstrip(".")
             if not isinstance(p, FailurePredictor):
-                fail(f"predictor must be a FailurePredictor, got {type(p).__name__}")
-            self._check_indices(p.feature_layers, p.feature_neurons, m, "predictor feature ", fail)
+                fail(f"{head} must be a FailurePredictor, got {type(p).__name__}")
+            self._check_indices(p.feature_layers, p.feature_neurons, m, f"{head} feature ", fail)
             for key, t in p.to_tensors().items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    fail(f"predictor tensor '{PREDICTOR_PREFIX}{key}' contains NaN or Inf")
+                    fail(f"{head} tensor '{prefix}{key}' contains NaN or Inf")
         if self.k == 0:
             warnings.warn(f"{where}: K = 0, this profile steers nothing", UserWarning, stacklevel=3)
 
@@ -307,10 +345,13 @@ class SteeringProfile:
         }
         if self.threshold is not None:
             metadata["threshold"] = repr(float(self.threshold))
-        if self.predictor is not None:
-            for key, t in self.predictor.to_tensors().items():
-                tensors[PREDICTOR_PREFIX + key] = t
-            metadata["predictor"] = json.dumps(self.predictor.config())
+        if self.sigma is not None:
+            tensors["sigma"] = self.sigma.detach().cpu().contiguous().clone()  # float32 [K]
+        for prefix, p in ((PREDICTOR_PREFIX, self.predictor), (ANSWER_PREFIX, self.answer_predictor)):
+            if p is not None:
+                for key, t in p.to_tensors().items():
+                    tensors[prefix + key] = t
+                metadata[prefix.rstrip(".")] = json.dumps(p.config())
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -368,10 +409,10 @@ class SteeringProfile:
         version = metadata.get("format_version")
         if version is None:
             fail("missing metadata key 'format_version'")
-        if version != FORMAT_VERSION:
+        if version not in READS_VERSIONS:
             fail(
-                f"unsupported format_version {version!r}; this server reads version {FORMAT_VERSION!r} "
-                f"(upgrade the server or re-export the profile)"
+                f"unsupported format_version {version!r}; this server reads versions "
+                f"{', '.join(map(repr, READS_VERSIONS))} (upgrade the server or re-export the profile)"
             )
         for key in ("name", "default_alpha", "model", "provenance"):
             if key not in metadata:
@@ -379,9 +420,13 @@ class SteeringProfile:
         for key in ("layers", "neurons", "delta"):
             if key not in tensors:
                 fail(f"missing tensor '{key}'")
-        extra = [k for k in tensors if k not in ("layers", "neurons", "delta") and not k.startswith(PREDICTOR_PREFIX)]
+        known, prefixes = ("layers", "neurons", "delta"), (PREDICTOR_PREFIX,)
+        if version != "1":  # what v2 added
+            known, prefixes = (*known, "sigma"), (*prefixes, ANSWER_PREFIX)
+        extra = [k for k in tensors if k not in known and not k.startswith(prefixes)]
         if extra:
-            fail(f"unexpected tensor '{extra[0]}'")
+            fail(f"unexpected tensor '{extra[0]}'" + (" (a format_version 1 profile has no such "
+                                                       "tensor)" if version == "1" else ""))
 
         def parse_json(key: str):
             try:
@@ -411,18 +456,22 @@ class SteeringProfile:
         default_alpha = parse_float("default_alpha")
         threshold = parse_float("threshold") if "threshold" in metadata else None
 
-        pred_tensors = {k[len(PREDICTOR_PREFIX):]: t for k, t in tensors.items() if k.startswith(PREDICTOR_PREFIX)}
-        predictor = None
-        if "predictor" in metadata:
-            if not pred_tensors:
-                fail("metadata 'predictor' is present but there are no 'predictor.*' tensors")
-            config = parse_json("predictor")
+        def parse_head(prefix: str) -> FailurePredictor | None:
+            head = prefix.rstrip(".")
+            found = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            if head not in metadata:
+                if found:
+                    fail(f"has '{prefix}*' tensors but no '{head}' metadata (the {head} config)")
+                return None
+            if not found:
+                fail(f"metadata '{head}' is present but there are no '{prefix}*' tensors")
             try:
-                predictor = FailurePredictor.from_tensors(pred_tensors, config, key_prefix=PREDICTOR_PREFIX)
+                return FailurePredictor.from_tensors(found, parse_json(head), key_prefix=prefix)
             except ValueError as e:
-                fail(f"invalid predictor: {e}")
-        elif pred_tensors:
-            fail("has 'predictor.*' tensors but no 'predictor' metadata (the predictor config)")
+                fail(f"invalid {head}: {e}")
+
+        predictor = parse_head(PREDICTOR_PREFIX)
+        answer_predictor = parse_head(ANSWER_PREFIX) if version != "1" else None
 
         profile = cls(
             name=metadata["name"],
@@ -434,6 +483,8 @@ class SteeringProfile:
             threshold=threshold,
             provenance=provenance,
             predictor=predictor,
+            sigma=tensors.get("sigma"),
+            answer_predictor=answer_predictor,
         )
         profile._check(expect, where)
         return profile
@@ -476,6 +527,8 @@ class SteeringProfile:
             "provenance": self.provenance,
             "layer_histogram": self.layer_histogram(),
             "has_predictor": self.predictor is not None,
+            "has_answer_predictor": self.answer_predictor is not None,
+            "dose_in_sigma": self.dose_in_sigma(),
             "fingerprint": self.fingerprint(),
         }
 

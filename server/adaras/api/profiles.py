@@ -107,7 +107,8 @@ class ProfileRegistry:
         return ProfileInfo(
             name=name, k=s["k"], default_alpha=s["default_alpha"], threshold=s["threshold"],
             model=s["model"], provenance=s["provenance"], layer_histogram=s["layer_histogram"],
-            has_predictor=s["has_predictor"], fingerprint=entry.version,
+            has_predictor=s["has_predictor"], has_answer_predictor=s["has_answer_predictor"],
+            dose_in_sigma=s["dose_in_sigma"], fingerprint=entry.version,
             default=name == self.default, source=entry.source)
 
     def _check_available(self) -> None:

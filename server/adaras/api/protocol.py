@@ -73,6 +73,12 @@ class ProfileInfo(BaseModel):
     provenance: dict[str, Any]
     layer_histogram: list[int]
     has_predictor: bool
+    has_answer_predictor: bool = Field(
+        False, description="the profile carries an answer head (format version 2)")
+    dose_in_sigma: float | None = Field(
+        None, description="mean |default_alpha * delta| / sigma over the steered neurons: the "
+        "default dose in units of each neuron's spread across probe traces (null when the "
+        "profile has no sigma)")
     fingerprint: str
     default: bool = False
     source: str | None = None
