@@ -195,10 +195,17 @@ def identify(
     seed: int = 0,
     skip_last_layers: Annotated[int, typer.Option(
         help="choose neurons only in layers before the last N")] = 0,
-    steer_prompt: Annotated[str, typer.Option(
-        help="none | last: also steer the last prompt position (always mode)")] = "none",
+    steer_prompt: Annotated[str | None, typer.Option(
+        help="none | last: also steer the last prompt position (always mode); default none, "
+             "last for --recipe reference")] = None,
     stage: Annotated[str | None, typer.Option(
-        help="output folder (default: identify[-<selection>][-skip<N>][-prompt-last])")] = None,
+        help="output folder (default: identify[-reference][-<selection>][-skip<N>]"
+             "[-prompt-<p>])")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="paired (this project's: paired traces, generated tokens) | reference (the "
+             "paper's code: unpaired, every token of question and trace, its ranking)")] = "paired",
+    per_side: Annotated[int, typer.Option(
+        help="--recipe reference: correct and incorrect traces per probe problem")] = 4,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -211,9 +218,34 @@ def identify(
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     path = run_identify(Run(run), IdentifyArgs(
         k=k, selection=selection, alpha=alpha, name=name, seed=seed,
-        skip_last_layers=skip_last_layers, steer_prompt=steer_prompt, stage=stage),
+        skip_last_layers=skip_last_layers, steer_prompt=steer_prompt, stage=stage,
+        recipe=recipe, per_side=per_side),
         engine, restart=restart)
     typer.echo(f"identify: {path}")
+
+
+@app.command("import-profile")
+@_pipeline_errors
+def import_profile(
+    csv_path: Annotated[str, typer.Argument(
+        metavar="CSV", help="a reference neuron list (top_200_neurons_by_rel_abs_diff.csv)")],
+    model: Annotated[str, typer.Option(
+        help="the model the list was made for: HF model directory or known name")],
+    out: Annotated[str, typer.Option(help="where to write the profile (*.safetensors)")],
+    k: Annotated[int, typer.Option("--k", help="the first K rows, in file order")] = 50,
+    alpha: Annotated[float, typer.Option(help="default alpha (the reference's strength)")] = 0.3,
+    name: Annotated[str | None, typer.Option(help="profile name (default: the file's stem)")]
+    = None,
+) -> None:
+    """Turn the reference implementation's neuron CSV into a validated steering profile."""
+    from adaras.pipeline.identify import model_shape
+    from adaras.pipeline.import_csv import import_reference_csv
+
+    profile = import_reference_csv(csv_path, model_shape(model), k=k, alpha=alpha, name=name,
+                                   model=model)
+    profile.save(out)
+    typer.echo(f"import-profile: {out} ({profile.k} neurons, alpha {profile.default_alpha:g}, "
+               f"layers {profile.layer_histogram()})")
 
 
 @app.command("train-predictor")
@@ -254,7 +286,9 @@ def eval_(
     seed: Annotated[int, typer.Option(help="dataset seed (use another than collect's)")] = 1,
     difficulty: float | None = None,
     option: Annotated[list[str] | None, typer.Option(help="dataset option key=value")] = None,
-    modes: Annotated[str, typer.Option(help="comma list of baseline,always,adaptive,random")]
+    modes: Annotated[str, typer.Option(
+        help="comma list of baseline,always,adaptive,minus (-S),random (matched per layer "
+             "and norm),noise (the baseline again, other order)")]
     = "baseline,always,adaptive,random",
     alpha: Annotated[float | None, typer.Option(help="default: the profile's")] = None,
     alphas: Annotated[str | None, typer.Option(help="alpha sweep, e.g. 0.1,0.3,0.5,0.7")] = None,
@@ -271,6 +305,11 @@ def eval_(
     primary: Annotated[str | None, typer.Option(
         help="pre-register this config (e.g. always) vs baseline, exact McNemar, in the "
              "manifest before generating")] = None,
+    noise_problems: Annotated[int | None, typer.Option(
+        help="the noise arm's problems (default: all)")] = None,
+    register: Annotated[str | None, typer.Option(
+        help="a JSON file (secondary comparisons, MDE, decision rule, ...) recorded in the "
+             "manifest's registration before generating")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -290,11 +329,27 @@ def eval_(
                     alpha=alpha, alphas=_floats(alphas),
                     ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
                     max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
-                    primary=primary)
+                    primary=primary, noise_problems=noise_problems,
+                    registration=_registration(register))
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())
     del results
+
+
+def _registration(path: str | None) -> dict | None:
+    import json
+    from pathlib import Path
+
+    if path is None:
+        return None
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {path}: {e}", param_hint="--register") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{path} must hold a JSON object", param_hint="--register")
+    return value
 
 
 def _log_to_stderr(name: str) -> None:

@@ -160,6 +160,32 @@ def test_jsonl_aliases_ids_and_blank_lines(tmp_path):
     }
 
 
+def test_jsonl_options_keep_problems_by_their_meta_fields():
+    from pathlib import Path
+
+    path = str(Path(__file__).parents[2] / "data" / "math" / "validation.jsonl")
+    every = load_problems(path)
+    hard = load_problems(path, options={"level": "4,5"})
+    assert {p.meta["level"] for p in hard} == {4, 5}
+    assert [p.id for p in hard] == [p.id for p in every if p.meta["level"] >= 4]
+    assert len(load_problems(path, n=7, options={"level": "5", "subject": "algebra"})) == 7
+    assert load_problems(path, options={"level": "6"}) == []
+
+
+def test_the_math_splits_are_distinct_problems_with_unique_ids():
+    from pathlib import Path
+
+    from adaras.pipeline.data import dedupe_against
+
+    root = Path(__file__).parents[2] / "data" / "math"
+    splits = {s: load_problems(str(root / f"{s}.jsonl")) for s in ("train", "validation", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 700, "validation": 300, "test": 500}
+    ids = [p.id for v in splits.values() for p in v]
+    assert len(set(ids)) == len(ids)
+    _, dropped = dedupe_against(splits["test"], splits["train"] + splits["validation"])
+    assert dropped == 0
+
+
 def test_jsonl_bad_line_reports_file_and_line(tmp_path):
     path = write_lines(tmp_path / "bad.jsonl", [{"question": "a", "answer": "1"}, "", "{oops"])
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:3: not valid JSON"):

@@ -183,6 +183,42 @@ def test_identify_ablations_write_their_own_profiles(run, engine, profile_path, 
         np.testing.assert_allclose(np.sort(prof.delta.numpy()), np.sort(main.delta.numpy()))
 
 
+def test_identify_reference_recipe_contrasts_unpaired_means_over_question_and_trace(
+        run, engine, tiny):
+    """--recipe reference: every token of "Question: ...\nThinking process:<trace>" (no chat
+    template), all correct traces against all incorrect ones, its ranking; the profile
+    steers the last prompt position, carries sigma and a split-half report."""
+    import transformers
+
+    from adaras.pipeline.identify import contrast, probe_traces, reference_text, select
+    from tests.helpers.hf import mean_activations
+
+    args = IdentifyArgs(k=8, recipe="reference", per_side=2)
+    path = identify(run, args, engine)
+    assert path.parent.name == "identify-reference"
+    prof = SteeringProfile.load(path)
+    assert prof.provenance["recipe"] == "reference" and prof.steered_prompt_positions == 1
+    assert prof.sigma is not None and prof.dose_in_sigma() > 0
+    groups = probe_traces(run, args)
+    assert all(1 <= len(pos) <= 2 and 1 <= len(neg) <= 2 for _, pos, neg in groups)
+    means = load_parts(run.root / "capture", "reference-trace")
+    # the capture is the HF mean over every token of the reference's text
+    pid, pos, _ = groups[0]
+    trace = next(r for r in read_jsonl(run.root / "collect" / "samples.jsonl") if r["key"] == pos[0])
+    question = next(p for p in read_jsonl(run.root / "collect" / "problems.jsonl")
+                    if p["id"] == pid)["question"]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    ids = tok.encode(reference_text(question, trace["completion"]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    torch.testing.assert_close(torch.from_numpy(means[pos[0]]), mean_activations(model, ids, 0),
+                               atol=1e-4, rtol=1e-4)
+    layers, neurons, delta = select(contrast(groups, means, "reference"), 8, "reference")
+    assert torch.equal(prof.layers, layers) and torch.equal(prof.neurons, neurons)
+    assert torch.equal(prof.delta, delta)
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert summary["split_half"]["k"] == 8 or summary["split_half"]["overlap"] is None
+
+
 @pytest.fixture(scope="module")
 def trained(run, engine, profile_path):
     return train_predictor(run, TrainArgs(features=16, hidden=32, max_epochs=60, lr=1e-3), engine)
@@ -206,19 +242,53 @@ def test_train_predictor_stores_a_working_predictor_and_threshold(run, trained):
         assert (run.root / "train-predictor" / name).exists()
 
 
+def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path):
+    """A task pilot: greedy baseline accuracy, median length and truncations
+    on a fresh run with no profile."""
+    data = tmp_path / "pilot.jsonl"
+    write_problems(data, 6, offset=200)
+    pilot = Run(tmp_path / "pilot")
+    results = evaluate(pilot, EvalArgs(dataset=str(data), problems=6, modes=["baseline"],
+                                       max_tokens=8, bootstrap=100, stage="pilot"), engine)
+    base = results["configs"]["baseline"]
+    rows = read_jsonl(pilot.root / "pilot" / "generations.jsonl")
+    assert results["profile"] is None and len(rows) == 6 and set(results["configs"]) == {"baseline"}
+    assert base["median_tokens"] == float(np.median([r["tokens"] for r in rows]))
+    assert base["truncated"] == sum(r["finish_reason"] == "length" for r in rows)
+    with pytest.raises(FileNotFoundError, match="no profile yet"):  # steering needs one
+        evaluate(Run(tmp_path / "other"), EvalArgs(dataset=str(data), problems=6,
+                                                   modes=["always"]), engine)
+
+
 def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
     data = tmp_path / "eval.jsonl"
     write_problems(data, 8, offset=100)
     args = EvalArgs(dataset=str(data), problems=8, alphas=[0.0, 1.0], ks=[2, 4], max_tokens=12,
-                    threshold=0.5, bootstrap=500)
+                    threshold=0.5, bootstrap=500,
+                    modes=["baseline", "always", "adaptive", "minus", "random", "noise"],
+                    noise_problems=5, registration={"secondary": "minus vs always"})
     results = evaluate(run, args, engine)
     configs = results["configs"]
-    assert set(configs) >= {"baseline", "always", "adaptive", "random", "alpha=0", "alpha=1",
-                            "k=2", "k=4"}
+    assert set(configs) >= {"baseline", "always", "adaptive", "random", "minus", "noise",
+                            "alpha=0", "alpha=1", "k=2", "k=4"}
+    registered = run.stage_entry("eval")["results"]["preregistered"]
+    assert registered["secondary"] == "minus vs always" and registered["noise_problems"] == 5
     rows = read_jsonl(run.root / "eval" / "generations.jsonl")
     by = {(r["config"], r["problem"]): r for r in rows}
     ids = [p.id for p in load_problems(str(data))]
+    # the noise arm: the baseline again on the first 5 problems, in another order
+    noise = [r["problem"] for r in rows if r["config"] == "noise"]
+    assert sorted(noise) == sorted(ids[:5]) and configs["noise"]["problems"] == 5
+    outcomes = read_jsonl(run.root / "eval" / "outcomes.jsonl")
+    assert len(outcomes) == len(rows) == 9 * 8 + 5
+    assert {(o["arm"], o["problem"]): o["correct"] for o in outcomes} == \
+        {(r["config"], r["problem"]): r["correct"] for r in rows}
+    minus = SteeringProfile.load(run.root / "eval" / "profile-minus.safetensors")
+    main = SteeringProfile.load(run.root / "eval" / "profile-main.safetensors")
+    assert torch.equal(minus.delta, -main.delta)
     for name, r in configs.items():
+        if name == "noise":
+            continue
         got = [by[(name, i)]["correct"] for i in ids]
         assert r["accuracy"] == pytest.approx(np.mean(got))
         assert r["ci95"][0] <= r["delta"] <= r["ci95"][1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from adaras.pipeline.capture import load_parts, save_part
 from adaras.pipeline.evaluate import paired_bootstrap, randomize, truncate
@@ -81,13 +82,31 @@ def _profile(k=6) -> SteeringProfile:
     return SteeringProfile.random("p", shape, k=k, seed=0, scale=1.0, default_alpha=0.3)
 
 
-def test_randomize_moves_the_same_values_and_truncate_keeps_the_largest():
+def test_randomize_is_matched_per_layer_and_in_norm_on_other_neurons():
     prof = _profile()
     rnd = randomize(prof, seed=1)
     rnd.validate(prof.model)
-    np.testing.assert_allclose(np.sort(rnd.delta.numpy()), np.sort(prof.delta.numpy()))
-    assert set(zip(rnd.layers.tolist(), rnd.neurons.tolist())) != \
-        set(zip(prof.layers.tolist(), prof.neurons.tolist()))
+    assert rnd.layer_histogram() == prof.layer_histogram()
+    for layer, (neurons, values) in prof.by_layer().items():
+        r_neurons, r_values = rnd.by_layer()[layer]
+        np.testing.assert_array_equal(np.sort(r_values.numpy()), np.sort(values.numpy()))
+        assert not set(r_neurons.tolist()) & set(neurons.tolist())  # none of the profile's
+    assert float(rnd.delta.norm()) == pytest.approx(float(prof.delta.norm()), rel=1e-6)
+    assert randomize(prof, seed=2).fingerprint() != rnd.fingerprint()
+    assert randomize(prof, seed=1).fingerprint() == rnd.fingerprint()
+
+
+def test_negate_is_minus_s_on_the_same_neurons():
+    from adaras.pipeline.evaluate import negate
+
+    prof = _profile()
+    neg = negate(prof)
+    assert torch.equal(neg.delta, -prof.delta) and torch.equal(neg.layers, prof.layers)
+    assert torch.equal(neg.neurons, prof.neurons) and neg.default_alpha == prof.default_alpha
+
+
+def test_truncate_keeps_the_largest():
+    prof = _profile()
     top = truncate(prof, 2)
     assert sorted(np.abs(top.delta.numpy())) == sorted(np.abs(prof.delta.numpy()))[-2:]
 
@@ -186,3 +205,90 @@ def test_cpu_binding_splits_the_usable_cores_over_tp_ranks(monkeypatch):
     assert cpu_binding(8) is None  # fewer cores than ranks: leave vLLM's default
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 6})
     assert cpu_binding(2) == "0,2|5,6"
+
+
+# ---- the reference recipe, sigma, split-half reliability ---------------------------------
+
+def reference_groups(rng, problems=8, per_side=3, signal=((0, 1, 2.0), (2, 7, -0.5))):
+    """Unpaired traces by problem; the `signal` neurons sit at +v on correct
+    traces and -v on incorrect ones, everything else is noise."""
+    means, groups = {}, []
+    for q in range(problems):
+        pos, neg = [], []
+        for side, keys in ((1, pos), (-1, neg)):
+            for t in range(per_side):
+                m = rng.normal(0, 0.3, (L, I)).astype(np.float32)
+                for layer, neuron, v in signal:
+                    m[layer, neuron] = side * v + rng.normal(0, 0.05)
+                key = f"q{q}{'+' if side > 0 else '-'}{t}"
+                means[key] = m
+                keys.append(key)
+        groups.append((f"q{q}", pos, neg))
+    return groups, means
+
+
+def test_reference_ranking_is_its_csv_order_relative_difference_then_size():
+    from adaras.pipeline.identify import contrast
+
+    rng = np.random.default_rng(5)
+    groups, means = reference_groups(rng, signal=())
+    score = contrast(groups, means, "reference")
+    g, b = score["mu_pos"], score["mu_neg"]
+    # the reference script in plain Python: float32 columns, sort by (rel, |w|) descending,
+    # stable, then the first K rows; the polarity filter keeps the sign flips it ranks first
+    w = (g - b).reshape(-1)
+    rel = (np.abs(w) / (np.abs(g) + np.abs(b) + np.float32(1e-8)).reshape(-1)).astype(np.float32)
+    order = sorted(range(w.size), key=lambda i: (-float(rel[i]), -abs(float(w[i]))))
+    flips = (g * b < 0).reshape(-1)
+    want = [i for i in order if flips[i]][:6]
+    layers, neurons, delta = select(score, 6, "reference")
+    assert (layers.numpy() * I + neurons.numpy()).tolist() == want
+    np.testing.assert_array_equal(delta.numpy(), w[want])
+    assert all(rel[i] > 0.999 for i in want)  # sign flips: relative difference ~1
+
+
+def test_reference_contrast_is_unpaired_over_all_traces():
+    from adaras.pipeline.identify import contrast
+
+    rng = np.random.default_rng(6)
+    groups, means = reference_groups(rng)
+    groups[0] = (groups[0][0], groups[0][1][:1], groups[0][2])  # unequal sides are fine
+    score = contrast(groups, means, "reference")
+    pos = np.mean([means[k] for _, keys, _ in groups for k in keys], axis=0)
+    neg = np.mean([means[k] for _, _, keys in groups for k in keys], axis=0)
+    np.testing.assert_allclose(score["s"], pos - neg, rtol=1e-5, atol=1e-6)
+    layers, neurons, _ = select(score, 2, "reference")
+    assert sorted(zip(layers.tolist(), neurons.tolist())) == [(0, 1), (2, 7)]
+
+
+def test_sigma_is_the_spread_of_trace_means_at_each_chosen_neuron():
+    import torch
+
+    from adaras.pipeline.identify import trace_spread
+
+    rng = np.random.default_rng(7)
+    groups, means = reference_groups(rng)
+    keys = [k for _, pos, neg in groups for k in (*pos, *neg)]
+    layers, neurons = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 7], dtype=torch.int32)
+    sigma = trace_spread(means, keys, layers, neurons)
+    want = [np.std([means[k][0, 1] for k in keys], ddof=1),
+            np.std([means[k][2, 7] for k in keys], ddof=1)]
+    np.testing.assert_allclose(sigma.numpy(), want, rtol=1e-5)
+    assert sigma.dtype == torch.float32 and sigma[0] > sigma[1]  # +-2 spreads more than +-0.5
+
+
+@pytest.mark.parametrize("recipe", ["paired", "reference"])
+def test_split_half_finds_a_real_signal_and_not_noise(recipe):
+    from adaras.pipeline.identify import IdentifyArgs, split_half
+
+    args = IdentifyArgs(k=2, recipe=recipe, split_half_permutations=10)
+    rng = np.random.default_rng(8)
+    groups, means = reference_groups(rng, problems=10)
+    real = split_half(groups, means, args)
+    assert real["overlap"] == 2 and real["problems"] == [5, 5]
+    assert real["chance_random_neurons"] == pytest.approx(4 / (L * I))
+    assert real["label_shuffled_mean"] < 1  # shuffled labels lose the two neurons
+    groups, means = reference_groups(np.random.default_rng(9), problems=10, signal=())
+    noise = split_half(groups, means, args)
+    assert noise["overlap"] <= 1
+    assert split_half(groups[:3], means, args)["overlap"] is None  # too few problems

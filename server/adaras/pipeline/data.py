@@ -99,12 +99,12 @@ def load_problems(
         raise ValueError(f"{spec!r}: difficulty only applies to rg:<task> specs")
     if spec.startswith("hf:"):
         return _load_hf(spec, n, dict(options or {}))
+    if spec.startswith("jsonl:") or spec.endswith(".jsonl"):
+        return _load_jsonl(spec, n, dict(options or {}))
     if options:
         raise ValueError(f"{spec!r}: this source takes no options, got {sorted(options)}")
     if spec == "humaneval":
         return _load_humaneval(n)
-    if spec.startswith("jsonl:") or spec.endswith(".jsonl"):
-        return _load_jsonl(spec, n)
     raise ValueError(f"unknown problem spec {spec!r}; {SPEC_HELP}")
 
 
@@ -302,11 +302,14 @@ def _load_humaneval(n: int | None) -> list[Problem]:
 # ---------------------------------------------------------------------------- jsonl
 
 
-def _load_jsonl(spec: str, n: int | None) -> list[Problem]:
-    """Problems from a JSON-lines file (blank lines are skipped)."""
+def _load_jsonl(spec: str, n: int | None, where: dict | None = None) -> list[Problem]:
+    """Problems from a JSON-lines file (blank lines are skipped), in file order.
+    `where` keeps the problems whose `meta[key]` is one of the comma-separated
+    values (`--option level=4,5`)."""
     path = Path(spec[len("jsonl:") :] if spec.startswith("jsonl:") else spec)
     if not path.is_file():
         raise ValueError(f"{spec!r}: no such file {str(path)!r}")
+    keep = {key: {v.strip() for v in str(values).split(",")} for key, values in (where or {}).items()}
     problems: list[Problem] = []
     lines: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
@@ -320,6 +323,8 @@ def _load_jsonl(spec: str, n: int | None) -> list[Problem]:
                     f"{lines[problem.id]})"
                 )
             lines[problem.id] = lineno
+            if any(str(problem.meta.get(key)) not in values for key, values in keep.items()):
+                continue
             problems.append(problem)
             if n is not None and len(problems) >= n:
                 break

@@ -5,33 +5,42 @@ Configurations (each one greedy pass over the evaluation problems):
     baseline      no steering
     always        the profile at alpha, every request        (= "no gate" ablation)
     adaptive      the profile, gated by its failure predictor
-    random        a profile with the same K deltas on random neurons, always on
+    minus         the profile negated (-S: same neurons, same dose, opposite sign), always on
+    random        the same delta values on random neurons drawn layer by layer (as many in
+                  each layer as the profile has there; values shuffled within the layer,
+                  so the norm is the profile's), always on
+    noise         the baseline again on the first --noise-problems problems, submitted in
+                  another (seeded) order, so its batches mix differently: how many answers
+                  change with no steering at all
     alpha=<a>     sweep: always-on at alpha a
     k=<n>         sweep: always-on with the profile's top-n neurons (by |delta|)
     <name>        --ablation name=profile.safetensors: another profile, always on
 
-Output in <run>/<stage>/: generations.jsonl (resumable), results.json,
-report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
+Output in <run>/<stage>/: generations.jsonl (resumable), outcomes.jsonl (one
+compact line per problem and config: id, config, correct, truncated, tokens,
+p_fail), results.json, report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
 95% confidence intervals of the difference to baseline (same problems).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.grade import grade_all
-from adaras.pipeline.identify import select
 from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
 
-MODES = ("baseline", "always", "adaptive", "random")
+MODES = ("baseline", "always", "adaptive", "minus", "random", "noise")
+DEFAULT_MODES = ("baseline", "always", "adaptive", "random")
 
 
 @dataclass
@@ -41,7 +50,7 @@ class EvalArgs:
     seed: int = 1  # != collect's seed: other problems
     difficulty: float | None = None
     options: dict | None = None
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     alpha: float | None = None  # default: the profile's default_alpha
     alphas: list[float] = field(default_factory=list)  # sweep
     ks: list[int] = field(default_factory=list)  # sweep
@@ -53,6 +62,8 @@ class EvalArgs:
     bootstrap: int = 10000
     screen: bool = False  # alpha screen: baseline + `alphas`, pick alpha* (see `screen`)
     primary: str | None = None  # pre-registered primary comparison: this config vs baseline
+    noise_problems: int | None = None  # the noise arm's size (default: every problem)
+    registration: dict | None = None  # the study's registration, written before generating
 
 
 def default_profile(run: Run) -> Path:
@@ -73,12 +84,16 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         raise ValueError(f"unknown --modes {unknown}; choose from {list(MODES)}")
     if "baseline" not in args.modes:
         args.modes = ["baseline", *args.modes]  # every comparison is paired against it
-    source = Path(args.profile) if args.profile else default_profile(run)
-    profile = SteeringProfile.load(source)
+    steered = set(args.modes) - {"baseline", "noise"} or args.alphas or args.ks or args.ablations
+    if steered or args.profile:
+        source = Path(args.profile) if args.profile else default_profile(run)
+        profile = SteeringProfile.load(source)
+    else:  # a baseline alone (a task pilot) needs no profile
+        source, profile = None, None
     if "adaptive" in args.modes and profile.predictor is None:
         raise ValueError(f"{source} has no failure predictor; run `adaras train-predictor`, "
                          "or drop 'adaptive' from --modes")
-    if any(k < 1 or k > profile.k for k in args.ks):
+    if args.ks and any(k < 1 or k > profile.k for k in args.ks):
         raise ValueError(f"--k values must be in 1..{profile.k} (the profile's K), got {args.ks}")
     if args.primary is not None and args.primary not in [*args.modes, *sweep_names(args)]:
         raise ValueError(f"--primary {args.primary!r} is not one of this run's configs "
@@ -92,9 +107,9 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                                           difficulty=args.difficulty, options=args.options,
                                           exclude=used)
         write_problems(out / "problems.jsonl", problems)
-        if args.primary is not None:  # written before any answer is generated
+        if args.primary is not None or args.registration:  # before any answer is generated
             run.record(args.stage, preregistered=preregistration(args, profile, len(problems)))
-        profiles = write_profiles(out, profile, args)
+        profiles = write_profiles(out, profile, args) if profile else {}
         configs = build_configs(profile, profiles, args)
         llm = open_engine(engine)
         from adaras.engine import load_profile
@@ -107,7 +122,11 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                              engine.chunk)
         results = summarize(out, problems, configs, args)
         run.record_throughput("generate", meter)
-        results.update({"profile": str(source), "dataset": args.dataset,
+        if profile is not None:
+            alpha = profile.default_alpha if args.alpha is None else args.alpha
+            results.update({"alpha": alpha, "dose_in_sigma": profile.dose_in_sigma(alpha),
+                            "steered_prompt_positions": profile.steered_prompt_positions})
+        results.update({"profile": str(source) if source else None, "dataset": args.dataset,
                         "removed_overlap": dropped, "excluded_stages": used_by,
                         "throughput": meter})
         if args.screen:
@@ -138,11 +157,14 @@ def other_stage_problems(run: Run, stage: str) -> tuple[list[Problem], list[str]
     return problems, stages
 
 
-def preregistration(args: EvalArgs, profile: SteeringProfile, n: int) -> dict:
-    alpha = profile.default_alpha if args.alpha is None else args.alpha
-    return {"primary": f"{args.primary} vs baseline", "test": "exact McNemar (two-sided)",
-            "alpha": alpha, "problems": n, "dataset": args.dataset, "seed": args.seed,
-            "modes": args.modes, "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def preregistration(args: EvalArgs, profile: SteeringProfile | None, n: int) -> dict:
+    alpha = profile.default_alpha if args.alpha is None and profile else args.alpha
+    return {"primary": f"{args.primary} vs baseline" if args.primary else None,
+            "test": "exact McNemar (two-sided)", "alpha": alpha,
+            "dose_in_sigma": profile.dose_in_sigma(alpha) if profile else None,
+            "problems": n, "dataset": args.dataset, "seed": args.seed, "modes": args.modes,
+            "noise_problems": args.noise_problems, "max_tokens": args.max_tokens,
+            **(args.registration or {}), "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def sweep_names(args: EvalArgs) -> list[str]:
@@ -158,6 +180,9 @@ def write_profiles(out: Path, profile: SteeringProfile, args: EvalArgs) -> dict[
         rnd = randomize(profile, args.seed)
         paths["random"] = out / "profile-random.safetensors"
         rnd.save(paths["random"])
+    if "minus" in args.modes:
+        paths["minus"] = out / "profile-minus.safetensors"
+        negate(profile).save(paths["minus"])
     for k in args.ks:
         sub = truncate(profile, k)
         paths[f"k{k}"] = out / f"profile-k{k}.safetensors"
@@ -180,17 +205,36 @@ def same_norm(other: SteeringProfile, profile: SteeringProfile) -> SteeringProfi
 
 
 def randomize(profile: SteeringProfile, seed: int) -> SteeringProfile:
-    """Same K delta values, moved to K random neurons (the random-steering control)."""
+    """The random-neuron control, matched per layer and in norm: in each layer
+    as many random neurons as the profile steers there (none of the profile's
+    own), carrying that layer's delta values in a shuffled order. Only which
+    neurons within a layer are steered differs; depth and size do not."""
     m = profile.model
-    s = np.zeros((m.num_layers, m.intermediate_size), dtype=np.float32)
-    s[profile.layers.numpy(), profile.neurons.numpy()] = profile.delta.numpy()
-    survivors = np.zeros_like(s, dtype=bool)
-    survivors[profile.layers.numpy(), profile.neurons.numpy()] = True
-    layers, neurons, delta = select({"s": s, "survivors": survivors}, profile.k, "random", seed)
-    return SteeringProfile(name=f"{profile.name}-random", model=m, layers=layers, neurons=neurons,
-                           delta=delta, default_alpha=profile.default_alpha,
-                           provenance={**profile.provenance, "selection": "random",
-                                       "random_seed": seed})
+    rng = np.random.default_rng(seed)
+    layers, neurons, delta = [], [], []
+    for layer, (own, values) in sorted(profile.by_layer().items()):
+        pool = np.setdiff1d(np.arange(m.intermediate_size), own.numpy())
+        layers += [layer] * own.numel()
+        neurons += rng.choice(pool, size=own.numel(), replace=False).tolist()
+        delta += rng.permutation(values.numpy()).tolist()
+    order = np.argsort(-np.abs(np.array(delta)), kind="stable")
+    return SteeringProfile(
+        name=f"{profile.name}-random", model=m,
+        layers=torch.tensor(layers, dtype=torch.int32)[order],
+        neurons=torch.tensor(neurons, dtype=torch.int32)[order],
+        delta=torch.tensor(delta, dtype=torch.float32)[order],
+        default_alpha=profile.default_alpha,
+        provenance={**profile.provenance, "selection": "random, matched per layer and in norm",
+                    "random_seed": seed})
+
+
+def negate(profile: SteeringProfile) -> SteeringProfile:
+    """-S: the same neurons and dose, the opposite direction."""
+    return SteeringProfile(name=f"{profile.name}-minus", model=profile.model,
+                           layers=profile.layers.clone(), neurons=profile.neurons.clone(),
+                           delta=-profile.delta, default_alpha=profile.default_alpha,
+                           sigma=None if profile.sigma is None else profile.sigma.clone(),
+                           provenance={**profile.provenance, "negated": True})
 
 
 def truncate(profile: SteeringProfile, k: int) -> SteeringProfile:
@@ -205,7 +249,7 @@ def truncate(profile: SteeringProfile, k: int) -> SteeringProfile:
 
 def build_configs(profile: SteeringProfile, profiles: dict, args: EvalArgs) -> dict[str, dict | None]:
     """Config name -> `steering` object (None = no steering)."""
-    alpha = profile.default_alpha if args.alpha is None else args.alpha
+    alpha = profile.default_alpha if args.alpha is None and profile else args.alpha
     configs: dict[str, dict | None] = {}
     for mode in args.modes:
         if mode == "baseline":
@@ -218,6 +262,10 @@ def build_configs(profile: SteeringProfile, profiles: dict, args: EvalArgs) -> d
                 configs[mode]["threshold"] = args.threshold
         elif mode == "random":
             configs[mode] = {"mode": "always", "profile": "random", "alpha": alpha}
+        elif mode == "minus":
+            configs[mode] = {"mode": "always", "profile": "minus", "alpha": alpha}
+        elif mode == "noise":
+            configs[mode] = None
     for a in args.alphas:
         configs[f"alpha={a:g}"] = {"mode": "always", "profile": "main", "alpha": a}
     for k in args.ks:
@@ -238,7 +286,8 @@ def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path,
     for name, steering in configs.items():
         extra = {"steering": steering} if steering else None
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, extra_args=extra)
-        for p in problems:
+        arm = config_problems(name, problems, args)
+        for p in arm:
             key = f"{name}|{p.id}"
             by_key[key] = (name, p)
             if key not in done:
@@ -314,21 +363,51 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     return {"ece": float(ece), "bins": table}
 
 
+def config_problems(name: str, problems: list[Problem], args: EvalArgs) -> list[Problem]:
+    """The problems a config runs, in the order its jobs are submitted: all of
+    them in order, except the noise arm (the first --noise-problems, shuffled)."""
+    if name != "noise":
+        return problems
+    subset = problems[:args.noise_problems or len(problems)]
+    order = np.random.default_rng(args.seed + 7).permutation(len(subset))
+    return [subset[i] for i in order]
+
+
+def write_outcomes(out: Path, rows: list[dict], configs) -> None:
+    """outcomes.jsonl: one compact line per (config, problem) in config order."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (config_order(r["config"]), r["problem"])):
+        if r["config"] not in configs:
+            continue
+        rep = r.get("steering") or {}
+        lines.append({"problem": r["problem"], "arm": r["config"], "correct": r["correct"],
+                      "truncated": r["finish_reason"] == "length", "tokens": r["tokens"],
+                      "p_fail": rep.get("failure_probability"),
+                      "applied": rep.get("applied")})
+    tmp = out / "outcomes.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tmp.replace(out / "outcomes.jsonl")
+
+
 def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
     from adaras.pipeline.train import auroc, bootstrap_auroc
 
     rows = read_jsonl(out / "generations.jsonl")
     ids = [p.id for p in problems]
     table = {(r["config"], r["problem"]): r for r in rows}
-    base = np.array([table[("baseline", i)]["correct"] for i in ids])
-    base_answers = [table[("baseline", i)]["extracted"] for i in ids]
+    write_outcomes(out, rows, configs)
     results = {"problems": len(ids), "configs": {}}
     for name, steering in configs.items():
-        got = [table[(name, i)] for i in ids]
+        arm = [p.id for p in config_problems(name, problems, args)]
+        arm_set = set(arm)
+        sub = [i for i in ids if i in arm_set]  # problem order, for pairing with baseline
+        base = np.array([table[("baseline", i)]["correct"] for i in sub])
+        base_answers = [table[("baseline", i)]["extracted"] for i in sub]
+        got = [table[(name, i)] for i in sub]
         correct = np.array([r["correct"] for r in got])
         applied = [bool(r["steering"].get("applied")) for r in got if r["steering"]]
         entry = {
-            "steering": steering,
+            "steering": steering, "problems": len(sub),
             "accuracy": float(correct.mean()),
             "delta": float(correct.mean() - base.mean()),
             "ci95": paired_bootstrap(base, correct, args.bootstrap) if name != "baseline"
@@ -338,10 +417,11 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
             # the final answer differs from the baseline's (not only its correctness)
             "changed": float(np.mean([r["extracted"] != b for r, b in zip(got, base_answers)])),
             "mean_tokens": float(np.mean([r["tokens"] for r in got])),
+            "median_tokens": float(np.median([r["tokens"] for r in got])),
             "truncated": int(sum(r["finish_reason"] == "length" for r in got)),
         }
-        discordant = (entry["fixed"] + entry["broken"]) / max(len(ids), 1)
-        entry["mde80"] = min_detectable_effect(len(ids), discordant)
+        discordant = (entry["fixed"] + entry["broken"]) / max(len(sub), 1)
+        entry["mde80"] = min_detectable_effect(len(sub), discordant)
         if steering and steering["mode"] == "adaptive":
             entry["gate_rate"] = float(np.mean(applied)) if applied else 0.0
             p_fail = np.array([r["steering"].get("failure_probability") for r in got],
@@ -403,6 +483,13 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   f"{primary['ci95'][1]:+.3f}]), p = {primary['mcnemar_p']:.3g}. "
                   + (f"Minimum detectable effect at 80% power with this discordance: "
                      f"{primary['mde80']:.3f}." if primary["mde80"] else ""), ""]
+    if results.get("steered_prompt_positions") and "adaptive" in results["configs"]:
+        lines += ["Positions: `always`, `minus`, `random` and the sweeps steer the last prompt "
+                  "position and every decode step (the profile's `steer_prompt`); `adaptive` "
+                  "decides after the prompt, so it steers decode steps only.", ""]
+    if results.get("dose_in_sigma") is not None:
+        lines += [f"Dose: alpha {results['alpha']:g} on raw S, "
+                  f"{results['dose_in_sigma']:.3f} sigma on average per steered neuron.", ""]
     lines += ["| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | McNemar p | fixed "
               "| broken | answers changed | mean tokens | truncated | gate rate |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
