@@ -1,0 +1,25 @@
+#!/bin/bash
+# Efficacy v2 (issue 18): Qwen2.5-Coder-1.5B-Instruct on MATH, AdaRAS at the
+# reference implementation's own dose. Every stage runs through the steered
+# vLLM engine, is resumable (run it again), and records its arguments,
+# versions and throughput in $RUN/manifest.json. See README.md for the design.
+# Run it in the background, detached, one stage at a time:
+#   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh pilot > pilot.log 2>&1 &
+set -euo pipefail
+RUN=${RUN:-runs/math-study}
+A="python3 -m adaras.cli"
+MODEL="--model qwen2.5-coder-1.5b-instruct"
+ENGINE="--max-num-seqs ${WIDTH:-64} --chunk 256 --max-model-len 5120 --kv-cache-gib 6"
+MATH=data/math
+
+case "${1:-}" in
+pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
+  # (two runs: a stage never reuses another stage's problems within one run)
+  $A eval --run $RUN-pilot-a $MODEL --dataset $MATH/validation.jsonl --problems 40 \
+     --modes baseline --max-tokens 4096 --stage pilot $ENGINE
+  $A eval --run $RUN-pilot-b $MODEL --dataset $MATH/validation.jsonl --option level=4,5 \
+     --problems 40 --modes baseline --max-tokens 4096 --stage pilot $ENGINE
+  ;;
+*)
+  echo "usage: run.sh pilot" >&2; exit 2 ;;
+esac
