@@ -4,6 +4,7 @@ See :mod:`steering_kernels.silu_and_mul_steer` for the math.  Importing this
 package does not require triton (``HAS_TRITON`` tells whether it is available).
 """
 
+from .gather_slots import MAX_FEATURES, gather_slots_, gather_slots_native
 from .silu_and_mul_steer import (
     HAS_TRITON,
     apply_sparse_steer_,
@@ -16,6 +17,9 @@ from .silu_and_mul_steer import (
 
 __all__ = [
     "HAS_TRITON",
+    "MAX_FEATURES",
+    "gather_slots_",
+    "gather_slots_native",
     "apply_sparse_steer_",
     "gather_features",
     "silu_and_mul_steer",

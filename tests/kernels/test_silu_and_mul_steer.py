@@ -406,6 +406,14 @@ for dt in ("bf16", "fp16", "fp32"):
     k = triton.compile(ASTSource(fn=sparse, signature=sig, constexprs={"BLOCK_K": 128}),
                        target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
     assert "cubin" in k.asm, list(k.asm)
+gmod = importlib.import_module("steering_kernels.gather_slots")
+gather = JITFunction(gmod._gather_slots_kernel)
+for dt in ("bf16", "fp16", "fp32"):
+    sig = dict(zip(gather.arg_names, ["*fp32", "*" + dt, "*i32", "*i32", "*i32", "i32", "i32",
+                                      "i32", "i64", "constexpr"]))
+    k = triton.compile(ASTSource(fn=gather, signature=sig, constexprs={"BLOCK_F": 256}),
+                       target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
+    assert "cubin" in k.asm, list(k.asm)
 print("OK")
 """
 
