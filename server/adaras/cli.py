@@ -253,8 +253,12 @@ def import_profile(
 def train_predictor(
     run: RunOpt,
     features: Annotated[int, typer.Option(help="ANOVA-selected neurons")] = 256,
-    profile: Annotated[str | None, typer.Option(help="profile to extend "
-                                                     "(default: the run's identify profile)")] = None,
+    profile: Annotated[str | None, typer.Option(
+        help="profile to extend (default: the run's identify profile; --target answer: its "
+             "train-predictor profile when there is one)")] = None,
+    target: Annotated[str, typer.Option(
+        help="prompt: the failure predictor read from the prompt | answer: the answer probe, "
+             "read from the positions after the prompt of every collected trace")] = "prompt",
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     max_epochs: int = 2000,
@@ -272,9 +276,9 @@ def train_predictor(
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     args = TrainArgs(features=features, profile=profile, val_fraction=val_fraction,
                      test_fraction=test_fraction, max_epochs=max_epochs, patience=patience,
-                     seed=seed)
+                     seed=seed, target=target)
     path = run_train(Run(run), args, engine, restart=restart)
-    typer.echo(f"train-predictor: {path}")
+    typer.echo(f"train-predictor ({target}): {path}")
 
 
 @app.command("eval")

@@ -242,6 +242,46 @@ def test_train_predictor_stores_a_working_predictor_and_threshold(run, trained):
         assert (run.root / "train-predictor" / name).exists()
 
 
+def test_the_answer_probe_is_a_second_head_read_after_the_prompt(run, engine, tiny, trained):
+    """train-predictor --target answer: every collected trace, read at the
+    positions after its prompt; the stored head equals an HF teacher-forced
+    read of those positions; the prompt head is kept."""
+    import transformers
+
+    from adaras.pipeline.train import answer_traces
+    from tests.helpers.hf import capture_neurons
+
+    path = train_predictor(run, TrainArgs(features=16, hidden=32, max_epochs=60, lr=1e-3,
+                                          target="answer"), engine)
+    assert path.parent.name == "train-answer-probe"
+    prof, before = SteeringProfile.load(path), SteeringProfile.load(trained)
+    assert prof.answer_predictor is not None and prof.answer_predictor.num_features == 16
+    assert prof.predictor.config() == before.predictor.config()  # the prompt head is kept
+    assert prof.threshold == before.threshold
+    traces = answer_traces(run)
+    greedy = read_jsonl(run.root / "collect" / "greedy.jsonl")
+    samples = read_jsonl(run.root / "collect" / "samples.jsonl")
+    assert len(traces) == sum(len(r["completion_ids"]) >= 2 for r in greedy + samples)
+    preds = json.loads((run.root / "train-answer-probe" / "predictions.json").read_text())
+    split = {k: set(v) for k, v in preds["split"].items()}
+    problems = {name: {traces[i]["problem"] for i in idx} for name, idx in split.items()}
+    assert not problems["train"] & problems["test"]  # a problem's traces share a split
+    assert not problems["train"] & problems["val"]
+    # labels: the graded answer is wrong, a truncated one too
+    by_key = {r["key"]: r for r in greedy + samples}
+    for key, label in zip(preds["keys"], preds["label_failure"]):
+        r = by_key[key]
+        assert label == int(r["finish_reason"] == "length" or not r["correct"])
+    # the head on an HF teacher-forced read of prompt + answer[:-1], from the prompt on
+    i = next(j for j, t in enumerate(traces) if len(t["ids"]) - t["start"] >= 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    head = prof.answer_predictor
+    with capture_neurons(model, head.feature_layers, head.feature_neurons) as got:
+        model(torch.tensor([traces[i]["ids"]]))
+    x = got[0][0, traces[i]["start"]:]  # [T_answer, F]
+    assert head.prob(x) == pytest.approx(preds["p_fail"][i], abs=1e-5)
+
+
 def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path):
     """A task pilot: greedy baseline accuracy, median length and truncations
     on a fresh run with no profile."""

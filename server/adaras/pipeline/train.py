@@ -17,6 +17,15 @@ wrong. Problems are split into train / validation / test (stratified).
 
 Artifacts in <run>/train-predictor/: profile.safetensors (the identify
 profile + predictor + threshold), metrics.json, roc.png, training.png.
+
+`--target answer` trains the profile's second head, the answer probe, the same
+way on other data: every collected trace (the greedy answers and the sampled
+traces; label 1 when the graded answer is wrong, a truncated answer being
+wrong, as served), read at the positions the model processes after the prompt
+(every generated token but the last, which never passes through the model).
+Traces of one problem stay in one split (stratified by the problem's greedy
+label). Artifacts in <run>/train-answer-probe/; the profile keeps its prompt
+predictor and gains `answer_predictor`.
 """
 
 from __future__ import annotations
@@ -49,10 +58,18 @@ class TrainArgs:
     patience: int = 10
     seed: int = 0
     profile: str | None = None  # default: <run>/identify/profile.safetensors
+    # (--target answer: the run's train-predictor profile when there is one)
+    target: str = "prompt"  # "prompt": the failure predictor; "answer": the answer probe
+
+TARGETS = ("prompt", "answer")
 
 
 def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
                     restart: bool = False) -> Path:
+    if args.target not in TARGETS:
+        raise ValueError(f"--target must be one of {list(TARGETS)}, got {args.target!r}")
+    if args.target == "answer":
+        return train_answer_probe(run, args, engine, restart=restart)
     run.require("collect")
     source = Path(args.profile) if args.profile else run.root / "identify" / "profile.safetensors"
     if not source.exists():
@@ -118,6 +135,126 @@ def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
         run.record("train-predictor", **{k: metrics[k] for k in (
             "auroc_test", "auroc_test_ci95", "auroc_val", "baselines_auroc_test", "threshold",
             "gate_rate_test", "n")})
+        return path
+
+
+def answer_traces(run: Run) -> list[dict]:
+    """Every collected trace that has a position after its prompt: key,
+    problem, the token ids the model processes (prompt + every generated token
+    but the last), where the answer starts, and its label (1 = the graded answer
+    is wrong; truncated answers are wrong, as served), and whether it was greedy."""
+    out = []
+    for name in ("greedy", "samples"):
+        for r in read_jsonl(run.root / "collect" / f"{name}.jsonl"):
+            ids = r["completion_ids"]
+            if len(ids) < 2:
+                continue  # no position after the prompt passes through the model
+            wrong = r["finish_reason"] == "length" or not r["correct"]
+            out.append({"key": r["key"], "problem": r["problem"], "greedy": name == "greedy",
+                        "ids": r["prompt"] + ids[:-1], "start": len(r["prompt"]),
+                        "label": int(wrong)})
+    return out
+
+
+def split_by_problem(traces: list[dict], problem_label: dict[str, int], args: TrainArgs
+                     ) -> dict[str, np.ndarray]:
+    """Trace indices per split, every trace of a problem in the problem's split
+    (problems stratified by their greedy label)."""
+    problems = sorted({t["problem"] for t in traces})
+    y = np.array([problem_label.get(p, 0) for p in problems])
+    by_problem = split_problems(y, args.val_fraction, args.test_fraction, args.seed)
+    where = {problems[i]: name for name, idx in by_problem.items() for i in idx}
+    split = {name: np.array([i for i, t in enumerate(traces) if where[t["problem"]] == name],
+                            dtype=np.int64) for name in by_problem}
+    labels = np.array([t["label"] for t in traces])
+    if np.unique(labels[split["train"]]).size < 2:
+        raise ValueError("the training traces have only one label; the answer probe needs "
+                         "right and wrong answers")
+    return split
+
+
+def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
+                       restart: bool = False) -> Path:
+    """The answer probe: `FailurePredictor` on features pooled over the
+    positions after the prompt, stored as the profile's `answer_predictor`."""
+    run.require("collect")
+    if args.profile:
+        source = Path(args.profile)
+    else:
+        source = next((run.root / stage / "profile.safetensors" for stage in
+                       ("train-predictor", "identify")
+                       if (run.root / stage / "profile.safetensors").exists()),
+                      run.root / "identify" / "profile.safetensors")
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found; run `adaras identify` first or pass --profile")
+    with run.stage("train-answer-probe", {**vars(args), "engine": engine.to_dict()},
+                   restart=restart) as out:
+        traces = answer_traces(run)
+        greedy = {r["problem"]: int(r["finish_reason"] == "length" or not r["correct"])
+                  for r in read_jsonl(run.root / "collect" / "greedy.jsonl")}
+        split = split_by_problem(traces, greedy, args)
+        y = np.array([t["label"] for t in traces])
+        keys = [t["key"] for t in traces]
+        ids = {t["key"]: t["ids"] for t in traces}
+        profile = SteeringProfile.load(source)
+        shape = profile.model
+        means = capture_cached(run, "answer-mean", [
+            Job(t["key"], t["ids"], capture_params({"mean_from": t["start"]})) for t in traces],
+            "mean", engine)
+        X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
+        flat = select_features(X[split["train"]], y[split["train"]], args.features)
+        layers = (flat // shape.intermediate_size).astype(np.int32)
+        neurons = (flat % shape.intermediate_size).astype(np.int32)
+        feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
+        tag = hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
+        tokens = capture_cached(run, f"answer-tokens-{tag}",
+                                capture_jobs(keys, ids, {"features": feats}), "tokens", engine)
+        start = {t["key"]: t["start"] for t in traces}
+        seqs = [torch.from_numpy(np.ascontiguousarray(tokens[k][start[k]:])) for k in keys]
+
+        torch.manual_seed(args.seed)
+        model, history = fit(seqs, y, split, layers, neurons, args)
+        probs = predict(model, seqs)  # [N]
+        baselines = fit_baselines(seqs, y, split, args.seed)
+        is_greedy = np.array([t["greedy"] for t in traces])
+        test = split["test"]
+        metrics = {
+            "n": {name: int(idx.size) for name, idx in split.items()},
+            "problems": {name: len({traces[i]["problem"] for i in idx})
+                         for name, idx in split.items()},
+            "failure_rate": {name: float(y[idx].mean()) if idx.size else None
+                             for name, idx in split.items()},
+            "auroc_test": auroc(y[test], probs[test]),
+            "auroc_test_ci95": bootstrap_auroc(y[test], probs[test], args.seed),
+            "auroc_test_greedy": auroc(y[test[is_greedy[test]]], probs[test[is_greedy[test]]]),
+            "auroc_test_sampled": auroc(y[test[~is_greedy[test]]],
+                                        probs[test[~is_greedy[test]]]),
+            "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
+            "auroc_train": auroc(y[split["train"]], probs[split["train"]]),
+            "baselines_auroc_test": {k: v["auroc_test"] for k, v in baselines.items()},
+            "epochs": len(history), "best_epoch": int(np.argmin([h["val"] for h in history])) + 1,
+            "features": args.features,
+        }
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "predictions.json", {
+            "keys": keys, "label_failure": y.tolist(), "p_fail": probs.tolist(),
+            "greedy": is_greedy.tolist(), "split": {k: v.tolist() for k, v in split.items()}})
+        plot_roc(y, probs, baselines, split, out / "roc.png")
+        plot_history(history, out / "training.png")
+
+        profile.answer_predictor = model
+        profile.provenance = {**profile.provenance, "answer_predictor": {
+            "auroc_test": metrics["auroc_test"], "n": metrics["n"],
+            "features": f"ANOVA top-{args.features} of answer-mean activations",
+            "positions": "every generated token but the last (teacher-forced)",
+            "traces": "collect's greedy answers and sampled traces, unsteered",
+            "label": "graded answer wrong (truncated = wrong)"}}
+        path = out / "profile.safetensors"
+        profile.save(path)
+        SteeringProfile.load(path, expect=shape)  # round trip: what we wrote is loadable
+        run.record("train-answer-probe", **{k: metrics[k] for k in (
+            "auroc_test", "auroc_test_ci95", "auroc_test_greedy", "auroc_test_sampled",
+            "auroc_val", "baselines_auroc_test", "n")})
         return path
 
 
