@@ -20,6 +20,14 @@ pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
   $A eval --run $RUN-pilot-b $MODEL --dataset $MATH/validation.jsonl --option level=4,5 \
      --problems 40 --modes baseline --max-tokens 4096 --stage pilot $ENGINE
   ;;
+stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both heads
+  $A collect --run $RUN $MODEL --dataset $MATH/train.jsonl --problems 320 --probe 64 \
+     --samples 8 --temperature 0.7 --top-p 0.95 --max-tokens 1280 $ENGINE
+  $A identify --run $RUN --recipe reference --k 50 --alpha 0.3 $ENGINE
+  $A identify --run $RUN --k 50 --alpha 0.3 $ENGINE
+  $A train-predictor --run $RUN --profile $RUN/identify-reference/profile.safetensors $ENGINE
+  $A train-predictor --run $RUN --target answer $ENGINE
+  ;;
 *)
-  echo "usage: run.sh pilot" >&2; exit 2 ;;
+  echo "usage: run.sh pilot|stage1" >&2; exit 2 ;;
 esac
