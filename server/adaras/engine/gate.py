@@ -19,23 +19,30 @@ import torch
 
 from adaras.engine.prefix_states import PrefixStates
 from adaras.engine.profile_store import LoadedProfile
-from adaras.engine.step import StepContext
+from adaras.engine.step import GatherBuffers, StepContext
 from adaras.predictor import FailurePredictor, PoolState
 from steering_kernels.steer_plan import plan_features
 
 
 class PredictorGate:
-    def __init__(self, num_cols: int, device: torch.device, prefix: PrefixStates):
+    def __init__(self, num_cols: int, device: torch.device, prefix: PrefixStates,
+                 gather: GatherBuffers | None = None):
         self.num_cols, self.device = num_cols, device  # neurons in this rank's shard
         self.prefix = prefix
+        self.gather = gather  # the kernel path's buffers (None: the CPU path's plans)
         self._key: tuple = ()
         self._table = None  # (feat_idx int32 [L, F_all], FeaturePlan) for self._key
 
     def plan(self, ctx: StepContext,
-             pending: list[tuple[str, LoadedProfile, int, int, int, bool]]) -> None:
+             pending: list[tuple[str, LoadedProfile, int, int, int, bool]],
+             num_tokens: int = 0) -> None:
         """pending: (req_id, profile, first row of its prompt tokens to fold,
         rows, prompt positions folded after this step, prompt completes this
-        step) for each adaptive request still reading its prompt."""
+        step) for each adaptive request still reading its prompt; num_tokens:
+        the step's token rows."""
+        if self.gather is not None:
+            self._plan_kernel_path(ctx, pending, num_tokens)
+            return
         if not pending:
             return
         profiles: dict[LoadedProfile, slice] = {}
@@ -56,6 +63,30 @@ class PredictorGate:
             n += m
         ctx.feat_rows = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [R]
         ctx.feats = torch.zeros(n, o, device=self.device)  # [R, F_all]
+
+    def _plan_kernel_path(self, ctx: StepContext, pending, num_tokens: int) -> None:
+        """Fill GatherBuffers in place: each pending request's rows read its
+        profile's group; spans index the gathered rows (ctx.gathered_rows)."""
+        groups: dict[LoadedProfile, int] = {}
+        for _, p, *_ in pending:
+            groups.setdefault(p, len(groups) + 1)
+        if not pending:
+            self.gather.fill(tuple(p.feat_idx for p in groups), None)
+            return
+        feat_slot = np.zeros(num_tokens, dtype=np.int32)
+        rows, n = [], 0
+        for rid, p, first, m, pos, done in pending:
+            feat_slot[first:first + m] = groups[p]
+            rows.append(np.arange(first, first + m))
+            ctx.spans.append((rid, slice(n, n + m), slice(0, p.feat_idx.shape[1]), pos, done))
+            n += m
+        self.gather.fill(tuple(p.feat_idx for p in groups), feat_slot)
+        ctx.gathered_rows = torch.from_numpy(np.concatenate(rows))  # int64 [R], read after
+
+    def gathered(self, ctx: StepContext) -> torch.Tensor:
+        """Kernel path, after the forward: the gathered rows' features [R, F_max]
+        (this rank's shard; other columns 0)."""
+        return self.gather.feats.index_select(0, ctx.gathered_rows.to(self.device))
 
     def start_from_prefix(self, state, computed: int) -> None:
         """The request's first step starts `computed` tokens in (a prefix-cache

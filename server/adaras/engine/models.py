@@ -58,18 +58,29 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     # step's tokens (their slot is 0); gate_up: [T, 2*I]
     step.STATS.op_calls += 1
     ctx = step.current()
+    kernels = step.kernel_path()
+    if kernels is not None:  # the same launches every step: a graph can replay them
+        if ctx is not None:
+            ctx.hooked += 1
+            _capture(act, gate_up, layer, ctx)  # the offline pipeline's capture: eager only
+        step.launch_kernels_(act, gate_up, layer, kernels)
+        return
     if ctx is None:
         return
     ctx.hooked += 1
+    _capture(act, gate_up, layer, ctx)
+    if ctx.feats is not None:  # prompt rows of adaptive requests -> predictor features
+        gather_planned_features_(ctx.feats, gate_up, ctx.feat_rows, ctx.feat_plan, layer)
+    if ctx.steered:
+        add_steering_(act, ctx, layer)
+
+
+def _capture(act: torch.Tensor, gate_up: torch.Tensor, layer: int, ctx: step.StepContext) -> None:
     if ctx.cap_sum is not None:  # capture reads the activation before steering
         ctx.cap_sum[layer].index_add_(0, ctx.cap_seg, act.index_select(0, ctx.cap_rows).float())
     if ctx.cap_feats is not None:
         gather_planned_features_(ctx.cap_feats, gate_up, ctx.cap_tok_rows, ctx.cap_feat_plan,
                                  layer)
-    if ctx.feats is not None:  # prompt rows of adaptive requests -> predictor features
-        gather_planned_features_(ctx.feats, gate_up, ctx.feat_rows, ctx.feat_plan, layer)
-    if ctx.steered:
-        add_steering_(act, ctx, layer)
 
 
 def add_steering_(act: torch.Tensor, ctx: step.StepContext, layer: int) -> None:

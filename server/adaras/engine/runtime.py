@@ -30,7 +30,16 @@ from adaras.engine.gate import PredictorGate
 from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
 from adaras.engine.profile_store import LoadedProfile, ProfileStore
 from adaras.engine.reports import Outbox
-from adaras.engine.step import STATS, StepBuffers, StepContext, current, set_current
+from adaras.engine.step import (
+    STATS,
+    GatherBuffers,
+    KernelPath,
+    StepBuffers,
+    StepContext,
+    current,
+    set_current,
+    set_kernel_path,
+)
 from adaras.predictor import PoolState
 from adaras.profile import ModelShape
 from adaras.steering import (
@@ -118,8 +127,14 @@ class SteeringRuntime:
         self.store = ProfileStore(shape, self.shard, device,
                                   default=os.environ.get(DEFAULT_PROFILE_ENV) or None)
         self.buffers = StepBuffers(max_tokens, max_requests + 1, shape.num_layers, shard, device)
+        # The kernel path (CUDA with Triton; ADARAS_KERNEL_PATH=1 runs it on CPU tensors
+        # under TRITON_INTERPRET=1, for tests): the op launches the same kernels every
+        # step over buffers filled in place, as a captured CUDA graph needs.
+        self.kernel_path = uses_kernel_path(device)
+        gather = GatherBuffers(max_tokens, max_requests + 1, device) if self.kernel_path else None
+        set_kernel_path(KernelPath(self.buffers, gather) if self.kernel_path else None)
         self.prefix = PrefixStates()
-        self.gate = PredictorGate(shard, device, self.prefix)
+        self.gate = PredictorGate(shard, device, self.prefix, gather)
         self.capture = ActivationCapture(shape.num_layers, shape.intermediate_size, self.shard,
                                          device, self._put_capture)
         self.requests: dict[str, RequestState] = {}
@@ -238,6 +253,8 @@ class SteeringRuntime:
         set_current(None)
         if not self.requests and not self.capture.active:
             self.buffers.fill((), None, plan=False)  # leaves row_slot all 0
+            if self.kernel_path:
+                self.gate.plan(StepContext(), [])  # leaves feat_slot all 0
             return None
         ends = np.cumsum(num_scheduled[: len(req_ids)])  # token offset after request i
 
@@ -281,8 +298,8 @@ class SteeringRuntime:
                     pending.append((rid, state.profile, start + first, m - first,
                                     computed + m, computed + n >= prompt))
         ctx = StepContext(buffers=self.buffers, steered=row_slot is not None)
-        ctx.plan = self.buffers.fill(tuple(slots), row_slot, plan=self.device.type != "cuda")
-        self.gate.plan(ctx, pending)
+        ctx.plan = self.buffers.fill(tuple(slots), row_slot, plan=not self.kernel_path)
+        self.gate.plan(ctx, pending, int(ends[-1]) if len(ends) else 0)
         if self.capture.active:
             self.capture.plan(ctx, rows_of)
         if ctx.empty:
@@ -311,7 +328,8 @@ class SteeringRuntime:
                              if ctx.cap_feats is not None else None)
         if not ctx.spans:
             return
-        feats = self._gathered(ctx.feats)  # [R, F_all]
+        # [R, F_all] (CPU path) or [R, F_max] (kernel path)
+        feats = self._gathered(self.gate.gathered(ctx) if self.kernel_path else ctx.feats)
         for rid, rows, cols, pos, done in ctx.spans:
             state = self.requests.get(rid)
             if state is None or state.pool is None:
@@ -319,6 +337,21 @@ class SteeringRuntime:
             self.gate.fold(state, feats[rows, cols], done, pos)
             if done:
                 self._put_report(rid, state)
+
+
+KERNEL_PATH_ENV = "ADARAS_KERNEL_PATH"
+
+
+def uses_kernel_path(device: torch.device) -> bool:
+    """CUDA with Triton, or ADARAS_KERNEL_PATH=1 (CPU tensors; then Triton must
+    run under TRITON_INTERPRET=1)."""
+    from steering_kernels import HAS_TRITON
+
+    if os.environ.get(KERNEL_PATH_ENV) == "1":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{KERNEL_PATH_ENV}=1 needs triton")
+        return True
+    return device.type == "cuda" and HAS_TRITON
 
 
 def get_runtime(runner, create: bool = True) -> SteeringRuntime | None:

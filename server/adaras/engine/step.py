@@ -14,6 +14,14 @@ Rows past the step's tokens stay 0, so a kernel may read `row_slot[:T]` for
 any padded T. The steering op only reads these buffers: their addresses never
 change, which is what a captured CUDA graph needs.
 
+`GatherBuffers` do the same for the feature gather on the kernel path (CUDA,
+or CPU tensors under the Triton interpreter with ADARAS_KERNEL_PATH=1): rows
+pick a feature group through `feat_slot`, the groups' layer/column tables sit
+at fixed addresses, and the features land in `feats` (see
+`steering_kernels.gather_slots`). On that path the op launches the same two
+kernels every layer of every step, whatever the batch: its work depends on
+buffer contents only, which is what a captured CUDA graph replays.
+
 `StepContext` is the per-step view the steered MLPs read, like vLLM's own
 forward context: set by the runtime before the forward, cleared after.
 """
@@ -26,6 +34,8 @@ import numpy as np
 import torch
 
 from adaras.profile import MAX_NEURONS_PER_LAYER
+from steering_kernels import gather_slots_, sparse_steer_
+from steering_kernels.gather_slots import MAX_FEATURES
 from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_sparse_steer
 
 
@@ -53,10 +63,45 @@ class StepContext:
     # prompt positions recorded after this step, done)
     cap_spans: list[tuple[str, int, slice, slice, int, int, bool]] = field(default_factory=list)
     hooked: int = 0  # steering-op calls that saw this context (the start-up probe reads it)
+    # kernel path: the gather ran into GatherBuffers.feats at these token rows
+    gathered_rows: torch.Tensor | None = None  # int64 [R]
 
     @property
     def empty(self) -> bool:
         return not self.steered and not self.spans and not self.cap_spans
+
+
+@dataclass
+class KernelPath:
+    """The buffers the op reads on the kernel path, set once per worker: the op
+    never looks at the step's context there."""
+
+    steer: StepBuffers
+    gather: GatherBuffers
+
+
+_KERNEL: KernelPath | None = None
+
+
+def launch_kernels_(act: torch.Tensor, gate_up: torch.Tensor, layer: int,
+                    kernels: KernelPath) -> None:
+    """The kernel path of one layer (act [T, I] in place, gate_up [T, 2I]):
+    gather the pre-steering features of the rows that read some, then steer the
+    steered rows. Branch-free, no host read, no allocation: what it does
+    depends on buffer contents only."""
+    T = act.shape[0]
+    g, s = kernels.gather, kernels.steer
+    gather_slots_(g.feats, gate_up, g.feat_slot[:T], g.feat_layer, g.feat_col, layer)
+    sparse_steer_(act, s.row_slot[:T], s.steer_idx[:, layer], s.steer_val[:, layer])
+
+
+def kernel_path() -> KernelPath | None:
+    return _KERNEL
+
+
+def set_kernel_path(path: KernelPath | None) -> None:
+    global _KERNEL
+    _KERNEL = path
 
 
 @dataclass
@@ -150,3 +195,69 @@ class StepBuffers:
             self._plan = plan_sparse_steer(self.row_slot[:n], self.steer_idx[:s, :, :self._k],
                                            self.steer_val[:s, :, :self._k], self.num_cols)
         return self._plan
+
+
+class GatherBuffers:
+    """The kernel path's feature gather, allocated once at its maximum size:
+
+      * `feat_slot`  int32 [T_max]         0 = the row gathers nothing, g > 0 = group g
+      * `feat_layer` int32 [G_max, F_max]  group g's feature f: its decoder layer, -1 pad
+      * `feat_col`   int32 [G_max, F_max]  its column in this rank's shard, -1: pad or
+                                           another shard
+      * `feats`      fp32  [T_max, F_max]  the gathered values, row t = token row t
+
+    A group is one (profile, head) pair of the step, e.g. a profile's prompt
+    predictor; G_max is vLLM's max_num_seqs + 1 (every request its own group)."""
+
+    def __init__(self, max_tokens: int, max_groups: int, device: torch.device,
+                 max_features: int = MAX_FEATURES):
+        self.feat_slot = torch.zeros(max_tokens, dtype=torch.int32, device=device)  # [T_max]
+        self.feat_layer = torch.full((max_groups, max_features), -1, dtype=torch.int32,
+                                     device=device)  # [G_max, F_max]
+        self.feat_col = torch.full((max_groups, max_features), -1, dtype=torch.int32,
+                                   device=device)  # [G_max, F_max]
+        self.feats = torch.zeros((max_tokens, max_features), dtype=torch.float32,
+                                 device=device)  # [T_max, F_max]
+        self._groups: tuple = ()
+        self._rows = np.zeros(0, dtype=np.int32)
+
+    @staticmethod
+    def tables(feat_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A profile's feat_idx int32 [L, F] (the local column of feature f if it
+        lives in layer l on this shard, else -1) as (layer, column) int32 [F]."""
+        here = feat_idx >= 0  # [L, F]; at most one layer per feature
+        layer = torch.where(here.any(dim=0), here.int().argmax(dim=0),
+                            torch.full_like(feat_idx[0], -1, dtype=torch.int64))
+        col = feat_idx.max(dim=0).values  # the one valid column, or -1
+        return layer.to(torch.int32), col.to(torch.int32)
+
+    def fill(self, groups: tuple, feat_slot: np.ndarray | None) -> None:
+        """groups: the feat_idx tensors (int32 [L, F_g]) of groups 1..G, in
+        order; feat_slot: int32 [T] for the step's tokens (None: no row
+        gathers). Writes in place; zeroes the gathering rows' features."""
+        if feat_slot is None:
+            feat_slot = np.zeros(0, dtype=np.int32)
+        if len(groups) >= self.feat_layer.shape[0] or feat_slot.shape[0] > self.feats.shape[0]:
+            raise ValueError(f"step has {len(groups)} feature groups and {feat_slot.shape[0]} "
+                             f"tokens; the buffers hold {self.feat_layer.shape[0] - 1} and "
+                             f"{self.feats.shape[0]}")
+        if len(groups) != len(self._groups) or any(a is not b for a, b in
+                                                   zip(groups, self._groups)):
+            for g, feat_idx in enumerate(groups, start=1):
+                n = feat_idx.shape[1]
+                if n > self.feats.shape[1]:
+                    raise ValueError(f"a predictor with {n} features; the gather holds "
+                                     f"{self.feats.shape[1]}")
+                layer, col = self.tables(feat_idx)
+                self.feat_layer[g, :n], self.feat_col[g, :n] = layer, col
+                self.feat_layer[g, n:], self.feat_col[g, n:] = -1, -1
+            self._groups = groups
+        if not np.array_equal(feat_slot, self._rows):
+            n, prev = feat_slot.shape[0], self._rows.shape[0]
+            if n:
+                self.feat_slot[:n].copy_(torch.from_numpy(feat_slot))
+            if prev > n:
+                self.feat_slot[n:prev].zero_()
+            self._rows = feat_slot.copy()
+        if feat_slot.any():
+            self.feats[:feat_slot.shape[0]].zero_()
