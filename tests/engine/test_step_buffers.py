@@ -119,3 +119,26 @@ def test_a_profile_with_too_many_neurons_in_one_layer_is_refused():
                            torch.arange(k, dtype=torch.int32), torch.ones(k), shape)
     with pytest.raises(ProfileError, match=f"layer 0 has {k} neurons.*at most {k - 1} per layer"):
         prof.validate()
+
+
+def test_the_kernel_path_refuses_a_predictor_wider_than_its_gather(tmp_path):
+    """A profile whose predictor reads more features than GatherBuffers hold
+    is refused at load, naming the fix, instead of failing mid-step."""
+    from adaras.engine.profile_store import ProfileStore
+    from adaras.predictor import FailurePredictor
+    from adaras.profile import ModelShape, ProfileError, SteeringProfile
+
+    shape = ModelShape("Qwen3ForCausalLM", num_layers=2, intermediate_size=64, hidden_size=8)
+    prof = SteeringProfile.random("wide", shape, k=4)
+    flat = torch.randperm(128)[:40]
+    prof.predictor = FailurePredictor((flat // 64).to(torch.int32), (flat % 64).to(torch.int32),
+                                      hidden=4).eval()
+    path = tmp_path / "wide.safetensors"
+    prof.save(path)
+    cpu = ProfileStore(shape, (0, 64), torch.device("cpu"))
+    assert cpu.load("wide", str(path), set())["k"] == 4  # the CPU path has no such limit
+    narrow = ProfileStore(shape, (0, 64), torch.device("cpu"), max_features=32)
+    with pytest.raises(ProfileError, match="reads 40 features; this engine's feature gather "
+                                           "holds 32"):
+        narrow.load("wide", str(path), set())
+    assert "wide" not in narrow.by_name

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaras.profile import ModelShape, SteeringProfile, file_version
+from adaras.profile import ModelShape, ProfileError, SteeringProfile, file_version
 
 logger = logging.getLogger("adaras.engine")
 
@@ -58,8 +58,9 @@ class LoadedProfile:
 
 class ProfileStore:
     def __init__(self, shape: ModelShape, shard: tuple[int, int], device: torch.device,
-                 default: str | None = None):
+                 default: str | None = None, max_features: int | None = None):
         self.shape, self.shard, self.device = shape, shard, device
+        self.max_features = max_features  # the kernel path's gather width (None: no limit)
         self.by_name: dict[str, LoadedProfile] = {}
         self.by_version: dict[str, LoadedProfile] = {}  # incl. retired ones
         self.retired: dict[str, float] = {}  # version -> when it was replaced/unloaded
@@ -69,6 +70,11 @@ class ProfileStore:
         """Load (or atomically replace) `name`. `in_use`: the versions of the
         requests in flight (kept however long ago they were retired)."""
         profile = SteeringProfile.load(path, expect=self.shape)
+        n = profile.predictor.num_features if profile.predictor is not None else 0
+        if self.max_features is not None and n > self.max_features:
+            raise ProfileError(f"steering profile {path!r}: its predictor reads {n} features; "
+                               f"this engine's feature gather holds {self.max_features} "
+                               "(retrain it with fewer, e.g. train-predictor --features 256)")
         profile.name = name
         loaded = LoadedProfile.build(profile, file_version(path), self.shape.num_layers,
                                      self.shard, self.device)

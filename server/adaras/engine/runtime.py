@@ -53,6 +53,7 @@ from adaras.steering import (
     steering_from_extra_args,
     unknown_profile,
 )
+from steering_kernels.gather_slots import MAX_FEATURES
 
 DEFAULT_PROFILE_ENV = "ADARAS_DEFAULT_PROFILE"
 MAX_CAPTURES = 65536
@@ -124,13 +125,14 @@ class SteeringRuntime:
         shard = shape.intermediate_size // tp_size
         self.shard = (tp_rank * shard, (tp_rank + 1) * shard)
         self.device = device
-        self.store = ProfileStore(shape, self.shard, device,
-                                  default=os.environ.get(DEFAULT_PROFILE_ENV) or None)
-        self.buffers = StepBuffers(max_tokens, max_requests + 1, shape.num_layers, shard, device)
         # The kernel path (CUDA with Triton; ADARAS_KERNEL_PATH=1 runs it on CPU tensors
         # under TRITON_INTERPRET=1, for tests): the op launches the same kernels every
         # step over buffers filled in place, as a captured CUDA graph needs.
         self.kernel_path = uses_kernel_path(device)
+        self.store = ProfileStore(shape, self.shard, device,
+                                  default=os.environ.get(DEFAULT_PROFILE_ENV) or None,
+                                  max_features=MAX_FEATURES if self.kernel_path else None)
+        self.buffers = StepBuffers(max_tokens, max_requests + 1, shape.num_layers, shard, device)
         gather = GatherBuffers(max_tokens, max_requests + 1, device) if self.kernel_path else None
         set_kernel_path(KernelPath(self.buffers, gather) if self.kernel_path else None)
         self.prefix = PrefixStates()
