@@ -22,6 +22,17 @@ def test_cuda_graphs_are_refused_with_the_fix_named(mode):
         check_supported(config(mode))
 
 
+def test_piecewise_graphs_are_an_opt_in_and_full_graphs_stay_refused(monkeypatch):
+    monkeypatch.setenv("ADARAS_CUDA_GRAPHS", "piecewise")
+    check_supported(config(CUDAGraphMode.PIECEWISE))
+    for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE):
+        with pytest.raises(ValueError, match="ADARAS_CUDA_GRAPHS=piecewise"):
+            check_supported(config(mode))
+    monkeypatch.setenv("ADARAS_CUDA_GRAPHS", "yes")  # only the exact opt-in
+    with pytest.raises(ValueError, match="--enforce-eager"):
+        check_supported(config(CUDAGraphMode.PIECEWISE))
+
+
 def test_pipeline_parallelism_is_refused_with_the_alternative_named():
     with pytest.raises(ValueError, match="pipeline_parallel_size=2.*--tensor-parallel-size"):
         check_supported(config(CUDAGraphMode.NONE, pp=2))

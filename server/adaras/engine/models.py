@@ -39,6 +39,7 @@ from adaras.engine import step
 from steering_kernels import HAS_TRITON, apply_sparse_steer_, sparse_steer_
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
+CUDA_GRAPHS_ENV = "ADARAS_CUDA_GRAPHS"  # "piecewise": allow vLLM's piecewise CUDA graphs
 PLAIN_GRAPH_ENV = "ADARAS_PLAIN_GRAPH"  # "0": no second graph (see _Steered)
 _TRACE_OP = True  # False while the plain twin runs: its trace leaves the op out
 
@@ -132,10 +133,13 @@ def check_supported(vllm_config) -> None:
     runtime plans and gathers predictor features per process, so a stage would
     decide on a part of the features (untested, refused).
 
-    CUDA graphs replay the kernels captured at warm-up, so the per-step
-    steering state would be frozen (no steering, or stale steering). Until the
-    op is verified as a cudagraph splitting op on a GPU, steered models need
-    eager mode there. The CPU backend never uses CUDA graphs.
+    CUDA graphs replay the kernels captured at warm-up. On the kernel path the
+    op's launches depend on buffer contents only (`step.launch_kernels_`), so
+    a piecewise graph with the op inside a piece should replay steering
+    correctly, but that has not run on a GPU: piecewise graphs are refused
+    unless ADARAS_CUDA_GRAPHS=piecewise (for users whose
+    scripts/gpu_e2e_check.py passed), and full graphs always are. The CPU
+    backend never uses CUDA graphs.
     """
     from vllm.config import CUDAGraphMode
 
@@ -147,10 +151,15 @@ def check_supported(vllm_config) -> None:
             "the predictor needs every layer's features in one process; use "
             "--tensor-parallel-size instead, or set ADARAS_PLUGIN=0 to serve unsteered")
     mode = vllm_config.compilation_config.cudagraph_mode
-    if mode is not None and mode != CUDAGraphMode.NONE:
-        raise ValueError(
-            f"AdaRAS steering does not support CUDA graphs yet (cudagraph_mode={mode.name}): "
-            "start vLLM with --enforce-eager, or set ADARAS_PLUGIN=0 to serve unsteered")
+    if mode is None or mode == CUDAGraphMode.NONE:
+        return
+    if mode == CUDAGraphMode.PIECEWISE and os.environ.get(CUDA_GRAPHS_ENV) == "piecewise":
+        return  # the user's opt-in, after scripts/gpu_e2e_check.py passed on their GPU
+    raise ValueError(
+        f"AdaRAS steering does not support CUDA graphs yet (cudagraph_mode={mode.name}): "
+        "start vLLM with --enforce-eager, or set ADARAS_PLUGIN=0 to serve unsteered "
+        f"(piecewise graphs are opt-in with {CUDA_GRAPHS_ENV}=piecewise once "
+        "scripts/gpu_e2e_check.py passes on your GPU)")
 
 
 def wrap_mlps(model: nn.Module) -> int:
