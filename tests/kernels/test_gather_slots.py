@@ -3,18 +3,14 @@ Triton kernel under the interpreter against its torch twin, the twin against a
 scalar loop, and the buffer contract (rows and entries it must not touch)."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from steering_kernels.gather_slots import gather_slots_native
 
+from .fresh import rerun_in_fresh_process
 from .test_silu_and_mul_steer import _interpreter_problem
-
-_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def make_case(T, I, L=3, G=4, NF=7, T_max=None, dtype=torch.float32, strided=False, seed=0):
@@ -114,16 +110,4 @@ def test_kernel_refuses_wrong_shapes_and_dtypes(kernel):
 def test_gather_kernel_in_fresh_process(tmp_path):
     """If the kernel tests cannot run in this process, rerun them in a clean
     interpreter with TRITON_INTERPRET=1 (as the other kernel file does)."""
-    pytest.importorskip("triton")
-    if _interpreter_problem() is None:
-        pytest.skip("kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not fresh_process"],
-        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, (
-        res.stdout[-4000:] + res.stderr[-2000:]
-    )
+    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)

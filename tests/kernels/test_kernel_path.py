@@ -3,18 +3,15 @@ tensors under the Triton interpreter across steps with changing batch mixes:
 its results equal the CPU path's, it allocates no new buffers, it never reads
 a tensor back to the host, and it launches the same kernels every step."""
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from .fresh import rerun_in_fresh_process
 from .test_silu_and_mul_steer import _interpreter_problem
 
-_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 L, I, T_MAX, SLOTS, F_MAX = 3, 40, 16, 6, 32
 
 
@@ -134,14 +131,4 @@ def test_kernel_path_over_changing_batches(interpreter, monkeypatch):
 
 
 def test_kernel_path_in_fresh_process(tmp_path):
-    pytest.importorskip("triton")
-    if _interpreter_problem() is None:
-        pytest.skip("kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not fresh_process"],
-        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, (
-        res.stdout[-4000:] + res.stderr[-2000:])
+    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)

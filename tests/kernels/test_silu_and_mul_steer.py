@@ -26,6 +26,8 @@ from steering_kernels import (
     silu_and_mul_steer_native,
 )
 
+from .fresh import rerun_in_fresh_process
+
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
@@ -116,19 +118,8 @@ def kernel():
 def test_kernel_tests_in_fresh_process(tmp_path):
     """If the kernel tests cannot run in this process (see conftest.py), rerun the
     whole file in a clean interpreter with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    if _interpreter_problem() is None:
-        pytest.skip("kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not fresh_process"],
-        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    summary = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-    assert res.returncode == 0 and "passed" in summary and "skipped" not in summary, (
-        res.stdout[-4000:] + res.stderr[-2000:]
-    )
+    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)
+
 
 
 # --------------------------------------------------------------------------- #

@@ -86,12 +86,7 @@ def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
 
         means = capture_cached(run, "prompt-mean", capture_jobs(keys, prompts, {"mean_from": 0}),
                                "mean", engine)
-        X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
-        flat = select_features(X[split["train"]], y[split["train"]], args.features)
-        layers = (flat // shape.intermediate_size).astype(np.int32)
-        neurons = (flat % shape.intermediate_size).astype(np.int32)
-        feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
-        tag = hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
+        layers, neurons, feats, tag = choose_features(means, keys, y, split, args, shape)
         tokens = capture_cached(run, f"prompt-tokens-{tag}",
                                 capture_jobs(keys, prompts, {"features": feats}), "tokens", engine)
         seqs = [torch.from_numpy(np.ascontiguousarray(tokens[k])) for k in keys]  # [T_i, F]
@@ -201,12 +196,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
         means = capture_cached(run, "answer-mean", [
             Job(t["key"], t["ids"], capture_params({"mean_from": t["start"]})) for t in traces],
             "mean", engine)
-        X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
-        flat = select_features(X[split["train"]], y[split["train"]], args.features)
-        layers = (flat // shape.intermediate_size).astype(np.int32)
-        neurons = (flat % shape.intermediate_size).astype(np.int32)
-        feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
-        tag = hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
+        layers, neurons, feats, tag = choose_features(means, keys, y, split, args, shape)
         tokens = capture_cached(run, f"answer-tokens-{tag}",
                                 capture_jobs(keys, ids, {"features": feats}), "tokens", engine)
         start = {t["key"]: t["start"] for t in traces}
@@ -256,6 +246,19 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
             "auroc_test", "auroc_test_ci95", "auroc_test_greedy", "auroc_test_sampled",
             "auroc_val", "baselines_auroc_test", "n")})
         return path
+
+
+def choose_features(means: dict[str, np.ndarray], keys: list[str], y: np.ndarray, split: dict,
+                    args: TrainArgs, shape) -> tuple[np.ndarray, np.ndarray, list, str]:
+    """The top `args.features` neurons by ANOVA F on the training items' mean
+    activations: (layers int32 [F], neurons int32 [F], [[layer, neuron], ...],
+    a short tag naming that set for the capture cache)."""
+    X = np.stack([means[k].reshape(-1) for k in keys])  # [N, L*I]
+    flat = select_features(X[split["train"]], y[split["train"]], args.features)
+    layers = (flat // shape.intermediate_size).astype(np.int32)
+    neurons = (flat % shape.intermediate_size).astype(np.int32)
+    feats = [[int(a), int(b)] for a, b in zip(layers, neurons)]
+    return layers, neurons, feats, hashlib.sha256(json.dumps(feats).encode()).hexdigest()[:12]
 
 
 def split_problems(y: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
