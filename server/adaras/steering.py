@@ -4,7 +4,12 @@ One request's steering arrives as the top-level `"steering"` object of an
 HTTP body, or as `SamplingParams.extra_args["steering"]` offline:
 
     {"mode": "off" | "always" | "adaptive", "profile": "name",
-     "alpha": 0.3, "threshold": 0.5}
+     "alpha": 0.3, "threshold": 0.5, "answer_probe": true, "order_choices": true}
+
+`answer_probe` (any mode, `off` included) asks for the profile's answer head's
+p_fail over the positions decoded after the prompt, per choice
+(`answer_failure_probability`); `order_choices` (with it, not streamed) asks
+the HTTP server to return the choices lowest p_fail first.
 
 This module parses and validates it (errors name the field), resolves the
 defaults against the chosen profile (alpha: the profile's default_alpha;
@@ -24,7 +29,8 @@ from typing import Any, Literal, get_args
 
 Mode = Literal["off", "always", "adaptive"]
 MODES: tuple[str, ...] = get_args(Mode)
-FIELDS: tuple[str, ...] = ("mode", "profile", "alpha", "threshold")
+FIELDS: tuple[str, ...] = ("mode", "profile", "alpha", "threshold", "answer_probe",
+                           "order_choices")
 STEERING_KEY = "steering"  # the HTTP body field and the SamplingParams.extra_args key
 # extra_args key of the profile version (sha256 of its file) fixed at admission
 FINGERPRINT_KEY = "steering_fingerprint"
@@ -63,13 +69,22 @@ class SteeringRequest:
     profile: str | None = None
     alpha: float | None = None
     threshold: float | None = None
+    answer_probe: bool = False
+    order_choices: bool = False
 
     @property
     def active(self) -> bool:
+        """Steered (always) or gated (adaptive)."""
         return self.mode != "off"
 
+    @property
+    def engaged(self) -> bool:
+        """The engine does something for the request: it steers, gates or probes."""
+        return self.active or self.answer_probe
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in FIELDS if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in FIELDS
+                if getattr(self, k) is not None and getattr(self, k) is not False}
 
 
 def _number(field: str, value: Any) -> float:
@@ -115,7 +130,16 @@ def parse_steering(obj: Any, *, default_mode: Mode = "off") -> SteeringRequest:
             raise SteeringConfigError("threshold", f"must be in [0, 1], got {threshold}")
         if mode != "adaptive":
             raise SteeringConfigError("threshold", f"only applies to mode 'adaptive', not {mode!r}")
-    return SteeringRequest(mode=mode, profile=profile, alpha=alpha, threshold=threshold)
+    flags = {}
+    for name in ("answer_probe", "order_choices"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise SteeringConfigError(name, f"must be true or false, got {value!r}")
+        flags[name] = bool(value)
+    if flags["order_choices"] and not flags["answer_probe"]:
+        raise SteeringConfigError("order_choices", "orders choices by their answer failure "
+                                  "probability, so it needs \"answer_probe\": true")
+    return SteeringRequest(mode=mode, profile=profile, alpha=alpha, threshold=threshold, **flags)
 
 
 def steering_from_extra_args(extra_args: dict | None) -> SteeringRequest:
@@ -143,28 +167,40 @@ class Resolved:
     neurons: int = 0
     version: str = ""  # the profile file's sha256 prefix (FINGERPRINT_KEY)
     prompt_positions: int = 0  # always: the profile's steered prompt positions (-1 = all)
+    answer_probe: bool = False
+    order_choices: bool = False  # the HTTP server's business: never sent to the engine
 
     def extra_args(self) -> dict:
-        """What the engine gets in SamplingParams.extra_args ({} when off)."""
-        if self.mode == "off":
+        """What the engine gets in SamplingParams.extra_args ({} when off and
+        not probing)."""
+        if self.mode == "off" and not self.answer_probe:
             return {}
-        steering = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha}
+        steering = {"mode": self.mode, "profile": self.profile}
+        if self.mode != "off":
+            steering["alpha"] = self.alpha
+        if self.answer_probe:
+            steering["answer_probe"] = True
         out = {STEERING_KEY: steering, FINGERPRINT_KEY: self.version}
         if self.mode == "adaptive":
             steering["threshold"] = self.threshold
-        else:
+        elif self.mode == "always":
             out[PROMPT_POSITIONS_KEY] = self.prompt_positions
         return out
 
     def report(self, failure_probability: float | None = None, applied: bool | None = None,
-               error: str | None = None) -> dict:
+               error: str | None = None, answer_failure_probability: float | None = None
+               ) -> dict:
         """The `steering` report of a response. `applied` defaults to what the
-        mode implies before the gate decides (always: True)."""
+        mode implies before the gate decides (always: True). With the answer
+        probe it also carries `answer_failure_probability` (None until the
+        model has read a generated token)."""
         out = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha,
                "failure_probability": failure_probability,
                "applied": self.mode == "always" if applied is None else applied,
                "neurons": self.neurons if self.mode != "off" else 0,
                "threshold": self.threshold if self.mode == "adaptive" else None}
+        if self.answer_probe:
+            out["answer_failure_probability"] = answer_failure_probability
         if error:
             out["error"] = error
         return out
@@ -176,14 +212,18 @@ def resolve(request: SteeringRequest, *, profile: str | None, default_alpha: flo
     """Fill a request's defaults from the profile it runs on (named `profile`;
     `prompt_positions`: its SteeringProfile.steered_prompt_positions)."""
     if not request.active:
-        return Resolved()
+        if not request.answer_probe:
+            return Resolved()
+        return Resolved("off", profile, version=version, answer_probe=True,
+                        order_choices=request.order_choices)
     alpha = default_alpha if request.alpha is None else request.alpha
     threshold = None
     if request.mode == "adaptive":
         threshold = request.threshold if request.threshold is not None else (
             profile_threshold if profile_threshold is not None else DEFAULT_THRESHOLD)
     positions = prompt_positions if request.mode == "always" else 0
-    return Resolved(request.mode, profile, alpha, threshold, neurons, version, positions)
+    return Resolved(request.mode, profile, alpha, threshold, neurons, version, positions,
+                    request.answer_probe, request.order_choices)
 
 
 def declared_prompt_positions(extra_args: dict | None) -> int | None:

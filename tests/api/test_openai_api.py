@@ -174,9 +174,12 @@ def test_openapi_documents_the_steering_object_and_report(server):
         assert components[request]["properties"]["steering"] == {
             "$ref": "#/components/schemas/Steering"}
     steering = components["Steering"]
-    assert set(steering["properties"]) == {"mode", "profile", "alpha", "threshold"}
+    assert set(steering["properties"]) == {"mode", "profile", "alpha", "threshold",
+                                           "answer_probe", "order_choices"}
     assert steering["properties"]["mode"]["anyOf"][0]["enum"] == ["off", "always", "adaptive"]
-    assert "applied" in components["SteeringReport"]["properties"]
+    report = components["SteeringReport"]["properties"]
+    assert {"applied", "answer_failure_probability", "choices"} <= set(report)
+    assert "answer_failure_probability" in components["ChoiceReport"]["properties"]
     for path in ("/v1/chat/completions", "/v1/completions"):
         ok = schema["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]
         assert ok["schema"]["properties"]["steering"] == {

@@ -77,17 +77,9 @@ def _shape(model_dir) -> ModelShape:
     return ModelShape.from_hf_config(transformers.AutoConfig.from_pretrained(model_dir))
 
 
-def make_profiles(model_dir, out_dir) -> dict[str, str]:
-    """Two plain profiles (a, b) and one with a failure predictor (pred)."""
-    shape = _shape(model_dir)
-    paths = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        prof = SteeringProfile.random(name, shape, k=24, seed=seed, scale=3.0, default_alpha=0.5)
-        paths[name] = str(out_dir / f"{name}.safetensors")
-        prof.save(paths[name])
-    prof = SteeringProfile.random("pred", shape, k=24, seed=3, scale=3.0, default_alpha=0.5)
-    g = torch.Generator().manual_seed(4)
-    flat = torch.randperm(shape.num_layers * shape.intermediate_size, generator=g)[:32]
+def random_head(shape: ModelShape, seed: int, features: int) -> FailurePredictor:
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(shape.num_layers * shape.intermediate_size, generator=g)[:features]
     predictor = FailurePredictor(
         (flat // shape.intermediate_size).to(torch.int32),
         (flat % shape.intermediate_size).to(torch.int32),
@@ -96,8 +88,21 @@ def make_profiles(model_dir, out_dir) -> dict[str, str]:
     with torch.no_grad():
         for p in predictor.parameters():
             p.normal_(0.0, 0.5, generator=g)
-    predictor.eval()
-    prof.predictor = predictor
+    return predictor.eval()
+
+
+def make_profiles(model_dir, out_dir) -> dict[str, str]:
+    """Two plain profiles (a, b) and one with a failure predictor and an
+    answer head (pred)."""
+    shape = _shape(model_dir)
+    paths = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        prof = SteeringProfile.random(name, shape, k=24, seed=seed, scale=3.0, default_alpha=0.5)
+        paths[name] = str(out_dir / f"{name}.safetensors")
+        prof.save(paths[name])
+    prof = SteeringProfile.random("pred", shape, k=24, seed=3, scale=3.0, default_alpha=0.5)
+    prof.predictor = random_head(shape, 4, 32)
+    prof.answer_predictor = random_head(shape, 5, 24)
     prof.threshold = 0.5
     paths["pred"] = str(out_dir / "pred.safetensors")
     prof.save(paths["pred"])

@@ -1,7 +1,7 @@
 """The engine on the kernel path (the launches a CUDA graph would capture:
 `step.launch_kernels_` over buffers filled in place) run on CPU tensors under
-the Triton interpreter: a mixed batch (always, adaptive, off; chunked
-prefills) gives the CPU path's tokens and p_fail."""
+the Triton interpreter: a mixed batch (always, adaptive, off, answer probes;
+chunked prefills) gives the CPU path's tokens, p_fail and answer p_fail."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ def kernel_llm(qwen3_dir, qwen3_profiles):
 def run_mix(llm):
     prompts = prompt_ids(6, 70, seed=41)  # 70 tokens, 32 per step: chunked prefills
     mix = [{"mode": "always", "profile": "a", "alpha": 0.5}, {"mode": "adaptive",
-           "profile": "pred", "threshold": 0.0}, None, {"mode": "adaptive", "profile": "pred",
-           "threshold": 1.0}, {"mode": "always", "profile": "b"}, None]
+           "profile": "pred", "threshold": 0.0, "answer_probe": True}, None,
+           {"mode": "adaptive", "profile": "pred", "threshold": 1.0},
+           {"mode": "always", "profile": "b"},
+           {"mode": "off", "profile": "pred", "answer_probe": True}]
     outs = [generate(llm, [p], params(s))[0] for p, s in zip(prompts, mix)]  # one at a time
     together = generate(llm, prompts, [params(s) for s in mix])  # and in one batch
     return outs, together
@@ -53,4 +55,11 @@ def test_the_kernel_path_gives_the_cpu_paths_tokens_and_p_fail(kernel_llm, qwen3
                                    atol=1e-5, rtol=1e-5)
         assert [rk[o.request_id]["applied"] for o in outs_k if o.request_id in rk] == \
             [rc[o.request_id]["applied"] for o in outs_c if o.request_id in rc]
+        ak = [rk.get(o.request_id, {}).get("answer_failure_probability") for o in outs_k]
+        ac = [rc.get(o.request_id, {}).get("answer_failure_probability") for o in outs_c]
+        assert sum(a is not None for a in ak) == 2 and [a is None for a in ak] == \
+            [a is None for a in ac]
+        torch.testing.assert_close(torch.tensor([a for a in ak if a is not None]),
+                                   torch.tensor([a for a in ac if a is not None]),
+                                   atol=1e-5, rtol=1e-5)
     assert stats(kernel_llm)["requests"] == 0

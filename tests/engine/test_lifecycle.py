@@ -101,6 +101,7 @@ def run(llm, prompts, kinds):
     params = []
     for kind in kinds:
         extra = {"adaptive": {"steering": {"mode": "adaptive", "profile": "pred"}},
+                 "probe": {"steering": {"mode": "off", "profile": "pred", "answer_probe": True}},
                  "capture": {"adaras_capture": {"mean_from": MEAN_FROM,
                                                 "features": FEATURES}}}[kind]
         params.append(SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True,
@@ -112,7 +113,7 @@ def run(llm, prompts, kinds):
             [list(o.outputs[0].token_ids) for o in outs])
 
 
-@pytest.mark.parametrize("kind", ["adaptive", "capture"])
+@pytest.mark.parametrize("kind", ["adaptive", "capture", "probe"])
 def test_preempted_requests_get_the_same_p_fail_decision_and_capture(tight_llm, kind):
     prompts = [prompt_ids(1, n, seed=90 + n + i)[0] for i, n in enumerate(PROMPT_LENS)]
     kinds = [kind] * len(prompts)
@@ -127,6 +128,10 @@ def test_preempted_requests_get_the_same_p_fail_decision_and_capture(tight_llm, 
             assert got["failure_probability"] == pytest.approx(want["failure_probability"],
                                                               abs=1e-6), f"request {i}"
             assert got["applied"] == want["applied"]
+        elif kind == "probe":  # recomputed positions after the prompt are folded once
+            got, want = reports[i], want_reports[0]
+            assert got["answer_failure_probability"] == pytest.approx(
+                want["answer_failure_probability"], abs=1e-6), f"request {i}"
         else:
             got, want = caps[i], want_caps[0]
             assert got["count"] == want["count"] == n - MEAN_FROM, f"request {i}"

@@ -46,6 +46,17 @@ def test_tp2_predictor_matches_tp1(qwen3_llm, qwen3_tp2):
     torch.testing.assert_close(p["tp2"], p["tp1"], atol=1e-4, rtol=1e-4)
 
 
+def test_tp2_answer_probe_matches_tp1(qwen3_llm, qwen3_tp2):
+    prompts = [prompt_ids(1, n, seed=43 + n)[0] for n in (40, 75)]
+    probe = params({"mode": "off", "profile": "pred", "answer_probe": True})
+    p = {}
+    for name, llm in (("tp1", qwen3_llm), ("tp2", qwen3_tp2)):
+        outs = generate(llm, prompts, probe)
+        p[name] = torch.tensor([o.outputs[0].steering["answer_failure_probability"]
+                                for o in outs])
+    torch.testing.assert_close(p["tp2"], p["tp1"], atol=1e-5, rtol=1e-5)
+
+
 def test_tp2_capture_joins_the_neuron_shards(qwen3_llm, qwen3_tp2):
     from vllm import SamplingParams
 

@@ -125,6 +125,7 @@ def document_steering(app) -> None:
             name = model.model_config["title"]
             components[name] = model.model_json_schema(
                 ref_template="#/components/schemas/{model}")
+            components.update(components[name].pop("$defs", {}))  # e.g. ChoiceReport
             refs[model] = {"$ref": f"#/components/schemas/{name}"}
         for target in STEERED_REQUESTS:
             if target in components:

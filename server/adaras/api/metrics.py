@@ -13,6 +13,9 @@ DECISIONS = Counter("adaras_steering_decisions", "Steering decisions (applied or
                     ["model", "profile", "decision"])
 P_FAIL = Histogram("adaras_failure_probability", "Predicted failure probability (adaptive)",
                    ["model", "profile"], buckets=[i / 20 for i in range(1, 21)])
+ANSWER_P_FAIL = Histogram("adaras_answer_failure_probability",
+                          "The answer probe's failure probability, per choice (answer_probe)",
+                          ["model", "profile"], buckets=[i / 20 for i in range(1, 21)])
 TTFT = Histogram("adaras_time_to_first_token_seconds", "Time to first token (streaming)",
                  ["model", "profile", "mode"], buckets=_LAT)
 TPOT = Histogram("adaras_time_per_output_token_seconds", "Time per output token after the first",

@@ -184,6 +184,7 @@ class _Exchange:
         self.disconnected = False  # the client hung up before the response ended
         self.response_done = False
         self.passthrough = False  # response too large to annotate: sent as it came
+        self.order: dict[int, int] = {}  # order_choices: response index -> index as generated
 
     # ---- request side --------------------------------------------------------
     async def run(self) -> None:
@@ -215,6 +216,10 @@ class _Exchange:
                                                                    e.param))
         n = data.get("n")
         self.n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        if self.resolved.order_choices and data.get("stream"):
+            return await self._refuse("steering.order_choices", "steering.order_choices: a "
+                                      "stream sends each choice as it is generated, so it "
+                                      "cannot order them; send it without \"stream\"")
         admitted = self.resolved.extra_args()  # the engine's copy ({} when off)
         self.entry = MAILBOX.open(admitted)
         if admitted:
@@ -365,8 +370,33 @@ class _Exchange:
         self.usage = usage if isinstance(usage, dict) else None
         choices = data.get("choices")
         count = len(choices) if isinstance(choices, list) else 1
+        if self.resolved.order_choices and isinstance(choices, list):
+            self._order_choices(choices)
         data[STEERING_KEY] = self._report(range(max(count, 1)))
         return json.dumps(data).encode()
+
+    def _order_choices(self, choices: list) -> None:
+        """order_choices: within each prompt's `n` choices, lowest
+        answer_failure_probability first (none last), `index` renumbered;
+        self.order maps each new index to the choice's index as generated."""
+        if not all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
+            return
+
+        def p(c: dict) -> tuple[bool, float]:
+            a = (self._engine_report(c["index"]) or {}).get("answer_failure_probability")
+            return a is None, a if a is not None else 0.0
+
+        by_prompt: dict[int, list[dict]] = {}
+        for c in sorted(choices, key=lambda c: c["index"]):
+            by_prompt.setdefault(c["index"] // self.n, []).append(c)
+        ordered = []
+        for prompt in sorted(by_prompt):
+            ordered += sorted(by_prompt[prompt], key=p)  # stable: ties keep their order
+        self.order = {}
+        for new_index, c in enumerate(ordered):
+            self.order[new_index] = c["index"]
+            c["index"] = new_index
+        choices[:] = ordered
 
     async def _send_stream(self, message) -> None:
         self._buffer += message.get("body", b"")
@@ -431,26 +461,32 @@ class _Exchange:
         batch's choices prompt by prompt, `n` each)."""
         if self.entry is None:
             return None
-        return self.entry.reports.get(divmod(choice, self.n))
+        return self.entry.reports.get(divmod(self.order.get(choice, choice), self.n))
 
     def _report(self, choices) -> dict:
         """The `steering` report for these response choices: one choice's own,
-        or for several, what they share (failure_probability when equal,
-        applied when any was steered, the first error) plus `choices`."""
+        or for several, what they share (failure_probability and
+        answer_failure_probability when equal, applied when any was steered,
+        the first error) plus `choices`."""
         per = []
         for i in choices:
             engine = self._engine_report(i) or {}
             per.append((i, engine.get("failure_probability"), engine.get("applied"),
-                        engine.get("error")))
-        p_values = {p for _, p, _, _ in per}
+                        engine.get("error"), engine.get("answer_failure_probability")))
+        p_values = {p for _, p, *_ in per}
         p_fail = p_values.pop() if len(p_values) == 1 else None
-        applied = [a for _, _, a, _ in per if a is not None]
-        error = next((e for *_, e in per if e), None)
-        out = self.resolved.report(p_fail, any(applied) if applied else None, error)
-        if len(per) > 1 and self.resolved.mode != "off":
+        a_values = {a for *_, a in per}
+        answer = a_values.pop() if len(a_values) == 1 else None
+        applied = [a for _, _, a, *_ in per if a is not None]
+        error = next((e for *_, e, _ in per if e), None)
+        out = self.resolved.report(p_fail, any(applied) if applied else None, error, answer)
+        if len(per) > 1 and (self.resolved.mode != "off" or self.resolved.answer_probe):
             out["choices"] = [{"index": i, "failure_probability": p,
                                "applied": self.resolved.mode == "always" if a is None else a,
-                               **({"error": e} if e else {})} for i, p, a, e in per]
+                               **({"sample": self.order[i]} if i in self.order else {}),
+                               **({"answer_failure_probability": ans}
+                                  if self.resolved.answer_probe else {}),
+                               **({"error": e} if e else {})} for i, p, a, e, ans in per]
         return out
 
     def _finish(self) -> None:
@@ -477,13 +513,24 @@ class _Exchange:
                     if child == 0 and engine.get("failure_probability") is not None:  # per prompt
                         metrics.P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
                             engine["failure_probability"])
+            if self.resolved.answer_probe:
+                for engine in (self.entry.reports.values() if self.entry else ()):
+                    if engine.get("answer_failure_probability") is not None:  # per choice
+                        metrics.ANSWER_P_FAIL.labels(self.mw.model, self.resolved.profile).observe(
+                            engine["answer_failure_probability"])
             if self.resolved.mode != "off":
                 metrics.DECISIONS.labels(self.mw.model, self.resolved.profile,
                                          "applied" if report["applied"] else "skipped").inc()
         client = self.client_id.decode("utf-8", "replace") if self.client_id else "-"
         logger.info("request %s client_id=%r path=%s status=%d%s%s mode=%s profile=%s "
-                    "applied=%s p_fail=%s%s %.3fs", self.entry.key if self.entry else "-",
+                    "applied=%s p_fail=%s%s%s %.3fs", self.entry.key if self.entry else "-",
                     client, self.path, self.status, " stream-error" if self.failed else "",
                     " disconnected" if self.disconnected else "", self.resolved.mode,
                     self.resolved.profile, report["applied"], report["failure_probability"],
+                    f" answer_p_fail={self._answer_p_fails(report)}"
+                    if self.resolved.answer_probe else "",
                     f" error={report['error']!r}" if report.get("error") else "", now - self.t0)
+
+    @staticmethod
+    def _answer_p_fails(report: dict) -> list:
+        return [c.get("answer_failure_probability") for c in report.get("choices") or [report]]

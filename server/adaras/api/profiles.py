@@ -83,7 +83,7 @@ class ProfileRegistry:
         """Validate a request's raw `steering` value; raises SteeringError."""
         try:
             req = parse_steering(raw, default_mode=self.default_mode)
-            if req.mode == "off":
+            if not req.engaged:
                 return Resolved()
             self._check_available()
             name = req.profile or self.default
@@ -94,6 +94,10 @@ class ProfileRegistry:
             if req.mode == "adaptive" and prof.predictor is None:
                 raise SteeringConfigError(
                     "mode", f"profile {name!r} has no failure predictor; use mode 'always'")
+            if req.answer_probe and prof.answer_predictor is None:
+                raise SteeringConfigError(
+                    "answer_probe", f"profile {name!r} has no answer head (train one with "
+                    "`adaras train-predictor --target answer`)")
         except SteeringConfigError as e:
             raise SteeringError(e.param, str(e)) from None
         return resolve(req, profile=name, default_alpha=prof.default_alpha,

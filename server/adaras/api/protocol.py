@@ -36,6 +36,28 @@ class SteeringParams(BaseModel):
         None, ge=0, le=1, allow_inf_nan=False,
         description="adaptive only: steer when p_fail >= threshold; default: the profile's "
         "calibrated threshold, else 0.5")
+    answer_probe: bool | None = Field(
+        None, description="in any mode, `off` included: report each choice's "
+        "answer_failure_probability, the profile's answer head read from the activations of "
+        "the tokens the model generated (no extra forward pass); the profile must carry an "
+        "answer head")
+    order_choices: bool | None = Field(
+        None, description="with answer_probe, not streamed: return the choices lowest "
+        "answer_failure_probability first (choices[0] is the best of n; `index` is renumbered "
+        "and each report choice names its `sample`, its index as generated)")
+
+
+class ChoiceReport(BaseModel):
+    """One choice's part of a report that covers several."""
+
+    index: int
+    sample: int | None = Field(None, description="with order_choices: the choice's index as "
+                                                 "generated, before ordering")
+    failure_probability: float | None = None
+    applied: bool
+    answer_failure_probability: float | None = Field(
+        None, description="with answer_probe: this choice's own")
+    error: str | None = None
 
 
 class SteeringReport(BaseModel):
@@ -52,6 +74,15 @@ class SteeringReport(BaseModel):
     applied: bool = Field(description="whether the decode steps were steered")
     neurons: int = Field(description="K, the profile's number of steered neurons (0 when off)")
     threshold: float | None = Field(None, description="adaptive only")
+    answer_failure_probability: float | None = Field(
+        None, description="with answer_probe: the answer head's probability that this answer "
+        "is wrong, pooled over the positions the model read after the prompt (every generated "
+        "token but the last); null when it read none. Trained on unsteered greedy and sampled "
+        "answers: see `applied` for whether this one was steered")
+    error: str | None = Field(None, description="why the request was not gated or probed")
+    choices: list[ChoiceReport] | None = Field(
+        None, description="when the report covers several choices (n > 1, or several prompts): "
+        "each one's own values")
 
 
 class ProfileLoad(BaseModel):

@@ -28,7 +28,9 @@ class Steering:
     """One steering setting for offline `vllm.LLM` requests.
 
     `mode` "always" steers every decode step, "adaptive" only when the
-    profile's failure predictor fires on the prompt, "off" never. `None`
+    profile's failure predictor fires on the prompt, "off" never; with
+    `answer_probe` (any mode) each choice's report carries the profile's
+    answer head's `answer_failure_probability`. `None`
     fields take the profile's defaults (alpha, threshold) or the engine's
     default profile. Invalid values raise SteeringConfigError (a ValueError)
     naming the field, here rather than at generate time."""
@@ -37,13 +39,15 @@ class Steering:
     alpha: float | None = None
     mode: Mode = "always"
     threshold: float | None = None
+    answer_probe: bool = False  # report each choice's answer_failure_probability
 
     def __post_init__(self) -> None:
         parse_steering(self.request_dict())
 
     def request_dict(self) -> dict:
         """The `steering` object, as the HTTP API takes it."""
-        return SteeringRequest(self.mode, self.profile, self.alpha, self.threshold).to_dict()
+        return SteeringRequest(self.mode, self.profile, self.alpha, self.threshold,
+                               self.answer_probe).to_dict()
 
     def args(self, **extra) -> dict:
         """`SamplingParams.extra_args` carrying this steering (plus `extra`)."""

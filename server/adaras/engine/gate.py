@@ -1,27 +1,48 @@
-"""The predictor gate: an adaptive request's prompt activations at its
-predictor's feature neurons are gathered by the steering op while vLLM
-prefills the prompt, streamed into the request's attention-pooling state
-after each step, and turned into p_fail (and the steer/no-steer decision) when
-the prompt is complete.
+"""The predictor heads, fed by the feature gather the steering op runs.
 
-Prompt features are folded by position: a request that vLLM preempted and
-recomputes from token 0 skips the positions it already folded, so its p_fail
-equals that of an uninterrupted run. A request that vLLM served part of its
-prompt from the prefix cache starts from the stored states of those blocks,
-and every full prompt block it computes leaves its own state for the next
-request (adaras.engine.prefix_states).
+The gate (prompt head): an adaptive request's prompt activations at its
+predictor's feature neurons are gathered while vLLM prefills the prompt,
+streamed into the request's attention-pooling state after each step, and
+turned into p_fail (and the steer/no-steer decision) when the prompt is
+complete.
+
+The answer probe (answer head): a request with `answer_probe` gathers the
+answer head's features at every position after the prompt (each generated
+token but the last sampled one, which never passes through the model), folds
+them the same way, and reports the answer's p_fail after every step that read
+one, so the report on a request's last output is that of the whole answer.
+
+Both fold by position: a request that vLLM preempted and recomputes from
+token 0 skips the positions it already folded, so its p_fail equals that of
+an uninterrupted run. A request that vLLM served part of its prompt from the
+prefix cache starts from the stored states of those blocks, and every full
+prompt block it computes leaves its own state for the next request
+(adaras.engine.prefix_states).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from adaras.engine.prefix_states import PrefixStates
-from adaras.engine.profile_store import LoadedProfile
 from adaras.engine.step import GatherBuffers, StepContext
 from adaras.predictor import FailurePredictor, PoolState
 from steering_kernels.steer_plan import plan_features
+
+
+class Gather(NamedTuple):
+    """One request's rows of this step that read a predictor head's features."""
+
+    req_id: str
+    feat_idx: torch.Tensor  # int32 [L, F]: the head's columns (LoadedProfile), its key
+    first: int  # its first token row in the step
+    rows: int
+    pos: int  # positions folded once this step is
+    done: bool  # prompt head: the prompt completes this step
+    head: str  # "prompt" (the gate) or "answer" (the answer probe)
 
 
 class PredictorGate:
@@ -33,60 +54,59 @@ class PredictorGate:
         self._key: tuple = ()
         self._table = None  # (feat_idx int32 [L, F_all], FeaturePlan) for self._key
 
-    def plan(self, ctx: StepContext,
-             pending: list[tuple[str, LoadedProfile, int, int, int, bool]],
-             num_tokens: int = 0) -> None:
-        """pending: (req_id, profile, first row of its prompt tokens to fold,
-        rows, prompt positions folded after this step, prompt completes this
-        step) for each adaptive request still reading its prompt; num_tokens:
-        the step's token rows."""
+    def plan(self, ctx: StepContext, pending: list[Gather], num_tokens: int = 0) -> None:
+        """Lay out the step's feature gathers (num_tokens: the step's token
+        rows); ctx.spans index the gathered features."""
         if self.gather is not None:
             self._plan_kernel_path(ctx, pending, num_tokens)
             return
         if not pending:
             return
-        profiles: dict[LoadedProfile, slice] = {}
+        heads: dict[torch.Tensor, slice] = {}  # by identity: one per profile head
         o = 0
-        for _, p, *_ in pending:
-            if p not in profiles:
-                profiles[p] = slice(o, o + p.feat_idx.shape[1])
-                o += p.feat_idx.shape[1]
-        key = tuple(profiles)
+        for g in pending:
+            if g.feat_idx not in heads:
+                heads[g.feat_idx] = slice(o, o + g.feat_idx.shape[1])
+                o += g.feat_idx.shape[1]
+        key = tuple(heads)
         if len(key) != len(self._key) or any(a is not b for a, b in zip(key, self._key)):
-            feat_idx = torch.cat([p.feat_idx for p in key], dim=1)  # [L, F_all]
+            feat_idx = torch.cat(key, dim=1)  # [L, F_all]
             self._key, self._table = key, (feat_idx, plan_features(feat_idx, self.num_cols))
         ctx.feat_idx, ctx.feat_plan = self._table
         rows, n = [], 0
-        for rid, p, first, m, pos, done in pending:
-            rows.append(np.arange(first, first + m))
-            ctx.spans.append((rid, slice(n, n + m), profiles[p], pos, done))
-            n += m
+        for g in pending:
+            rows.append(np.arange(g.first, g.first + g.rows))
+            ctx.spans.append((g.req_id, slice(n, n + g.rows), heads[g.feat_idx], g.pos, g.done,
+                              g.head))
+            n += g.rows
         ctx.feat_rows = torch.from_numpy(np.concatenate(rows)).to(self.device)  # [R]
         ctx.feats = torch.zeros(n, o, device=self.device)  # [R, F_all]
 
-    def _plan_kernel_path(self, ctx: StepContext, pending, num_tokens: int) -> None:
+    def _plan_kernel_path(self, ctx: StepContext, pending: list[Gather], num_tokens: int) -> None:
         """Fill GatherBuffers in place: each pending request's rows read its
-        profile's group; spans index the gathered rows (ctx.gathered_rows)."""
-        groups: dict[LoadedProfile, int] = {}
-        for _, p, *_ in pending:
-            groups.setdefault(p, len(groups) + 1)
+        head's group; spans index the gathered rows (ctx.gathered_rows)."""
+        groups: dict[torch.Tensor, int] = {}
+        for g in pending:
+            groups.setdefault(g.feat_idx, len(groups) + 1)
         if not pending:
-            self.gather.fill(tuple(p.feat_idx for p in groups), None)
+            self.gather.clear()
             return
         feat_slot = np.zeros(num_tokens, dtype=np.int32)
         rows, n = [], 0
-        for rid, p, first, m, pos, done in pending:
-            feat_slot[first:first + m] = groups[p]
-            rows.append(np.arange(first, first + m))
-            ctx.spans.append((rid, slice(n, n + m), slice(0, p.feat_idx.shape[1]), pos, done))
-            n += m
-        self.gather.fill(tuple(p.feat_idx for p in groups), feat_slot)
+        for g in pending:
+            feat_slot[g.first:g.first + g.rows] = groups[g.feat_idx]
+            rows.append(np.arange(g.first, g.first + g.rows))
+            ctx.spans.append((g.req_id, slice(n, n + g.rows), slice(0, g.feat_idx.shape[1]),
+                              g.pos, g.done, g.head))
+            n += g.rows
+        self.gather.fill(tuple(groups), feat_slot)
         ctx.gathered_rows = torch.from_numpy(np.concatenate(rows))  # int64 [R], read after
 
     def gathered(self, ctx: StepContext) -> torch.Tensor:
-        """Kernel path, after the forward: the gathered rows' features [R, F_max]
-        (this rank's shard; other columns 0)."""
-        return self.gather.feats.index_select(0, ctx.gathered_rows.to(self.device))
+        """Kernel path, after the forward: the gathered rows' features
+        [R, F_widest] (this rank's shard; other columns 0)."""
+        feats = self.gather.feats[:, :self.gather.width]
+        return feats.index_select(0, ctx.gathered_rows.to(self.device))
 
     def start_from_prefix(self, state, computed: int) -> None:
         """The request's first step starts `computed` tokens in (a prefix-cache
@@ -139,3 +159,13 @@ class PredictorGate:
                 if block < len(blocks.hashes):
                     self.prefix.put(blocks.hashes[block], blocks.version, state.block_pool)
                 state.block_pool = None
+
+    @staticmethod
+    def fold_answer(state, feats: torch.Tensor, pos: int) -> None:
+        """Stream one step's features [R, F] (fp32, CPU) of positions
+        [state.answer_pos, pos), all after the prompt, into the answer probe's
+        pool, and update its p_fail."""
+        head: FailurePredictor = state.profile.profile.answer_predictor
+        state.answer_pool = head.update(state.answer_pool, feats)
+        state.answer_pos = pos
+        state.answer_p_fail = head.finish(state.answer_pool)

@@ -55,7 +55,7 @@ def check_profile_name(input_processor, steering) -> None:
     from adaras.steering import unknown_profile
 
     known = known_profiles(input_processor)
-    if steering.active and steering.profile is not None and known is not None \
+    if steering.engaged and steering.profile is not None and known is not None \
             and steering.profile not in known:
         raise unknown_profile(steering.profile, known)
 

@@ -27,6 +27,7 @@ class LoadedProfile:
     idx: torch.Tensor  # int32 [L, Kp] local columns, -1 pad
     delta: torch.Tensor  # fp32 [L, Kp]
     feat_idx: torch.Tensor | None  # int32 [L, F] local column of feature f if in layer l here, else -1
+    answer_feat_idx: torch.Tensor | None = None  # the same for the answer head's features
 
     @classmethod
     def build(cls, profile: SteeringProfile, version: str, num_layers: int,
@@ -44,16 +45,24 @@ class LoadedProfile:
             for j, (col, d) in enumerate(sorted(items)):
                 idx[layer, j] = col
                 delta[layer, j] = d
-        feat_idx = None
-        if profile.predictor is not None:
-            fl = profile.predictor.feature_layers.tolist()
-            fn = profile.predictor.feature_neurons.tolist()
-            feat_idx = torch.full((num_layers, len(fl)), -1, dtype=torch.int32)
-            for f, (layer, neuron) in enumerate(zip(fl, fn)):
-                if start <= neuron < end:
-                    feat_idx[layer, f] = neuron - start
-            feat_idx = feat_idx.to(device)
-        return cls(profile, version, idx.to(device), delta.to(device), feat_idx)
+        return cls(profile, version, idx.to(device), delta.to(device),
+                   feature_columns(profile.predictor, num_layers, shard, device),
+                   feature_columns(profile.answer_predictor, num_layers, shard, device))
+
+
+def feature_columns(predictor, num_layers: int, shard: tuple[int, int],
+                    device: torch.device) -> torch.Tensor | None:
+    """A predictor's features as int32 [L, F]: the local column of feature f if
+    it lives in layer l on this shard, else -1 (None: no predictor)."""
+    if predictor is None:
+        return None
+    start, end = shard
+    fl, fn = predictor.feature_layers.tolist(), predictor.feature_neurons.tolist()
+    feat_idx = torch.full((num_layers, len(fl)), -1, dtype=torch.int32)
+    for f, (layer, neuron) in enumerate(zip(fl, fn)):
+        if start <= neuron < end:
+            feat_idx[layer, f] = neuron - start
+    return feat_idx.to(device)
 
 
 class ProfileStore:
@@ -70,11 +79,13 @@ class ProfileStore:
         """Load (or atomically replace) `name`. `in_use`: the versions of the
         requests in flight (kept however long ago they were retired)."""
         profile = SteeringProfile.load(path, expect=self.shape)
-        n = profile.predictor.num_features if profile.predictor is not None else 0
-        if self.max_features is not None and n > self.max_features:
-            raise ProfileError(f"steering profile {path!r}: its predictor reads {n} features; "
-                               f"this engine's feature gather holds {self.max_features} "
-                               "(retrain it with fewer, e.g. train-predictor --features 256)")
+        for head, predictor in (("predictor", profile.predictor),
+                                ("answer head", profile.answer_predictor)):
+            n = predictor.num_features if predictor is not None else 0
+            if self.max_features is not None and n > self.max_features:
+                raise ProfileError(f"steering profile {path!r}: its {head} reads {n} features; "
+                                   f"this engine's feature gather holds {self.max_features} "
+                                   "(retrain it with fewer, e.g. train-predictor --features 256)")
         profile.name = name
         loaded = LoadedProfile.build(profile, file_version(path), self.shape.num_layers,
                                      self.shard, self.device)

@@ -26,7 +26,7 @@ import torch
 
 from adaras.engine.capture import ActivationCapture
 from adaras.engine.config import PROFILES_ENV, parse_profiles_env
-from adaras.engine.gate import PredictorGate
+from adaras.engine.gate import Gather, PredictorGate
 from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
 from adaras.engine.profile_store import LoadedProfile, ProfileStore
 from adaras.engine.reports import Outbox
@@ -105,13 +105,17 @@ class RequestState:
     p_fail: float | None = None
     applied: bool = False  # decode steps are steered
     error: str | None = None
+    # the answer probe: its head's pooling state over positions >= the prompt length
+    answer_pool: PoolState | None = None
+    answer_pos: int = -1  # positions before it are folded (-1: not started)
+    answer_p_fail: float | None = None
 
     @property
     def alpha(self) -> float:
         return self.steering.alpha
 
     def report(self) -> dict:
-        return self.steering.report(self.p_fail, self.applied, self.error)
+        return self.steering.report(self.p_fail, self.applied, self.error, self.answer_p_fail)
 
 
 
@@ -173,7 +177,7 @@ class SteeringRuntime:
         except SteeringConfigError as e:  # validated in the frontend; belt and braces
             self._put_report(req_id, RequestState(Resolved(), None, error=str(e)))
             return None
-        if not config.active:
+        if not config.engaged:
             if extra and STEERING_KEY in extra:  # explicit "off": still report it
                 self._put_report(req_id, RequestState(Resolved(), None))
             return None
@@ -191,6 +195,14 @@ class SteeringRuntime:
             loaded, steer_prompt=steered_prompt_positions(
                 prof.steered_prompt_positions, declared_prompt_positions(extra))
             if config.mode == "always" else 0)
+        if config.answer_probe:
+            if prof.answer_predictor is None:
+                state.error = f"profile {name!r} has no answer head; the answer was not probed"
+            else:
+                state.answer_pool = prof.answer_predictor.init_state()
+        if config.mode == "off":
+            self._put_report(req_id, state)
+            return state if state.answer_pool is not None else None
         if config.mode == "always":
             state.applied = True
         elif prof.predictor is None:
@@ -256,7 +268,7 @@ class SteeringRuntime:
         if not self.requests and not self.capture.active:
             self.buffers.fill((), None, plan=False)  # leaves row_slot all 0
             if self.kernel_path:
-                self.gate.plan(StepContext(), [])  # leaves feat_slot all 0
+                self.gate.gather.clear()  # leaves feat_slot all 0
             return None
         ends = np.cumsum(num_scheduled[: len(req_ids)])  # token offset after request i
 
@@ -297,8 +309,10 @@ class SteeringRuntime:
                 m = min(n, prompt - computed)
                 first = min(max(state.pool_pos - computed, 0), m)  # > 0 only when recomputing
                 if first < m:  # else: all folded before a preemption (and not the last chunk)
-                    pending.append((rid, state.profile, start + first, m - first,
-                                    computed + m, computed + n >= prompt))
+                    pending.append(Gather(rid, state.profile.feat_idx, start + first, m - first,
+                                          computed + m, computed + n >= prompt, "prompt"))
+            if state.answer_pool is not None:
+                self._plan_answer(rid, state, start, n, computed, prompt, pending)
         ctx = StepContext(buffers=self.buffers, steered=row_slot is not None)
         ctx.plan = self.buffers.fill(tuple(slots), row_slot, plan=not self.kernel_path)
         self.gate.plan(ctx, pending, int(ends[-1]) if len(ends) else 0)
@@ -308,6 +322,24 @@ class SteeringRuntime:
             return None
         set_current(ctx)
         return ctx
+
+    def _plan_answer(self, rid: str, state: RequestState, start: int, n: int, computed: int,
+                     prompt: int, pending: list[Gather]) -> None:
+        """The answer probe's rows this step: positions from the prompt length
+        on that it has not folded yet (a recompute after preemption skips the
+        folded ones)."""
+        if state.answer_pos < 0:
+            state.answer_pos = prompt
+        if computed > state.answer_pos:  # positions it never saw (cannot happen in vLLM 0.32)
+            state.error = (f"positions {state.answer_pos}..{computed - 1} were never computed "
+                           "by this request; the answer was not probed")
+            state.answer_pool, state.answer_p_fail = None, None
+            self._put_report(rid, state)
+            return
+        first = state.answer_pos - computed  # row offset of the first position to fold
+        if first < n:
+            pending.append(Gather(rid, state.profile.answer_feat_idx, start + first, n - first,
+                                  computed + n, False, "answer"))
 
     def _gathered(self, feats: torch.Tensor) -> torch.Tensor:
         """Per-token feature values [R, F] as fp32 on the CPU. Each rank gathered
@@ -332,13 +364,21 @@ class SteeringRuntime:
             return
         # [R, F_all] (CPU path) or [R, F_max] (kernel path)
         feats = self._gathered(self.gate.gathered(ctx) if self.kernel_path else ctx.feats)
-        for rid, rows, cols, pos, done in ctx.spans:
+        answered = set()
+        for rid, rows, cols, pos, done, head in ctx.spans:
             state = self.requests.get(rid)
-            if state is None or state.pool is None:
+            if state is None:
                 continue
-            self.gate.fold(state, feats[rows, cols], done, pos)
-            if done:
-                self._put_report(rid, state)
+            if head == "answer":
+                if state.answer_pool is not None:
+                    self.gate.fold_answer(state, feats[rows, cols], pos)
+                    answered.add(rid)
+            elif state.pool is not None:
+                self.gate.fold(state, feats[rows, cols], done, pos)
+                if done:
+                    self._put_report(rid, state)
+        for rid in answered:  # the last one before the request ends is the answer's
+            self._put_report(rid, self.requests[rid])
 
 
 KERNEL_PATH_ENV = "ADARAS_KERNEL_PATH"

@@ -44,14 +44,14 @@ class StepContext:
     buffers: StepBuffers | None = None
     steered: bool = False  # some row of this step is steered
     plan: SteerPlan | None = None  # CPU path: per-layer flat indices/values of the sparse add
-    # predictor gate: prompt rows of adaptive requests -> features
+    # predictor heads: prompt rows of adaptive requests, answer rows of probing ones
     feat_rows: torch.Tensor | None = None  # int64 [R]
     feat_idx: torch.Tensor | None = None  # int32 [L, F]
     feat_plan: FeaturePlan | None = None  # per-layer feature columns
     feats: torch.Tensor | None = None  # fp32 [R, F], filled layer by layer
-    # (req_id, rows slice into feats, feature slice, prompt positions folded after
-    # this step, prompt completes this step)
-    spans: list[tuple[str, slice, slice, int, bool]] = field(default_factory=list)
+    # (req_id, rows slice into feats, feature slice, positions folded after this
+    # step, prompt completes this step, head: "prompt" | "answer"); see gate.Gather
+    spans: list[tuple[str, slice, slice, int, bool, str]] = field(default_factory=list)
     # activation capture (offline pipeline); read before steering is added
     cap_rows: torch.Tensor | None = None  # int64 [Rm] rows that enter a mean
     cap_seg: torch.Tensor | None = None  # int64 [Rm] which capturing request each row is
@@ -220,6 +220,7 @@ class GatherBuffers:
                                  device=device)  # [T_max, F_max]
         self._groups: tuple = ()
         self._rows = np.zeros(0, dtype=np.int32)
+        self.width = 0  # the widest group's features: columns past it stay 0
 
     @staticmethod
     def tables(feat_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +253,7 @@ class GatherBuffers:
                 self.feat_layer[g, :n], self.feat_col[g, :n] = layer, col
                 self.feat_layer[g, n:], self.feat_col[g, n:] = -1, -1
             self._groups = groups
+            self.width = max((f.shape[1] for f in groups), default=0)
         if not np.array_equal(feat_slot, self._rows):
             n, prev = feat_slot.shape[0], self._rows.shape[0]
             if n:
@@ -260,4 +262,10 @@ class GatherBuffers:
                 self.feat_slot[n:prev].zero_()
             self._rows = feat_slot.copy()
         if feat_slot.any():
-            self.feats[:feat_slot.shape[0]].zero_()
+            self.feats[:feat_slot.shape[0], :self.width].zero_()
+
+    def clear(self) -> None:
+        """No row gathers (an idle step): feat_slot all 0, tables kept."""
+        if self._rows.any():
+            self.feat_slot[:self._rows.shape[0]].zero_()
+        self._rows = np.zeros(0, dtype=np.int32)
