@@ -124,11 +124,7 @@ def identify(run: Run, args: IdentifyArgs, engine: EngineOptions, *,
                  else capture_trace_means(run, json.loads(
                      (run.root / "collect" / "pairs.json").read_text()), engine))
 
-        def choose(part: list, seed: int = args.seed):
-            score = skip_last_layers(contrast(part, means, args.recipe), args.skip_last_layers)
-            return score, select(score, args.k, chosen_selection(args), seed)
-
-        score, (layers, neurons, delta) = choose(groups)
+        score, (layers, neurons, delta) = choose(groups, means, args)
         used = [key for _, pos, neg in groups for key in (*pos, *neg)]
         sigma = trace_spread(means, used, layers, neurons)
         reliability = split_half(groups, means, args)
@@ -287,6 +283,13 @@ def trace_spread(means: dict[str, np.ndarray], keys: list[str], layers, neurons)
     return torch.from_numpy(values.astype(np.float64).std(axis=0, ddof=1).astype(np.float32))
 
 
+def choose(groups, means: dict[str, np.ndarray], args: IdentifyArgs):
+    """The recipe's contrast over these probe groups, the last layers skipped,
+    and its selection: (score, (layers, neurons, delta))."""
+    score = skip_last_layers(contrast(groups, means, args.recipe), args.skip_last_layers)
+    return score, select(score, args.k, chosen_selection(args), args.seed)
+
+
 def split_half(groups, means: dict[str, np.ndarray], args: IdentifyArgs) -> dict:
     """Split-half reliability of the top K: the probe problems split into two
     disjoint halves (seeded), the recipe's top K chosen from each; their
@@ -298,11 +301,9 @@ def split_half(groups, means: dict[str, np.ndarray], args: IdentifyArgs) -> dict
     order = rng.permutation(len(groups))
     halves = [[groups[i] for i in sorted(order[:len(groups) // 2])],
               [groups[i] for i in sorted(order[len(groups) // 2:])]]
-    selection = chosen_selection(args)
 
     def top(part) -> set[int]:
-        score = skip_last_layers(contrast(part, means, args.recipe), args.skip_last_layers)
-        layers, neurons, _ = select(score, args.k, selection, args.seed)
+        score, (layers, neurons, _) = choose(part, means, args)
         width = score["s"].shape[1]
         return set((layers.long() * width + neurons.long()).tolist())
 
