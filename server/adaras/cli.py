@@ -30,6 +30,10 @@ def serve(
              "API docs")] = None,
     admin_key: Annotated[str | None, typer.Option(help="enables profile load/unload")] = None,
     served_model_name: Annotated[str | None, typer.Option()] = None,
+    prepare_only: Annotated[bool, typer.Option(
+        "--prepare-only", help="build the engine as serving would, compile its graphs into "
+                               "vLLM's compile cache (or load them), say so and exit without "
+                               "serving; `make install` runs it for the default model")] = False,
 ) -> None:
     """Serve the OpenAI-compatible steered API. Extra arguments (e.g.
     `-- --tensor-parallel-size 2 --max-model-len 4096`) go to vLLM's engine."""
@@ -47,6 +51,11 @@ def serve(
         settings.profiles = default_profiles(settings)
     _log_to_stderr("adaras")
     try:
+        if prepare_only:
+            from adaras.warmup import prepare
+
+            typer.echo(asyncio.run(prepare(settings, list(ctx.args))).summary())
+            return
         asyncio.run(run(settings, list(ctx.args)))
     except KvCacheTooSmall as e:
         typer.secho(str(e), fg="red", err=True)
