@@ -12,6 +12,12 @@ For each model it starts, one at a time and each in its own process group:
   adaras warm   the same command again, caches left by the cold start
   stock  warm   likewise
 
+With --prepared it measures `make install` then the first `make serve` instead:
+`adaras serve --prepare-only --model NAME` on empty caches (timed, with the graphs it
+compiled and loaded), then `adaras serve --model NAME` on the same VLLM_CACHE_ROOT and
+a fresh TORCHINDUCTOR_CACHE_DIR (row caches "prepared"); --no-decode skips the decode
+runs.
+
 Cold means a fresh VLLM_CACHE_ROOT and TORCHINDUCTOR_CACHE_DIR (a temporary
 directory per server kind, kept for its warm start); the prepared model is not
 part of it (`make install` prepares the default one). For each start it prints
@@ -29,6 +35,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +77,7 @@ def first_answer(url: str, model: str) -> None:
 
 
 def start(kind: str, model: str, model_dir: str, cache: Path, log: Path, engine: list[str],
-          load: tuple[int, int, int]) -> dict:
+          load: tuple[int, int, int] | None) -> dict:
     port = free_port()
     env = dict(os.environ, VLLM_CACHE_ROOT=str(cache / "vllm"),
                TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"))
@@ -89,8 +96,10 @@ def start(kind: str, model: str, model_dir: str, cache: Path, log: Path, engine:
         healthy = time.monotonic() - t0
         first_answer(server.url, model)
         answered = time.monotonic() - t0
-        asyncio.run(decode(server.url, model, *load))  # warm-up
-        tok_s = asyncio.run(decode(server.url, model, *load))
+        tok_s = None
+        if load is not None:
+            asyncio.run(decode(server.url, model, *load))  # warm-up
+            tok_s = asyncio.run(decode(server.url, model, *load))
     finally:
         server.stop()
     text = log.read_text(errors="replace")
@@ -98,7 +107,25 @@ def start(kind: str, model: str, model_dir: str, cache: Path, log: Path, engine:
             "graphs_compiled": text.count("saved AOT compiled function"),
             "graphs_loaded": text.count("Directly load AOT compilation"),
             "recompiled_after_load_failure": text.count("Compiling model again"),
-            "decode_tok_s": round(tok_s, 1)}
+            "decode_tok_s": None if tok_s is None else round(tok_s, 1)}
+
+
+def prepare(model: str, cache: Path, log: Path) -> dict:
+    """`make install`'s step: `adaras serve --prepare-only` on `cache`, timed."""
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(cache / "vllm"),
+               TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor-prepare"))
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "ADARAS_PLUGIN", "ADARAS_PLAIN_GRAPH"):
+        env.pop(var, None)
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        subprocess.run([sys.executable, "-m", "adaras.cli", "serve", "--prepare-only",
+                        "--model", model], env=env, stdout=f, stderr=subprocess.STDOUT,
+                       check=True)
+    took = time.monotonic() - t0
+    text = log.read_text(errors="replace")
+    return {"prepare_s": round(took, 1),
+            "prepare_graphs_compiled": text.count("saved AOT compiled function"),
+            "prepare_graphs_loaded": text.count("Directly load AOT compilation")}
 
 
 def engine_flags(log: Path) -> list[str]:
@@ -117,6 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(DECODE))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--prepared", action="store_true",
+                    help="`adaras serve --prepare-only` on empty caches, then serve")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode runs")
     args = ap.parse_args()
 
     from adaras.zoo import resolve_model
@@ -126,7 +156,16 @@ def main() -> None:
     rows = []
     for model in args.models:
         model_dir = str(resolve_model(model))
-        load = DECODE.get(model, (16, 64, 16))
+        load = None if args.no_decode else DECODE.get(model, (16, 64, 16))
+        if args.prepared:
+            cache = work / f"{model}-prepared"
+            prep = prepare(model, cache, work / f"{model}-prepare.log")
+            res = start("adaras", model, model_dir, cache, work / f"{model}-adaras-prepared.log",
+                        [], load)
+            row = {"model": model, "server": "adaras", "caches": "prepared", **prep, **res}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         engine: list[str] = []
         for state in ("cold", "warm"):
             for kind in ("adaras", "stock"):
