@@ -1,4 +1,5 @@
-"""Steering kernels: fused SiLU-and-mul + sparse steering add + feature gather.
+"""Steering kernels: fused SiLU-and-mul + sparse steering add + feature gather +
+activation sum.
 
 See :mod:`steering_kernels.silu_and_mul_steer` for the math.  Importing this
 package does not require triton (``HAS_TRITON`` tells whether it is available).
@@ -14,6 +15,7 @@ from .silu_and_mul_steer import (
     silu_and_mul_steer_native,
     sparse_steer_,
 )
+from .sum_slots import sum_slots_, sum_slots_native
 
 __all__ = [
     "HAS_TRITON",
@@ -26,4 +28,6 @@ __all__ = [
     "silu_and_mul_steer_auto",
     "silu_and_mul_steer_native",
     "sparse_steer_",
+    "sum_slots_",
+    "sum_slots_native",
 ]

@@ -405,6 +405,15 @@ for dt in ("bf16", "fp16", "fp32"):
     k = triton.compile(ASTSource(fn=gather, signature=sig, constexprs={"BLOCK_F": 256}),
                        target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
     assert "cubin" in k.asm, list(k.asm)
+smod = importlib.import_module("steering_kernels.sum_slots")
+summed = JITFunction(smod._sum_slots_kernel)
+for dt in ("bf16", "fp16", "fp32"):
+    sig = dict(zip(summed.arg_names, ["*fp32", "*" + dt, "*i32", "i32", "i32", "i64", "i64",
+                                      "constexpr", "constexpr"]))
+    k = triton.compile(ASTSource(fn=summed, signature=sig,
+                                 constexprs={"ROWS": smod._ROWS, "BLOCK_I": 256}),
+                       target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
+    assert "cubin" in k.asm, list(k.asm)
 print("OK")
 """
 
