@@ -282,6 +282,38 @@ def test_the_answer_probe_is_a_second_head_read_after_the_prompt(run, engine, ti
     assert head.prob(x) == pytest.approx(preds["p_fail"][i], abs=1e-5)
 
 
+def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, engine, trained,
+                                                                          tmp_path):
+    """--answer-probe: every arm (the baseline too) reports each answer's
+    answer p_fail, in outcomes.jsonl and per arm in results and report; the
+    answers are those of a run without it."""
+    path = train_predictor(run, TrainArgs(features=16, hidden=32, max_epochs=60, lr=1e-3,
+                                          target="answer"), engine)  # done above: resumed
+    data = tmp_path / "probe.jsonl"
+    write_problems(data, 6, offset=300)
+    args = dict(dataset=str(data), problems=6, modes=["baseline", "always"], max_tokens=12,
+                bootstrap=100, profile=str(path))
+    probed = Run(tmp_path / "probed")
+    results = evaluate(probed, EvalArgs(**args, answer_probe=True), engine)
+    plain = evaluate(Run(tmp_path / "plain"), EvalArgs(**args), engine)
+    outcomes = read_jsonl(probed.root / "eval" / "outcomes.jsonl")
+    assert len(outcomes) == 12 and all(0 < o["answer_p_fail"] < 1 for o in outcomes)
+    for name in ("baseline", "always"):
+        a = results["configs"][name]["answer_probe"]
+        assert a["answers"] == 6 and a["mean"] == pytest.approx(np.mean(
+            [o["answer_p_fail"] for o in outcomes if o["arm"] == name]))
+        assert "answer_probe" not in plain["configs"][name]
+    assert "## Answer probe" in (probed.root / "eval" / "report.md").read_text()
+    got = {(r["config"], r["problem"]): r["completion"]
+           for r in read_jsonl(probed.root / "eval" / "generations.jsonl")}
+    want = {(r["config"], r["problem"]): r["completion"]
+            for r in read_jsonl(Run(tmp_path / "plain").root / "eval" / "generations.jsonl")}
+    assert got == want
+    with pytest.raises(ValueError, match="answer head"):
+        evaluate(Run(tmp_path / "none"), EvalArgs(**{**args, "profile": str(trained)},
+                                                  answer_probe=True), engine)
+
+
 def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path):
     """A task pilot: greedy baseline accuracy, median length and truncations
     on a fresh run with no profile."""

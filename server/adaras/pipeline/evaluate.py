@@ -18,7 +18,7 @@ Configurations (each one greedy pass over the evaluation problems):
 
 Output in <run>/<stage>/: generations.jsonl (resumable), outcomes.jsonl (one
 compact line per problem and config: id, config, correct, truncated, tokens,
-p_fail), results.json, report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
+p_fail, and answer_p_fail with --answer-probe), results.json, report.md, accuracy.png and sweep plots. Accuracies carry paired-bootstrap
 95% confidence intervals of the difference to baseline (same problems).
 """
 
@@ -64,6 +64,7 @@ class EvalArgs:
     primary: str | None = None  # pre-registered primary comparison: this config vs baseline
     noise_problems: int | None = None  # the noise arm's size (default: every problem)
     registration: dict | None = None  # the study's registration, written before generating
+    answer_probe: bool = False  # every arm asks for the profile's answer head (no extra tokens)
 
 
 def default_profile(run: Run) -> Path:
@@ -90,6 +91,9 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         profile = SteeringProfile.load(source)
     else:  # a baseline alone (a task pilot) needs no profile
         source, profile = None, None
+    if args.answer_probe and (profile is None or profile.answer_predictor is None):
+        raise ValueError(f"--answer-probe needs a profile with an answer head; {source} has "
+                         "none (run `adaras train-predictor --target answer`)")
     if "adaptive" in args.modes and profile.predictor is None:
         raise ValueError(f"{source} has no failure predictor; run `adaras train-predictor`, "
                          "or drop 'adaptive' from --modes")
@@ -272,6 +276,10 @@ def build_configs(profile: SteeringProfile, profiles: dict, args: EvalArgs) -> d
         configs[f"k={k}"] = {"mode": "always", "profile": f"k{k}", "alpha": alpha}
     for name in args.ablations:
         configs[name] = {"mode": "always", "profile": f"ablation-{name}", "alpha": alpha}
+    if args.answer_probe:  # the main profile's answer head reads every arm's answers
+        for name, steering in configs.items():
+            configs[name] = {**(steering or {"mode": "off", "profile": "main"}),
+                             "answer_probe": True}
     return configs
 
 
@@ -383,7 +391,9 @@ def write_outcomes(out: Path, rows: list[dict], configs) -> None:
         lines.append({"problem": r["problem"], "arm": r["config"], "correct": r["correct"],
                       "truncated": r["finish_reason"] == "length", "tokens": r["tokens"],
                       "p_fail": rep.get("failure_probability"),
-                      "applied": rep.get("applied")})
+                      "applied": rep.get("applied"),
+                      **({"answer_p_fail": rep["answer_failure_probability"]}
+                         if "answer_failure_probability" in rep else {})})
     tmp = out / "outcomes.jsonl.tmp"
     tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     tmp.replace(out / "outcomes.jsonl")
@@ -436,8 +446,29 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
                 entry["predictor_auroc_ci95"] = bootstrap_auroc(wrong.astype(int), p_fail,
                                                                 seed=args.seed)
             entry["calibration"] = expected_calibration_error(wrong.astype(float), p_fail)
+        if steering and steering.get("answer_probe"):
+            entry["answer_probe"] = answer_probe_metrics(got, correct, args.seed)
         results["configs"][name] = entry
     return results
+
+
+def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int) -> dict:
+    """How well the answer head's p_fail tells this arm's wrong answers from
+    its right ones: AUROC (bootstrap 95% CI) and ECE, over the answers it
+    read (a one-token answer has no position to read)."""
+    from adaras.pipeline.train import auroc, bootstrap_auroc
+
+    p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
+                 dtype=float)  # None -> nan
+    read = ~np.isnan(p)
+    wrong = (~correct[read]).astype(int)
+    out = {"answers": int(read.sum()), "unread": int((~read).sum()),
+           "mean": float(p[read].mean()) if read.any() else None}
+    if wrong.any() and (1 - wrong).any():
+        out["auroc"] = auroc(wrong, p[read])
+        out["auroc_ci95"] = bootstrap_auroc(wrong, p[read], seed=seed)
+    out["calibration"] = expected_calibration_error(wrong.astype(float), p[read])
+    return out
 
 
 def screen(results: dict, min_changed: float = 0.10) -> dict:
@@ -512,6 +543,21 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   f"In-engine p_fail against baseline failure: AUROC {ad['predictor_auroc']:.2f} "
                   f"(bootstrap 95% CI {ci[0]:.2f}-{ci[1]:.2f}), expected calibration error "
                   f"{ad['calibration']['ece']:.3f} (calibration.png)."]
+    probed = [(n, results["configs"][n]["answer_probe"]) for n in
+              sorted(results["configs"], key=config_order)
+              if "answer_probe" in results["configs"][n]]
+    if probed:
+        lines += ["", "## Answer probe", "", "The profile's answer head on each arm's own "
+                  "answers (its features read in the engine while they decoded), against "
+                  "their being wrong.", "",
+                  "| config | answers read | AUROC | bootstrap 95% CI | ECE | mean p_fail |",
+                  "|---|---|---|---|---|---|"]
+        for name, a in probed:
+            ci = a.get("auroc_ci95") or [float("nan")] * 2
+            auc = f"{a['auroc']:.3f}" if a.get("auroc") is not None else ""
+            mean = f"{a['mean']:.3f}" if a.get("mean") is not None else ""
+            lines.append(f"| {name} | {a['answers']} | {auc} | {ci[0]:.3f}-{ci[1]:.3f} | "
+                         f"{a['calibration']['ece']:.3f} | {mean} |")
     sc = results.get("screen")
     if sc:
         lines += ["", f"## Alpha screen: {sc['verdict']}", "",
