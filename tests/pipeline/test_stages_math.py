@@ -207,6 +207,13 @@ def test_cpu_binding_splits_the_usable_cores_over_tp_ranks(monkeypatch):
     assert cpu_binding(2) == "0,2|5,6"
 
 
+def test_engine_env_gives_every_sequence_a_capture_slot():
+    from adaras.pipeline.llm import EngineOptions, engine_env
+
+    env = engine_env(EngineOptions(max_num_seqs=48, kv_cache_gib=3))
+    assert env["ADARAS_CAPTURE_SLOTS"] == "48" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
 # ---- the reference recipe, sigma, split-half reliability ---------------------------------
 
 def reference_groups(rng, problems=8, per_side=3, signal=((0, 1, 2.0), (2, 7, -0.5))):

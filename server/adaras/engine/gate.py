@@ -34,7 +34,8 @@ from steering_kernels.steer_plan import plan_features
 
 
 class Gather(NamedTuple):
-    """One request's rows of this step that read a predictor head's features."""
+    """One request's rows of this step that read a predictor head's features
+    (or, on the kernel path, the offline pipeline's capture features)."""
 
     req_id: str
     feat_idx: torch.Tensor  # int32 [L, F]: the head's columns (LoadedProfile), its key
@@ -42,7 +43,7 @@ class Gather(NamedTuple):
     rows: int
     pos: int  # positions folded once this step is
     done: bool  # prompt head: the prompt completes this step
-    head: str  # "prompt" (the gate) or "answer" (the answer probe)
+    head: str  # "prompt" (the gate), "answer" (the answer probe) or "capture"
 
 
 class PredictorGate:

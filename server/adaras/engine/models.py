@@ -63,8 +63,7 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
     if kernels is not None:  # the same launches every step: a graph can replay them
         if ctx is not None:
             ctx.hooked += 1
-            _capture(act, gate_up, layer, ctx)  # the offline pipeline's capture: eager only
-        step.launch_kernels_(act, gate_up, layer, kernels)
+        step.launch_kernels_(act, gate_up, layer, kernels)  # capture, gather, steer
         return
     if ctx is None:
         return
@@ -77,6 +76,7 @@ def _steer_(act: torch.Tensor, gate_up: torch.Tensor, layer: int) -> None:
 
 
 def _capture(act: torch.Tensor, gate_up: torch.Tensor, layer: int, ctx: step.StepContext) -> None:
+    # the CPU path's capture (the kernel path's runs in launch_kernels_)
     if ctx.cap_sum is not None:  # capture reads the activation before steering
         ctx.cap_sum[layer].index_add_(0, ctx.cap_seg, act.index_select(0, ctx.cap_rows).float())
     if ctx.cap_feats is not None:

@@ -6,6 +6,7 @@ context, with the help of one part per job:
 
     profile_store.ProfileStore   profiles by name and by version (this rank's shard)
     step.StepBuffers             per-token slot index and slot tables, allocated once
+                                 (kernel path: step.GatherBuffers, step.CaptureBuffers too)
     gate.PredictorGate           adaptive requests: prompt features -> p_fail -> decision
     prefix_states.PrefixStates   predictor states of cached prompt blocks
     capture.ActivationCapture    the offline pipeline's activation capture
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adaras.engine.capture import ActivationCapture
+from adaras.engine.capture import ActivationCapture, capture_slots
 from adaras.engine.config import PROFILES_ENV, parse_profiles_env
 from adaras.engine.gate import Gather, PredictorGate
 from adaras.engine.prefix_states import PrefixStates, PromptBlocks, prompt_blocks
@@ -32,6 +33,7 @@ from adaras.engine.profile_store import LoadedProfile, ProfileStore
 from adaras.engine.reports import Outbox
 from adaras.engine.step import (
     STATS,
+    CaptureBuffers,
     GatherBuffers,
     KernelPath,
     StepBuffers,
@@ -137,12 +139,17 @@ class SteeringRuntime:
                                   default=os.environ.get(DEFAULT_PROFILE_ENV) or None,
                                   max_features=MAX_FEATURES if self.kernel_path else None)
         self.buffers = StepBuffers(max_tokens, max_requests + 1, shape.num_layers, shard, device)
-        gather = GatherBuffers(max_tokens, max_requests + 1, device) if self.kernel_path else None
-        set_kernel_path(KernelPath(self.buffers, gather) if self.kernel_path else None)
+        gather = captured = None
+        if self.kernel_path:
+            gather = GatherBuffers(max_tokens, max_requests + 1, device)
+            captured = CaptureBuffers(max_tokens, capture_slots(), shape.num_layers, shard,
+                                      device)
+        set_kernel_path(KernelPath(self.buffers, gather, captured) if self.kernel_path else None)
         self.prefix = PrefixStates()
         self.gate = PredictorGate(shard, device, self.prefix, gather)
         self.capture = ActivationCapture(shape.num_layers, shape.intermediate_size, self.shard,
-                                         device, self._put_capture)
+                                         device, self._put_capture, captured,
+                                         MAX_FEATURES if self.kernel_path else None)
         self.requests: dict[str, RequestState] = {}
         self.outbox = Outbox()  # reports made this step; the runner empties it into the output
         self.capture_results: OrderedDict[str, dict] = OrderedDict()
@@ -236,7 +243,7 @@ class SteeringRuntime:
         """Forget a request that finished or was aborted. Called where vLLM drops the request's state, which
         happens on every step, including the empty one before going idle."""
         self.requests.pop(req_id, None)
-        self.capture.active.pop(req_id, None)
+        self.capture.drop(req_id)
 
     def stats(self) -> dict:
         """Sizes of the per-request tables (all 0 when idle and drained)."""
@@ -263,12 +270,14 @@ class SteeringRuntime:
             state = self._new_request(rid, sampling_params)
             if state is not None:
                 self.requests[rid] = state
-            self.capture.add(rid, sampling_params)
+            self.capture.add(rid, sampling_params,
+                             gathers_prompt=state is not None and state.pool is not None)
         set_current(None)
         if not self.requests and not self.capture.active:
             self.buffers.fill((), None, plan=False)  # leaves row_slot all 0
             if self.kernel_path:
                 self.gate.gather.clear()  # leaves feat_slot all 0
+                self.capture.buffers.fill(None)  # leaves cap_slot all 0
             return None
         ends = np.cumsum(num_scheduled[: len(req_ids)])  # token offset after request i
 
@@ -315,9 +324,10 @@ class SteeringRuntime:
                 self._plan_answer(rid, state, start, n, computed, prompt, pending)
         ctx = StepContext(buffers=self.buffers, steered=row_slot is not None)
         ctx.plan = self.buffers.fill(tuple(slots), row_slot, plan=not self.kernel_path)
-        self.gate.plan(ctx, pending, int(ends[-1]) if len(ends) else 0)
-        if self.capture.active:
-            self.capture.plan(ctx, rows_of)
+        num_tokens = int(ends[-1]) if len(ends) else 0
+        if self.capture.active or self.kernel_path:  # (the kernel path clears cap_slot)
+            self.capture.plan(ctx, rows_of, pending, num_tokens)
+        self.gate.plan(ctx, pending, num_tokens)
         if ctx.empty:
             return None
         set_current(ctx)
@@ -357,17 +367,23 @@ class SteeringRuntime:
         if ctx is None:
             return
         self.hooked_layers += ctx.hooked
+        feats = None
+        if ctx.spans:  # [R, F_all] (CPU path) or [R, F_widest] (kernel path)
+            feats = self._gathered(self.gate.gathered(ctx) if self.kernel_path else ctx.feats)
         if ctx.cap_spans:
-            self.capture.end(ctx, self._gathered(ctx.cap_feats)
-                             if ctx.cap_feats is not None else None)
+            if self.kernel_path:  # the capture's token rows rode the gather
+                tokens = {rid: feats[rows, cols] for rid, rows, cols, _, _, head in ctx.spans
+                          if head == "capture"}
+            else:
+                tokens = {} if ctx.cap_feats is None else \
+                    self.capture.tokens_of(ctx, self._gathered(ctx.cap_feats))
+            self.capture.end(ctx, tokens)
         if not ctx.spans:
             return
-        # [R, F_all] (CPU path) or [R, F_max] (kernel path)
-        feats = self._gathered(self.gate.gathered(ctx) if self.kernel_path else ctx.feats)
         answered = set()
         for rid, rows, cols, pos, done, head in ctx.spans:
             state = self.requests.get(rid)
-            if state is None:
+            if state is None or head == "capture":
                 continue
             if head == "answer":
                 if state.answer_pool is not None:

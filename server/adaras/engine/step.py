@@ -18,9 +18,13 @@ change, which is what a captured CUDA graph needs.
 or CPU tensors under the Triton interpreter with ADARAS_KERNEL_PATH=1): rows
 pick a feature group through `feat_slot`, the groups' layer/column tables sit
 at fixed addresses, and the features land in `feats` (see
-`steering_kernels.gather_slots`). On that path the op launches the same two
-kernels every layer of every step, whatever the batch: its work depends on
-buffer contents only, which is what a captured CUDA graph replays.
+`steering_kernels.gather_slots`). The offline pipeline's per-token capture
+features ride the same groups. `CaptureBuffers` hold the capture's means on
+that path: rows add their pre-steering activation to their request's slot
+of `cap_sum` through `cap_slot` (see `steering_kernels.sum_slots`). On that
+path the op launches the same three kernels every layer of every step,
+whatever the batch: its work depends on buffer contents only, which is what
+a captured CUDA graph replays, and nothing is allocated per step.
 
 `StepContext` is the per-step view the steered MLPs read, like vLLM's own
 forward context: set by the runtime before the forward, cleared after.
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from adaras.profile import MAX_NEURONS_PER_LAYER
-from steering_kernels import gather_slots_, sparse_steer_
+from steering_kernels import gather_slots_, sparse_steer_, sum_slots_
 from steering_kernels.gather_slots import MAX_FEATURES
 from steering_kernels.steer_plan import FeaturePlan, SteerPlan, plan_sparse_steer
 
@@ -52,7 +56,9 @@ class StepContext:
     # (req_id, rows slice into feats, feature slice, positions folded after this
     # step, prompt completes this step, head: "prompt" | "answer"); see gate.Gather
     spans: list[tuple[str, slice, slice, int, bool, str]] = field(default_factory=list)
-    # activation capture (offline pipeline); read before steering is added
+    # activation capture (offline pipeline); read before steering is added.
+    # The CPU path's per-step plan (the kernel path uses CaptureBuffers and the
+    # gather's groups instead, and sets only cap_spans):
     cap_rows: torch.Tensor | None = None  # int64 [Rm] rows that enter a mean
     cap_seg: torch.Tensor | None = None  # int64 [Rm] which capturing request each row is
     cap_sum: torch.Tensor | None = None  # fp32 [L, Nm, I_shard]
@@ -60,7 +66,9 @@ class StepContext:
     cap_feats: torch.Tensor | None = None  # fp32 [Rt, F_all]
     cap_feat_plan: FeaturePlan | None = None
     # (req_id, mean segment or -1, token rows slice, feature slice, rows in mean,
-    # prompt positions recorded after this step, done)
+    # prompt positions recorded after this step, done); on the kernel path the
+    # segment is the request's CaptureBuffers slot and the token rows are the
+    # gather's (ctx.spans, head "capture")
     cap_spans: list[tuple[str, int, slice, slice, int, int, bool]] = field(default_factory=list)
     hooked: int = 0  # steering-op calls that saw this context (the start-up probe reads it)
     # kernel path: the gather ran into GatherBuffers.feats at these token rows
@@ -78,6 +86,7 @@ class KernelPath:
 
     steer: StepBuffers
     gather: GatherBuffers
+    capture: CaptureBuffers
 
 
 _KERNEL: KernelPath | None = None
@@ -86,11 +95,13 @@ _KERNEL: KernelPath | None = None
 def launch_kernels_(act: torch.Tensor, gate_up: torch.Tensor, layer: int,
                     kernels: KernelPath) -> None:
     """The kernel path of one layer (act [T, I] in place, gate_up [T, 2I]):
-    gather the pre-steering features of the rows that read some, then steer the
-    steered rows. Branch-free, no host read, no allocation: what it does
+    add the capturing rows' pre-steering activations to their capture slots,
+    gather the pre-steering features of the rows that read some, then steer
+    the steered rows. Branch-free, no host read, no allocation: what it does
     depends on buffer contents only."""
     T = act.shape[0]
-    g, s = kernels.gather, kernels.steer
+    c, g, s = kernels.capture, kernels.gather, kernels.steer
+    sum_slots_(c.cap_sum[layer], act, c.cap_slot[:T])
     gather_slots_(g.feats, gate_up, g.feat_slot[:T], g.feat_layer, g.feat_col, layer)
     sparse_steer_(act, s.row_slot[:T], s.steer_idx[:, layer], s.steer_val[:, layer])
 
@@ -207,7 +218,8 @@ class GatherBuffers:
       * `feats`      fp32  [T_max, F_max]  the gathered values, row t = token row t
 
     A group is one (profile, head) pair of the step, e.g. a profile's prompt
-    predictor; G_max is vLLM's max_num_seqs + 1 (every request its own group)."""
+    predictor, or one feature list of the offline pipeline's capture; G_max is
+    vLLM's max_num_seqs + 1 (every request its own group)."""
 
     def __init__(self, max_tokens: int, max_groups: int, device: torch.device,
                  max_features: int = MAX_FEATURES):
@@ -269,3 +281,57 @@ class GatherBuffers:
         if self._rows.any():
             self.feat_slot[:self._rows.shape[0]].zero_()
         self._rows = np.zeros(0, dtype=np.int32)
+
+
+class CaptureBuffers:
+    """The kernel path's activation capture (the offline pipeline's means),
+    allocated once at its maximum size:
+
+      * `cap_slot`  int32 [T_max]                 0 = the row adds nothing, c > 0 = slot c
+      * `cap_sum`   fp32  [L, C_max + 1, I_shard] slot c's sum over its rows, per layer
+
+    A capturing request takes a slot when it arrives (its sums zeroed in
+    place), keeps it until its prompt is done, and gives it back once its
+    sums have been read (a host copy, after the step). C_max is
+    ADARAS_CAPTURE_SLOTS (`capture.capture_slots`): L * (C_max + 1) * I_shard
+    * 4 bytes, e.g. 36 * 17 * 9728 * 4 = 24 MB for Qwen3-4B at the default 16."""
+
+    def __init__(self, max_tokens: int, max_slots: int, num_layers: int, num_cols: int,
+                 device: torch.device):
+        self.cap_slot = torch.zeros(max_tokens, dtype=torch.int32, device=device)  # [T_max]
+        self.cap_sum = torch.zeros((num_layers, max_slots + 1, num_cols), dtype=torch.float32,
+                                   device=device)  # [L, C_max + 1, I_shard]
+        self._free = list(range(max_slots, 0, -1))  # pop() hands out the lowest
+        self._rows = np.zeros(0, dtype=np.int32)
+
+    @property
+    def max_slots(self) -> int:
+        return self.cap_sum.shape[1] - 1
+
+    def take(self) -> int | None:
+        """A free slot with its sums zeroed (None: all are taken)."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self.cap_sum[:, slot].zero_()
+        return slot
+
+    def give(self, slot: int) -> None:
+        assert 0 < slot <= self.max_slots and slot not in self._free, slot
+        self._free.append(slot)
+
+    def fill(self, cap_slot: np.ndarray | None) -> None:
+        """cap_slot: int32 [T] for the step's tokens (None: no row adds).
+        Writes in place; rows past T are left 0."""
+        if cap_slot is None:
+            cap_slot = np.zeros(0, dtype=np.int32)
+        if cap_slot.shape[0] > self.cap_slot.shape[0]:
+            raise ValueError(f"step has {cap_slot.shape[0]} tokens; the capture buffers hold "
+                             f"{self.cap_slot.shape[0]}")
+        if not np.array_equal(cap_slot, self._rows):
+            n, prev = cap_slot.shape[0], self._rows.shape[0]
+            if n:
+                self.cap_slot[:n].copy_(torch.from_numpy(cap_slot))
+            if prev > n:
+                self.cap_slot[n:prev].zero_()
+            self._rows = cap_slot.copy()

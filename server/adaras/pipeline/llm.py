@@ -78,6 +78,16 @@ def _env_defaults(values: dict[str, str | None]) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def engine_env(opts: EngineOptions) -> dict[str, str | None]:
+    """The variables the pipeline's engine processes get unless the user set
+    them: KV cache size, core binding, and ADARAS_CAPTURE_SLOTS = max_num_seqs
+    (on the kernel path every request of a batch may capture a mean at once,
+    so a pipeline never runs out of capture slots)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(int(opts.kv_cache_gib)),
+            "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(opts.tensor_parallel_size),
+            "ADARAS_CAPTURE_SLOTS": str(int(opts.max_num_seqs))}
+
+
 def open_engine(opts: EngineOptions):
     """A vLLM `LLM` with the AdaRAS plugin active (the plugin registers itself
     through its entry point in every vLLM process). One engine per set of
@@ -93,9 +103,7 @@ def open_engine(opts: EngineOptions):
     from adaras.zoo import resolve_model
 
     plugin.register()
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(int(opts.kv_cache_gib)),
-           "VLLM_CPU_OMP_THREADS_BIND": cpu_binding(opts.tensor_parallel_size)}
-    with _env_defaults(env):  # the engine processes spawned here inherit these
+    with _env_defaults(engine_env(opts)):  # the engine processes spawned here inherit these
         llm = LLM(str(resolve_model(opts.model)), dtype=opts.dtype,
                   max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
                   tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
