@@ -313,6 +313,22 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
         evaluate(Run(tmp_path / "none"), EvalArgs(**{**args, "profile": str(trained)},
                                                   answer_probe=True), engine)
 
+    # best-of-n on the same problems: samples read by the probe, methods as documented
+    from adaras.pipeline.best_of_n import BestOfNArgs, best_of_n
+
+    bon = best_of_n(probed, BestOfNArgs(profile=str(path), problems=4, samples=3, ks=[2, 3],
+                                        temperature=1.0, max_tokens=10, bootstrap=50), engine)
+    samples = read_jsonl(probed.root / "best-of-n" / "outcomes.jsonl")
+    assert len(samples) == 12 and all(0 < r["answer_p_fail"] < 1 for r in samples)
+    by = {}
+    for r in samples:
+        by.setdefault(r["problem"], []).append(r)
+    best2 = [min(rows[:2], key=lambda r: r["answer_p_fail"])["correct"] for rows in by.values()]
+    assert bon["methods"]["probe best-of-2"]["accuracy"] == pytest.approx(np.mean(best2))
+    assert bon["reference"] == "greedy" and bon["methods"]["greedy"]["problems"] == 4
+    base = {o["problem"]: o["correct"] for o in outcomes if o["arm"] == "baseline"}
+    assert bon["methods"]["greedy"]["accuracy"] == pytest.approx(np.mean([base[i] for i in by]))
+
 
 def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path):
     """A task pilot: greedy baseline accuracy, median length and truncations

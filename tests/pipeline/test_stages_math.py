@@ -299,3 +299,24 @@ def test_split_half_finds_a_real_signal_and_not_noise(recipe):
     noise = split_half(groups, means, args)
     assert noise["overlap"] <= 1
     assert split_half(groups[:3], means, args)["overlap"] is None  # too few problems
+
+
+def test_best_of_n_methods_and_within_problem_auroc():
+    from adaras.pipeline.best_of_n import choose, majority, within_problem_auroc
+
+    rows = [{"correct": False, "extracted": "3", "tokens": 10, "answer_p_fail": 0.9},
+            {"correct": True, "extracted": "4", "tokens": 20, "answer_p_fail": 0.2},
+            {"correct": False, "extracted": "3", "tokens": 30, "answer_p_fail": 0.5},
+            {"correct": True, "extracted": None, "tokens": 40, "answer_p_fail": 0.1}]
+    got = choose(rows, 3)
+    assert got["probe best-of-3"] == (1.0, 60)  # the lowest p_fail of the first 3
+    assert got["majority vote of 3"] == (0.0, 60)  # "3" twice beats "4" once
+    assert got["random sample of 3"] == (pytest.approx(1 / 3), 20)
+    assert choose(rows, 4)["probe best-of-4"] == (1.0, 100)
+    assert majority([{"extracted": None, "correct": False}])["correct"] is False
+    # within a problem: 2 wrong x 1 right, both ordered correctly; a tie counts 1/2
+    w, p = np.array([True, False, True]), np.array([0.9, 0.2, 0.2])
+    assert within_problem_auroc([(w, p)]) == (pytest.approx(0.75), 2)
+    # problems with one label only add no pair; pairs never cross problems
+    one = (np.array([True, True]), np.array([0.0, 0.0]))
+    assert within_problem_auroc([(w, p), one]) == (pytest.approx(0.75), 2)

@@ -9,7 +9,7 @@ set -euo pipefail
 RUN=${RUN:-runs/math-study}
 A="python3 -m adaras.cli"
 MODEL="--model qwen2.5-coder-1.5b-instruct"
-ENGINE="--max-num-seqs ${WIDTH:-64} --chunk 256 --max-model-len 5120 --kv-cache-gib 6"
+ENGINE="--max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
 MATH=data/math
 
 case "${1:-}" in
