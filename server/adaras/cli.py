@@ -323,6 +323,9 @@ def eval_(
     register: Annotated[str | None, typer.Option(
         help="a JSON file (secondary comparisons, MDE, decision rule, ...) recorded in the "
              "manifest's registration before generating")] = None,
+    answer_probe: Annotated[bool, typer.Option(
+        help="every arm asks for the profile's answer head: answer_p_fail per answer, AUROC "
+             "and ECE per arm (no extra tokens)")] = False,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -343,11 +346,47 @@ def eval_(
                     ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
                     max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
                     primary=primary, noise_problems=noise_problems,
-                    registration=_registration(register))
+                    registration=_registration(register), answer_probe=answer_probe)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())
     del results
+
+
+
+@app.command("best-of-n")
+@_pipeline_errors
+def best_of_n(
+    run: RunOpt,
+    profile: Annotated[str, typer.Option(help="a profile with an answer head")],
+    problems_from: Annotated[str, typer.Option(
+        help="the stage whose problems it samples (its baseline arm is the greedy "
+             "reference)")] = "eval",
+    problems: int = 100,
+    samples: int = 8,
+    ks: Annotated[str, typer.Option(help="best-of-k sizes, e.g. 4,8")] = "4,8",
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    max_tokens: int = 1280,
+    seed: int = 0,
+    stage: str = "best-of-n",
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    chunk: ChunkOpt = 256, restart: RestartOpt = False,
+) -> None:
+    """Sample n answers per problem with the answer probe; best-of-k by the probe against
+    the first sample, a random one, majority vote and greedy; within-problem AUROC."""
+    from adaras.pipeline.best_of_n import BestOfNArgs
+    from adaras.pipeline.best_of_n import best_of_n as run_best_of_n
+    from adaras.pipeline.run import Run
+
+    args = BestOfNArgs(profile=profile, problems_from=problems_from, problems=problems,
+                       samples=samples, ks=[int(x) for x in _floats(ks)],
+                       temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                       stage=stage)
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
+    run_best_of_n(Run(run), args, engine, restart=restart)
+    typer.echo((Run(run).root / stage / "report.md").read_text())
 
 
 def _registration(path: str | None) -> dict | None:
