@@ -9,11 +9,13 @@ per check (PASS, FAIL, or SKIPPED with the reason) and writes
   parity    every kernel against its torch twin, compiled (not interpreted), in
             bf16/fp16/fp32, odd sizes, strided inputs, steered and unsteered rows;
             rows nobody steers stay bitwise the stock activation
-  capture   the steering launch as the engine issues it per layer (sparse_steer_
-            over the step tables, gather_slots_ over the gather tables) captured
-            in one torch.cuda.CUDAGraph, then replayed after the buffers'
-            *contents* change (other rows, other slots, other alphas, nothing
-            steered, other gathering rows): every replay equals the eager twin.
+  capture   the steering launch as the engine issues it per layer (sum_slots_
+            over the capture slots, gather_slots_ over the gather tables,
+            sparse_steer_ over the step tables) captured in one
+            torch.cuda.CUDAGraph, then replayed after the buffers' *contents*
+            change (other rows, other slots, other alphas, nothing steered,
+            other gathering and capturing rows): every replay equals the eager
+            twin.
             This is what vLLM's piecewise CUDA graphs need with the op inside a
             piece: the launch depends on buffer contents only.
   bench     CUDA-event timings at Qwen3-1.7B and Qwen3-4B MLP shapes (I = 6144,
@@ -71,7 +73,7 @@ def why_skip() -> str | None:
 
 
 CHECKS = ("parity silu_and_mul_steer", "parity sparse_steer_", "parity gather_slots_",
-          "capture steer+gather launch", "bench")
+          "parity sum_slots_", "capture steer+gather+sum launch", "bench")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": (1e-5, 1e-5), "bf16": (1.6e-2, 1e-2), "fp16": (2e-3, 2e-3)}
@@ -178,10 +180,37 @@ def check_parity_gather(dev) -> None:
            cases=cases)
 
 
+def check_parity_sum(dev) -> None:
+    from steering_kernels.sum_slots import sum_slots_, sum_slots_native
+
+    gen = torch.Generator().manual_seed(5)
+    cases, worst = 0, 0.0
+    for dt in DTYPES.values():
+        for T, I, C in ((1, 1, 1), (37, 300, 3),
+                        *(() if INTERPRET else ((4096, 6144, 16), (77, 9728, 64)))):
+            act = (torch.randn(T, I + 3, generator=gen) * 2).to(dt).to(dev)[:, :I]  # strided
+            cap_slot = torch.randint(0, C + 1, (T + 5,), generator=gen, dtype=torch.int32)
+            cap_slot[: T // 2] = C  # a prompt chunk: a long run of one slot
+            cap_slot = cap_slot.to(dev)
+            a = torch.randn(C + 1, I, generator=gen).to(dev)
+            b, before = a.clone(), a.clone()
+            sum_slots_(a, act, cap_slot)
+            sum_slots_native(b, act, cap_slot)
+            if not torch.equal(a[0], before[0]):
+                raise AssertionError(f"slot 0 was written ({dt}, T={T}, I={I})")
+            # fp32 atomics in an unspecified order: within rounding of the twin
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * max(1.0, T ** 0.5 / 10))
+            worst = max(worst, float((a - b).abs().max()))
+            cases += 1
+    report("parity sum_slots_", "PASS", f"{cases} cases equal to the twin (max |diff| "
+           f"{worst:.3g}); slot 0 untouched", cases=cases, max_abs_diff=worst)
+
+
 def check_capture(dev) -> None:
     """One forward's launches as the engine issues them, captured once."""
     import steering_kernels as sk
     from steering_kernels.gather_slots import gather_slots_, gather_slots_native
+    from steering_kernels.sum_slots import sum_slots_, sum_slots_native
 
     gen = torch.Generator().manual_seed(3)
     L, I, T, S, K, G, NF = (2, 48, 6, 4, 5, 3, 8) if INTERPRET else (4, 1536, 64, 6, 50, 3, 64)
@@ -194,12 +223,17 @@ def check_capture(dev) -> None:
     feat_layer = torch.full((G, NF), -1, dtype=torch.int32, device=dev)  # [G, F]
     feat_col = torch.full((G, NF), -1, dtype=torch.int32, device=dev)  # [G, F]
     feats = torch.zeros((T, NF), dtype=torch.float32, device=dev)  # [T, F]
+    C = 3  # capture slots
+    cap_slot = torch.zeros(T, dtype=torch.int32, device=dev)  # [T]
+    cap_sum = torch.zeros((L, C + 1, I), dtype=torch.float32, device=dev)  # [L, C + 1, I]
     gate_up = torch.zeros((L, T, 2 * I), dtype=dtype, device=dev)  # per layer [T, 2I]
     act = torch.zeros((L, T, I), dtype=dtype, device=dev)  # per layer [T, I]
 
-    def launch(a, gu, rs, si, sv, fs, fl, fc, fe, gather, steer):
+    def launch(a, gu, rs, si, sv, fs, fl, fc, fe, cs, cm, gather, steer, summed):
         fe.zero_()
+        cm.zero_()  # (the engine zeroes a slot when a request takes it)
         for layer in range(L):
+            summed(cm[layer], a[layer], cs)
             gather(fe, gu[layer], fs, fl, fc, layer)
             steer(a[layer], rs, si[:, layer, :], sv[:, layer, :])
 
@@ -219,19 +253,22 @@ def check_capture(dev) -> None:
         fl = torch.randint(0, L, (G, NF), generator=gen, dtype=torch.int32)
         fc = torch.randint(-1, I, (G, NF), generator=gen, dtype=torch.int32)
         fl[0], fc[0] = -1, -1
-        return {"rs": rs, "si": si, "sv": sv, "fs": fs, "fl": fl, "fc": fc,
+        cs = torch.randint(0, C + 1, (T,), generator=gen, dtype=torch.int32)
+        if k == 3:
+            cs.zero_()  # nothing captured
+        return {"rs": rs, "si": si, "sv": sv, "fs": fs, "fl": fl, "fc": fc, "cs": cs,
                 "gu": (torch.randn(L, T, 2 * I, generator=gen) * 2).to(dtype),
                 "a": (torch.randn(L, T, I, generator=gen) * 2).to(dtype)}
 
     def load(sc: dict) -> None:  # contents only: every address stays
         for dst, key in ((row_slot, "rs"), (steer_idx, "si"), (steer_val, "sv"),
                          (feat_slot, "fs"), (feat_layer, "fl"), (feat_col, "fc"),
-                         (gate_up, "gu"), (act, "a")):
+                         (cap_slot, "cs"), (gate_up, "gu"), (act, "a")):
             dst.copy_(sc[key])
 
     def captured() -> None:
         launch(act, gate_up, row_slot, steer_idx, steer_val, feat_slot, feat_layer, feat_col,
-               feats, gather_slots_, sk.sparse_steer_)
+               feats, cap_slot, cap_sum, gather_slots_, sk.sparse_steer_, sum_slots_)
 
     load(scenario(0))
     if INTERPRET:  # no graphs on the CPU: the same launches, replayed eagerly
@@ -246,7 +283,8 @@ def check_capture(dev) -> None:
         with torch.cuda.graph(graph):
             captured()
         replay = graph.replay
-    ptrs = [t.data_ptr() for t in (row_slot, steer_idx, steer_val, feat_slot, feats, act)]
+    ptrs = [t.data_ptr() for t in (row_slot, steer_idx, steer_val, feat_slot, feats, act,
+                                   cap_slot, cap_sum)]
     for k in range(5):
         sc = scenario(k)
         load(sc)
@@ -254,17 +292,21 @@ def check_capture(dev) -> None:
         if not INTERPRET:
             torch.cuda.synchronize()
         a, fe = sc["a"].to(dev), torch.zeros(T, NF, device=dev)
+        cm = torch.zeros(L, C + 1, I, device=dev)
         launch(a, sc["gu"].to(dev), sc["rs"].to(dev), sc["si"].to(dev), sc["sv"].to(dev),
-               sc["fs"].to(dev), sc["fl"].to(dev), sc["fc"].to(dev), fe, gather_slots_native,
-               sk.apply_sparse_steer_)
+               sc["fs"].to(dev), sc["fl"].to(dev), sc["fc"].to(dev), fe, sc["cs"].to(dev), cm,
+               gather_slots_native, sk.apply_sparse_steer_, sum_slots_native)
         if not torch.equal(act, a):
             raise AssertionError(f"replay {k}: activations differ from the eager twin by "
                                  f"{float((act.float() - a.float()).abs().max())}")
         torch.testing.assert_close(feats, fe, rtol=1e-5, atol=1e-5,
                                    msg=f"replay {k}: features differ")
-    if ptrs != [t.data_ptr() for t in (row_slot, steer_idx, steer_val, feat_slot, feats, act)]:
+        torch.testing.assert_close(cap_sum, cm, rtol=1e-5, atol=1e-4,
+                                   msg=f"replay {k}: capture sums differ")
+    if ptrs != [t.data_ptr() for t in (row_slot, steer_idx, steer_val, feat_slot, feats, act,
+                                       cap_slot, cap_sum)]:
         raise AssertionError("a buffer moved")
-    report("capture steer+gather launch", "PASS",
+    report("capture steer+gather+sum launch", "PASS",
            ("launches replayed eagerly under the interpreter (no CUDA graph on the CPU)"
             if INTERPRET else "1 capture") + ", 5 replays with new contents (incl. nothing "
            "steered) equal the eager twin", replays=5)
@@ -353,8 +395,8 @@ def main(argv: list[str]) -> int:
               flush=True)
         quick = bool(os.environ.get("ADARAS_GPU_CHECK_QUICK"))
         steps = ((CHECKS[0], check_parity_fused), (CHECKS[1], check_parity_sparse),
-                 (CHECKS[2], check_parity_gather), (CHECKS[3], check_capture),
-                 (CHECKS[4], lambda d: bench(d, quick)))
+                 (CHECKS[2], check_parity_gather), (CHECKS[3], check_parity_sum),
+                 (CHECKS[4], check_capture), (CHECKS[5], lambda d: bench(d, quick)))
         for name, fn in steps:
             try:
                 fn(dev)

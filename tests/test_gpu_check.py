@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["parity silu_and_mul_steer", "parity sparse_steer_", "parity gather_slots_",
-          "capture steer+gather launch", "bench"]
+          "parity sum_slots_", "capture steer+gather+sum launch", "bench"]
 
 
 def run(args, env_extra, timeout=600):
@@ -76,8 +76,10 @@ def test_a_kernel_that_disagrees_with_its_twin_fails_the_check(tmp_path):
                "PYTHONPATH": str(ROOT)})
     assert res.returncode == 1, res.stdout + res.stderr
     got = statuses(tmp_path)
-    assert got["parity sparse_steer_"] == "FAIL" and got["capture steer+gather launch"] == "FAIL"
-    assert got["parity gather_slots_"] == "PASS"  # one failure does not hide the others
+    assert got["parity sparse_steer_"] == "FAIL"
+    assert got["capture steer+gather+sum launch"] == "FAIL"
+    # one failure does not hide the others
+    assert got["parity gather_slots_"] == got["parity sum_slots_"] == "PASS"
     assert "FAIL    parity sparse_steer_" in res.stdout
 
 

@@ -1,7 +1,9 @@
 """The engine on the kernel path (the launches a CUDA graph would capture:
 `step.launch_kernels_` over buffers filled in place) run on CPU tensors under
 the Triton interpreter: a mixed batch (always, adaptive, off, answer probes;
-chunked prefills) gives the CPU path's tokens, p_fail and answer p_fail."""
+chunked prefills) gives the CPU path's tokens, p_fail and answer p_fail, and
+the offline pipeline's activation captures (means and tokens, concurrent,
+chunked) equal the CPU path's."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from adaras.engine import reports_of
+from adaras.engine import pop_captures, reports_of
 
 from .conftest import _env, generate, prompt_ids, shutdown, start_llm, stats
 
@@ -63,3 +65,44 @@ def test_the_kernel_path_gives_the_cpu_paths_tokens_and_p_fail(kernel_llm, qwen3
                                    torch.tensor([a for a in ac if a is not None]),
                                    atol=1e-5, rtol=1e-5)
     assert stats(kernel_llm)["requests"] == 0
+
+
+FEATURES = [[0, 3], [1, 0], [1, 95], [0, 50], [1, 17]]
+
+
+def run_captures(llm):
+    """Captures of means and tokens, concurrent, over chunked prompts (32 tokens
+    a step), next to a steered and an adaptive request; the last request is
+    adaptive and captures tokens (refused on the kernel path)."""
+    prompts = [prompt_ids(1, n, seed=500 + n)[0] for n in (40, 71, 100, 33, 50, 60, 45)]
+    specs = [{"mean_from": 5, "features": FEATURES}, {"mean_from": 50},
+             {"mean_from": 33, "features": FEATURES, "tokens_until": 60},
+             {"features": FEATURES[:2]}, None, None, {"features": FEATURES}]
+    steering = [None, {"mode": "always", "profile": "a"}, None, None,
+                {"mode": "always", "profile": "b"}, {"mode": "adaptive", "profile": "pred"},
+                {"mode": "adaptive", "profile": "pred"}]
+    params = [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
+                             extra_args={k: v for k, v in (("adaras_capture", c),
+                                                           ("steering", s)) if v})
+              for c, s in zip(specs, steering)]
+    outs = generate(llm, prompts, params)
+    return outs, pop_captures(llm, [o.request_id for o in outs])
+
+
+def test_the_kernel_path_gives_the_cpu_paths_captures(kernel_llm, qwen3_llm):
+    outs_k, caps_k = run_captures(kernel_llm)
+    outs_c, caps_c = run_captures(qwen3_llm)
+    assert [list(o.outputs[0].token_ids) for o in outs_k] == \
+        [list(o.outputs[0].token_ids) for o in outs_c]
+    for ok, oc in zip(outs_k[:4], outs_c[:4]):
+        k, c = caps_k[ok.request_id], caps_c[oc.request_id]
+        assert sorted(k) == sorted(c) and k["count"] == c["count"], (k.keys(), c.keys())
+        for key in ("mean", "tokens"):
+            if key in c:
+                torch.testing.assert_close(torch.tensor(k[key]), torch.tensor(c[key]),
+                                           atol=1e-5, rtol=1e-5)
+    assert caps_c[outs_c[0].request_id]["tokens"].shape == (40, len(FEATURES))
+    assert outs_k[4].request_id not in caps_k and outs_k[5].request_id not in caps_k
+    assert "adaptive" in caps_k[outs_k[6].request_id]["error"]  # a token row feeds one gather
+    assert "tokens" in caps_c[outs_c[6].request_id]  # the CPU path captures it
+    assert stats(kernel_llm)["captures"] == 0
