@@ -145,6 +145,20 @@ def set_current(ctx: StepContext | None) -> None:
     _CURRENT = ctx
 
 
+def write_rows_(buf: torch.Tensor, rows: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Write the int32 per-row table `rows` [T] into buf[:T] in place and zero
+    what the last write (`last`) set past T; nothing when they are equal.
+    Returns what buf now holds, the next call's `last`."""
+    if np.array_equal(rows, last):
+        return last
+    n, prev = rows.shape[0], last.shape[0]
+    if n:
+        buf[:n].copy_(torch.from_numpy(rows))
+    if prev > n:
+        buf[n:prev].zero_()
+    return rows.copy()
+
+
 class StepBuffers:
     def __init__(self, max_tokens: int, max_slots: int, num_layers: int, num_cols: int,
                  device: torch.device, max_k: int = MAX_NEURONS_PER_LAYER):
@@ -191,13 +205,7 @@ class StepBuffers:
             self._slots = slots
             self._k = max((p.idx.shape[1] for p, _ in slots), default=0)
         same_rows = np.array_equal(row_slot, self._rows)
-        if not same_rows:
-            n, prev = row_slot.shape[0], self._rows.shape[0]
-            if n:
-                self.row_slot[:n].copy_(torch.from_numpy(row_slot))
-            if prev > n:
-                self.row_slot[n:prev].zero_()
-            self._rows = row_slot.copy()
+        self._rows = write_rows_(self.row_slot, row_slot, self._rows)
         if not plan or not slots:
             self._plan = None
             return None
@@ -266,13 +274,7 @@ class GatherBuffers:
                 self.feat_layer[g, n:], self.feat_col[g, n:] = -1, -1
             self._groups = groups
             self.width = max((f.shape[1] for f in groups), default=0)
-        if not np.array_equal(feat_slot, self._rows):
-            n, prev = feat_slot.shape[0], self._rows.shape[0]
-            if n:
-                self.feat_slot[:n].copy_(torch.from_numpy(feat_slot))
-            if prev > n:
-                self.feat_slot[n:prev].zero_()
-            self._rows = feat_slot.copy()
+        self._rows = write_rows_(self.feat_slot, feat_slot, self._rows)
         if feat_slot.any():
             self.feats[:feat_slot.shape[0], :self.width].zero_()
 
@@ -328,10 +330,4 @@ class CaptureBuffers:
         if cap_slot.shape[0] > self.cap_slot.shape[0]:
             raise ValueError(f"step has {cap_slot.shape[0]} tokens; the capture buffers hold "
                              f"{self.cap_slot.shape[0]}")
-        if not np.array_equal(cap_slot, self._rows):
-            n, prev = cap_slot.shape[0], self._rows.shape[0]
-            if n:
-                self.cap_slot[:n].copy_(torch.from_numpy(cap_slot))
-            if prev > n:
-                self.cap_slot[n:prev].zero_()
-            self._rows = cap_slot.copy()
+        self._rows = write_rows_(self.cap_slot, cap_slot, self._rows)

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adaras.pipeline.collect import read_problems, write_problems
+from adaras.pipeline.collect import read_problems, sample_jobs, write_problems
 from adaras.pipeline.data import build_messages
 from adaras.pipeline.evaluate import paired_bootstrap
 from adaras.pipeline.grade import grade_all
-from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
+from adaras.pipeline.llm import EngineOptions, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
 
@@ -91,22 +91,11 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
 
 
 def generate(llm, problems, prompts, args: BestOfNArgs, path: Path, chunk: int) -> dict:
-    from vllm import SamplingParams
-
-    done = {r["key"] for r in read_jsonl(path)}
-    by_key, jobs = {}, []
     steering = {"mode": "off", "profile": "main", "answer_probe": True}
-    for p in problems:
-        for s in range(args.samples):
-            key = f"{p.id}#{s}"
-            by_key[key] = (p, s)
-            if key in done:
-                continue
-            params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                    max_tokens=args.max_tokens,
-                                    seed=args.seed * 100003 + len(by_key),
-                                    extra_args={"steering": steering})
-            jobs.append(Job(key, prompts[p.id], params))
+    by_key, jobs = sample_jobs(problems, prompts, args.samples, args.seed,
+                               {r["key"] for r in read_jsonl(path)},
+                               temperature=args.temperature, top_p=args.top_p,
+                               max_tokens=args.max_tokens, extra_args={"steering": steering})
 
     def on_done(results):
         probs = [by_key[j.key][0] for j, _, _ in results]

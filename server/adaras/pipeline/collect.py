@@ -100,22 +100,29 @@ def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk
                      "greedy answers", chunk)
 
 
-def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
+def sample_jobs(problems, prompts, samples: int, seed: int, done: set[str],
+                **params) -> tuple[dict[str, tuple[Problem, int]], list[Job]]:
+    """`samples` draws per problem, keyed `<id>#<s>`, each with its own seed
+    (`seed * 100003 + its number`), which makes every trace reproducible and
+    resumable; jobs for the keys not `done`. params: SamplingParams fields."""
     from vllm import SamplingParams
 
-    done = {r["key"] for r in read_jsonl(path)}
     by_key, jobs = {}, []
-    for p in probe:
-        for s in range(args.samples):
+    for p in problems:
+        for s in range(samples):
             key = f"{p.id}#{s}"
             by_key[key] = (p, s)
-            if key in done:
-                continue
-            # a per-trace seed makes every trace reproducible and resumable
-            params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                    max_tokens=args.max_tokens, stop=args.stop,
-                                    seed=args.seed * 100003 + len(by_key))
-            jobs.append(Job(key, prompts[p.id], params))
+            if key not in done:
+                jobs.append(Job(key, prompts[p.id], SamplingParams(
+                    **params, seed=seed * 100003 + len(by_key))))
+    return by_key, jobs
+
+
+def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
+    by_key, jobs = sample_jobs(probe, prompts, args.samples, args.seed,
+                               {r["key"] for r in read_jsonl(path)},
+                               temperature=args.temperature, top_p=args.top_p,
+                               max_tokens=args.max_tokens, stop=args.stop)
     return _generate(llm, jobs, by_key, path, f"sampled traces (T={args.temperature})", chunk)
 
 
