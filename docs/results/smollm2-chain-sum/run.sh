@@ -11,6 +11,7 @@ $A collect --run $RUN --model smollm2-135m-instruct "${DATA[@]}" --problems 120 
 $A identify --run $RUN --k 50 --alpha 0.3
 for s in no-polarity no-ranking random; do $A identify --run $RUN --k 50 --alpha 0.3 --selection $s; done
 $A train-predictor --run $RUN
+$A train-predictor --run $RUN --target answer   # the answer head (added later; see README)
 $A eval --run $RUN "${DATA[@]}" --problems 70 --seed 1 --max-tokens 256 \
    --alphas 0.1,0.3,0.5,0.7,1.0 --ks 10,25,50 \
    --ablation no-polarity=$RUN/identify-no-polarity/profile.safetensors \
