@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -37,6 +37,7 @@ class Server:
     log: Path
     model_dir: Path
     profiles: dict[str, str]
+    starting: list[dict] = field(default_factory=list)  # the 503 bodies seen while it started
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -67,12 +68,16 @@ def start_server(model_dir, profiles, log: Path, *extra: str, api_key=API_KEY,
 
 def wait_healthy(url, proc, log: Path, model_dir: Path, profiles, timeout: float) -> Server:
     deadline = time.time() + timeout
+    starting = []
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return Server(url, proc, log, Path(model_dir), profiles)
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code == 200:
+                return Server(url, proc, log, Path(model_dir), profiles, starting)
+            if r.status_code == 503 and r.headers.get("content-type") == "application/json":
+                starting.append(r.json())
         except httpx.HTTPError:
             pass
         time.sleep(1)

@@ -64,6 +64,9 @@ def test_install_then_serve_as_the_readme_does(tmp_path):
             "steering": {"mode": "adaptive"}})
         assert steered.status_code == 200, steered.text
         assert steered.json()["steering"]["failure_probability"] is not None
+        # while it started, /health said what it was doing instead of hanging
+        phases = [b["phase"] for b in srv.starting if b.get("status") == "starting"]
+        assert any("loading the model and its compiled graphs" in p for p in phases), phases
         text = srv.log_text()
         assert "adaras: KV cache" in text and "--max-model-len 2048" in text
         assert "start-up probe: the steering op ran" in text

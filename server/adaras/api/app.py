@@ -20,6 +20,7 @@ from adaras.api.middleware import ApiKeyMiddleware, SteeringMiddleware
 from adaras.api.profiles import ProfileRegistry, runtime_router
 from adaras.api.profiles import router as profiles_router
 from adaras.api.settings import DEFAULT_MODEL, Settings
+from adaras.api.starting import Starting
 from adaras.engine import seam
 from adaras.engine.reports import MAILBOX
 from adaras.profile import ModelShape
@@ -187,14 +188,25 @@ async def serve(settings: Settings, passthrough: list[str]) -> None:
     size_kv_cache(args)  # CPU: raises KvCacheTooSmall before the engine starts
     logger.info("adaras: %s", glue.compile_cache_note())
     listen_address, sock = setup_server(args, reuse_port=False)
-    async with build_async_engine_client(args) as engine:
-        app = await build_app(settings, args, engine)
-        logger.info("adaras: serving %s on %s (default steering mode %s, profiles %s)",
-                    settings.model_name, listen_address, settings.default_mode,
-                    sorted(app.state.adaras_profiles.entries))
-        shutdown_task = await serve_http(
-            app, sock=sock, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-            access_log=not args.disable_uvicorn_access_log)
+    # Until the app serves, every request (/health included) gets a 503 saying what
+    # the server is doing (api.starting), instead of waiting unanswered.
+    starting = Starting(sock, glue.starting_phase(glue.stored_graphs()))
+    logger.info("adaras: %s answers 503 {\"status\": \"starting\", \"phase\": ...} until "
+                "the engine is up", listen_address)
+    try:
+        async with build_async_engine_client(args) as engine:
+            starting.set_phase("starting the steering API: profiles and the start-up probe")
+            app = await build_app(settings, args, engine)
+            starting.stop()
+            logger.info("adaras: serving %s on %s (default steering mode %s, profiles %s)",
+                        settings.model_name, listen_address, settings.default_mode,
+                        sorted(app.state.adaras_profiles.entries))
+            shutdown_task = await serve_http(
+                app, sock=sock, host=args.host, port=args.port,
+                log_level=args.uvicorn_log_level,
+                access_log=not args.disable_uvicorn_access_log)
+    finally:
+        starting.stop()  # the engine failed to start: stop answering, then exit
     try:
         await shutdown_task
     finally:

@@ -82,16 +82,33 @@ async def probe_steering(engine, registry, timeout_s: float = PROBE_TIMEOUT_S) -
             "plugin's runner hook")
 
 
-def compile_cache_note() -> str:
-    """Before the engine starts: where its compile cache is and whether it
-    holds any compiled graph (the per-CPU directory, seam.per_cpu_cache_root)."""
+def stored_graphs() -> int:
+    """Compiled graphs in the compile cache (the per-CPU directory,
+    seam.per_cpu_cache_root), of any model and configuration."""
     import os
 
     from vllm import envs
 
     aot = os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", "torch_aot_compile")
-    graphs = sum(1 for _, _, files in os.walk(aot) for f in files if f == "model") \
+    return sum(1 for _, _, files in os.walk(aot) for f in files if f == "model") \
         if os.path.isdir(aot) else 0
+
+
+def starting_phase(graphs: int) -> str:
+    """What the engine's start does, for /health while it starts (api.starting)."""
+    if graphs:
+        return ("starting the engine: loading the model and its compiled graphs from the "
+                "compile cache")
+    return ("starting the engine: compiling the model's graphs (the compile cache is "
+            "empty; minutes on a few cores, once)")
+
+
+def compile_cache_note() -> str:
+    """Before the engine starts: where its compile cache is and whether it
+    holds any compiled graph (the per-CPU directory, seam.per_cpu_cache_root)."""
+    from vllm import envs
+
+    graphs = stored_graphs()
     if graphs:
         return (f"compile cache {envs.VLLM_CACHE_ROOT}: {graphs} compiled graph(s) stored; "
                 "graphs of this model and configuration load instead of compiling")
