@@ -14,10 +14,10 @@ from adaras.api.starting import Starting
 
 
 def bound() -> socket.socket:
+    """A bound socket that does not listen yet, as vLLM's setup_server leaves it."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
     return sock
 
 
@@ -54,6 +54,7 @@ def test_every_route_gets_a_503_saying_what_the_server_does_until_it_stops():
     app = HTTPServer(sock.getsockname(), Ok, bind_and_activate=False)
     app.socket.close()
     app.socket = sock
+    sock.listen(16)  # as uvicorn does
     thread = threading.Thread(target=app.serve_forever, args=(0.1,), daemon=True)
     thread.start()
     try:

@@ -1,17 +1,18 @@
 """What the server answers while it starts.
 
-`adaras serve` binds its port before the engine starts (vLLM's `setup_server`),
-so without this a request during start-up waits, unanswered, in the listen
-queue until the app serves. `Starting` answers on that socket meanwhile, from
-a thread (vLLM's engine start-up blocks the event loop): every request gets a
-503 with `Retry-After` and a JSON body saying what the server is doing,
+`adaras serve` binds its port before the engine starts (vLLM's `setup_server`)
+but listens only when the app serves, so without this a request during
+start-up is refused and looks like a dead server. `Starting` listens on that
+socket meanwhile and answers from a thread (vLLM's engine start-up blocks the
+event loop): every request gets a 503 with `Retry-After` and a JSON body
+saying what the server is doing,
 
     {"status": "starting", "phase": "loading the model and its 2 compiled graphs",
      "seconds": 12.3}
 
 and `/health` in particular, so an operator or a readiness probe sees progress
-instead of a hung connection. It stops before the app takes the socket; a
-request that arrives in between waits in the queue for the app.
+instead of a refused connection. It stops before the app takes the socket; a
+request that arrives in between waits in the listen queue for the app.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Starting:
         self.server.socket.close()
         self.server.socket = sock.dup()
         self.server.socket.setblocking(True)
+        self.server.socket.listen(128)  # the app listens again (its own backlog) later
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
                                        name="adaras-starting", daemon=True)
