@@ -6,8 +6,8 @@ what it did, and exit without serving.
 the two compiled graphs (the steered backbone and its plain twin) instead of
 compiling them. A compiled graph loads only when the engine's configuration
 hashes to the one it was compiled under, so the engine here is built from the
-very arguments `adaras.api.app.serve` builds: `vllm_args` (our defaults, then
-the flags passed after `--`) and `size_kv_cache`, in the same environment.
+very arguments `adaras.api.app.serve` builds (`app.engine_args`: our defaults,
+then the flags passed after `--`, the KV cache sized), in the same environment.
 Nothing binds a port. `tests/api/test_readme_serve.py` checks that a later
 plain `adaras serve` on the same cache compiles nothing.
 """
@@ -15,13 +15,10 @@ plain `adaras serve` on the same cache compiles nothing.
 from __future__ import annotations
 
 import gc
-import logging
 import time
 from dataclasses import dataclass
 
 from adaras.api.settings import Settings
-
-logger = logging.getLogger("adaras.warmup")
 
 
 @dataclass(frozen=True)
@@ -52,17 +49,10 @@ async def prepare(settings: Settings, passthrough: list[str]) -> Prepared:
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
     from adaras.api import glue
-    from adaras.api.app import vllm_args
-    from adaras.api.kv_cache import size_kv_cache
-    from adaras.engine import plugin
-    from adaras.zoo import resolve_model
+    from adaras.api.app import engine_args
 
     t0 = time.monotonic()
-    plugin.register()  # seam.patch_compile_cache: VLLM_CACHE_ROOT is the per-CPU directory
-    model_path = str(resolve_model(settings.model))
-    args = vllm_args(settings, model_path, passthrough)
-    size_kv_cache(args)
-    logger.info("adaras: %s", glue.compile_cache_note())
+    args = engine_args(settings, passthrough)  # exactly what `adaras serve` starts
     stats: dict | None = None
     async with build_async_engine_client(args) as engine:
         if glue.plugin_off_reason() is None:  # an RPC to a worker without it kills the engine

@@ -173,20 +173,30 @@ def quiet_client_errors() -> None:
             log.addFilter(ClientErrorsAtInfo())
 
 
+def engine_args(settings: Settings, passthrough: list[str]) -> argparse.Namespace:
+    """The engine arguments `adaras serve` starts vLLM with (the plugin
+    registered, the model resolved, our defaults then the flags after `--`,
+    the KV cache sized), and the compile cache noted in the log. `serve` and
+    `adaras serve --prepare-only` (adaras.warmup) both build them here: the
+    prepared graphs load only under the same configuration hash."""
+    from adaras.engine import plugin
+    from adaras.zoo import resolve_model
+
+    plugin.register()  # also seam.patch_compile_cache: the per-CPU VLLM_CACHE_ROOT
+    model_path = str(resolve_model(settings.model))
+    args = vllm_args(settings, model_path, passthrough)
+    size_kv_cache(args)  # CPU: raises KvCacheTooSmall before the engine starts
+    logger.info("adaras: %s", glue.compile_cache_note())
+    return args
+
+
 async def serve(settings: Settings, passthrough: list[str]) -> None:
     """Start the engine, build the app, serve until SIGINT/SIGTERM, then drain."""
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
-    from adaras.engine import plugin
-    from adaras.zoo import resolve_model
-
-    plugin.register()
     quiet_client_errors()
-    model_path = str(resolve_model(settings.model))
-    args = vllm_args(settings, model_path, passthrough)
-    size_kv_cache(args)  # CPU: raises KvCacheTooSmall before the engine starts
-    logger.info("adaras: %s", glue.compile_cache_note())
+    args = engine_args(settings, passthrough)
     listen_address, sock = setup_server(args, reuse_port=False)
     # Until the app serves, every request (/health included) gets a 503 saying what
     # the server is doing (api.starting), instead of waiting unanswered.
