@@ -28,6 +28,11 @@ stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both he
   $A train-predictor --run $RUN --profile $RUN/identify-reference/profile.safetensors $ENGINE
   $A train-predictor --run $RUN --target answer $ENGINE
   ;;
+dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, the grid
+  $A eval --run $RUN --dataset $MATH/validation.jsonl --problems 80 --stage dev \
+     --modes baseline,always,adaptive --alphas 0.1,0.5,1 --answer-probe \
+     --profile $RUN/train-answer-probe/profile.safetensors --max-tokens 1280 $ENGINE
+  ;;
 *)
-  echo "usage: run.sh pilot|stage1" >&2; exit 2 ;;
+  echo "usage: run.sh pilot|stage1|dev" >&2; exit 2 ;;
 esac
