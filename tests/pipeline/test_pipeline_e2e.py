@@ -312,6 +312,10 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
     with pytest.raises(ValueError, match="answer head"):
         evaluate(Run(tmp_path / "none"), EvalArgs(**{**args, "profile": str(trained)},
                                                   answer_probe=True), engine)
+    # without --profile, a run that trained both heads evaluates the profile with both
+    got = evaluate(run, EvalArgs(**{**args, "profile": None, "modes": ["baseline"]},
+                                 answer_probe=True, stage="probe-default"), engine)
+    assert got["profile"] == str(path) and got["configs"]["baseline"]["answer_probe"]["answers"]
 
     # best-of-n on the same problems: samples read by the probe, methods as documented
     from adaras.pipeline.best_of_n import BestOfNArgs, best_of_n
@@ -393,6 +397,14 @@ def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
         assert by[("adaptive", i)]["completion"] == by[(twin, i)]["completion"]
     assert configs["adaptive"]["gate_rate"] == pytest.approx(
         np.mean([by[("adaptive", i)]["steering"]["applied"] for i in ids]))
+    # the threshold a later stage may take from this one: the Youden cut of the
+    # arm's p_fail against the baseline's failures (a dev stage chooses it)
+    wrong = np.array([not by[("baseline", i)]["correct"] for i in ids])
+    p_fail = np.array([by[("adaptive", i)]["steering"]["failure_probability"] for i in ids])
+    if wrong.any() and (~wrong).any():
+        cut = configs["adaptive"]["youden_threshold"]
+        youden = lambda c: (p_fail[wrong] >= c).mean() - (p_fail[~wrong] >= c).mean()  # noqa: E731
+        assert all(youden(cut) >= youden(c) - 1e-9 for c in p_fail)
     report = (run.root / "eval" / "report.md").read_text()
     assert "paired bootstrap 95% CI" in report and "| adaptive |" in report
     for name in ("accuracy.png", "sweep-alpha.png", "sweep-k.png"):

@@ -1,12 +1,13 @@
-"""The default profile served with the default model.
+"""The default profile served with a known model.
 
-The package ships the profile that the project's own pipeline built for
-SmolLM2-135M-Instruct (`adaras/profiles/<model>.safetensors`; how it was made
-and what it does: docs/results/). It is served under the name stored in the
-file. Only if that file is missing (a trimmed install) does the default model
-get a clearly labelled placeholder: random neurons, named
-`placeholder-random`, with `provenance.placeholder = true`. Requests steer
-only when they ask to (the default mode is `off`).
+The package ships the profiles that the project's own pipeline built
+(`adaras/profiles/<model>.safetensors`: SmolLM2-135M-Instruct and
+Qwen2.5-Coder-1.5B-Instruct; how each was made and what it does:
+docs/results/). A model started by its known name gets its profile, under the
+name stored in the file. Only if the default model's file is missing (a
+trimmed install) does it get a clearly labelled placeholder: random neurons,
+named `placeholder-random`, with `provenance.placeholder = true`. Requests
+steer only when they ask to (the default mode is `off`).
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ PLACEHOLDER = "placeholder-random"
 
 
 def bundled_profile(model: str) -> Path | None:
+    if Path(model).name != model:  # a path or hub id: no profile ships for it
+        return None
     ref = resources.files("adaras") / "profiles" / f"{model}.safetensors"
     return Path(str(ref)) if ref.is_file() else None
 
 
 def default_profiles(settings: Settings) -> dict[str, str]:
-    if settings.model != DEFAULT_MODEL or not settings.default_profile_auto:
+    if not settings.default_profile_auto:
         return {}
     bundled = bundled_profile(settings.model)
     if bundled is not None:
         from adaras.profile import SteeringProfile
 
         return {SteeringProfile.load(bundled).name: str(bundled)}
+    if settings.model != DEFAULT_MODEL:
+        return {}
     return {PLACEHOLDER: str(placeholder_profile(settings.model))}
 
 

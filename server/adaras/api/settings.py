@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="name -> profile path")
     default_profile: str | None = None
     default_profile_auto: bool = Field(
-        True, description="serve the bundled default profile when the default model is served")
+        True, description="serve the package's profile for a known model started by its name")
     profile_dir: str | None = Field(None, description="where uploaded profiles are stored")
     max_upload_mb: float = Field(64.0, gt=0, description="largest profile upload (413 above)")
     max_body_mb: float = Field(32.0, gt=0, description="largest JSON request body (413 above)")

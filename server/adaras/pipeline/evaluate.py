@@ -68,7 +68,9 @@ class EvalArgs:
 
 
 def default_profile(run: Run) -> Path:
-    for stage in ("train-predictor", "identify"):
+    """The run's most complete profile: with both heads, the prompt head, or
+    the neurons alone."""
+    for stage in ("train-answer-probe", "train-predictor", "identify"):
         path = run.root / stage / "profile.safetensors"
         if path.exists():
             return path
@@ -86,10 +88,10 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
     if "baseline" not in args.modes:
         args.modes = ["baseline", *args.modes]  # every comparison is paired against it
     steered = set(args.modes) - {"baseline", "noise"} or args.alphas or args.ks or args.ablations
-    if steered or args.profile:
+    if steered or args.profile or args.answer_probe:
         source = Path(args.profile) if args.profile else default_profile(run)
         profile = SteeringProfile.load(source)
-    else:  # a baseline alone (a task pilot) needs no profile
+    else:  # a baseline alone (a task pilot) needs no profile, unless it is probed
         source, profile = None, None
     if args.answer_probe and (profile is None or profile.answer_predictor is None):
         raise ValueError(f"--answer-probe needs a profile with an answer head; {source} has "
@@ -400,7 +402,7 @@ def write_outcomes(out: Path, rows: list[dict], configs) -> None:
 
 
 def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
-    from adaras.pipeline.train import auroc, bootstrap_auroc
+    from adaras.pipeline.train import auroc, bootstrap_auroc, youden_threshold
 
     rows = read_jsonl(out / "generations.jsonl")
     ids = [p.id for p in problems]
@@ -445,6 +447,8 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
                 entry["predictor_auroc"] = auroc(wrong.astype(int), p_fail)
                 entry["predictor_auroc_ci95"] = bootstrap_auroc(wrong.astype(int), p_fail,
                                                                 seed=args.seed)
+                # the cut a later stage can take from this one (threshold chosen on dev)
+                entry["youden_threshold"] = youden_threshold(wrong.astype(int), p_fail)
             entry["calibration"] = expected_calibration_error(wrong.astype(float), p_fail)
         if steering and steering.get("answer_probe"):
             entry["answer_probe"] = answer_probe_metrics(got, correct, args.seed)
@@ -542,7 +546,8 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   f"and {ad['gate_rate_on_baseline_right']:.2f} of those it got right. "
                   f"In-engine p_fail against baseline failure: AUROC {ad['predictor_auroc']:.2f} "
                   f"(bootstrap 95% CI {ci[0]:.2f}-{ci[1]:.2f}), expected calibration error "
-                  f"{ad['calibration']['ece']:.3f} (calibration.png)."]
+                  f"{ad['calibration']['ece']:.3f} (calibration.png). The cut that maximises "
+                  f"TPR - FPR on these problems (Youden's J): {ad['youden_threshold']:.3f}."]
     probed = [(n, results["configs"][n]["answer_probe"]) for n in
               sorted(results["configs"], key=config_order)
               if "answer_probe" in results["configs"][n]]
