@@ -11,6 +11,7 @@ A="python3 -m adaras.cli"
 MODEL="--model qwen2.5-coder-1.5b-instruct"
 ENGINE="--max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
 MATH=data/math
+HERE=$(dirname "$0")
 
 case "${1:-}" in
 pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
@@ -33,6 +34,24 @@ dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, th
      --modes baseline,always,adaptive --alphas 0.1,0.5,1 --answer-probe \
      --profile $RUN/train-answer-probe/profile.safetensors --max-tokens 1280 $ENGINE
   ;;
+confirm)  # stage 3: the 500 MATH-500 problems, registered in the manifest first
+  TH=$(python3 -c "import json; print(json.load(open('$RUN/dev/results.json'))['configs']['adaptive']['youden_threshold'])")
+  $A eval --run $RUN --dataset $MATH/test.jsonl --problems 500 --stage confirm \
+     --modes baseline,always,minus,random,adaptive,noise --noise-problems 200 \
+     --threshold $TH --primary always --register $HERE/confirm-registration.json \
+     --answer-probe --profile $RUN/train-answer-probe/profile.safetensors \
+     --max-tokens 1280 $ENGINE
+  ;;
+best-of-n)  # the answer probe's best of n on the first 100 confirm problems
+  $A best-of-n --run $RUN --profile $RUN/train-answer-probe/profile.safetensors \
+     --problems-from confirm --problems 100 --samples 8 --ks 4,8 --temperature 0.7 \
+     --top-p 0.95 --max-tokens 1280 $ENGINE
+  ;;
+humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
+  $A eval --run $RUN --dataset humaneval --problems 164 --stage humaneval \
+     --modes baseline,always \
+     --profile $RUN/train-answer-probe/profile.safetensors --max-tokens 1280 $ENGINE
+  ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev" >&2; exit 2 ;;
+  echo "usage: run.sh pilot|stage1|dev|confirm|best-of-n|humaneval" >&2; exit 2 ;;
 esac
