@@ -45,6 +45,25 @@ def test_the_served_default_profile_is_the_recorded_smollm2_profile():
     assert (prof.model.num_layers, prof.model.intermediate_size) == (30, 1536)  # SmolLM2-135M
 
 
+def test_the_served_qwen_profile_is_the_math_study_reference_profile():
+    """`adaras serve --model qwen2.5-coder-1.5b-instruct` serves the MATH study's
+    stage-1 profile: the reference recipe's neurons at the reference dose."""
+    from adaras.api.defaults import bundled_profile
+
+    bundled = bundled_profile("qwen2.5-coder-1.5b-instruct")
+    assert bundled is not None, "the package must ship the Qwen2.5-Coder-1.5B profile"
+    study = RESULTS / "qwen2.5-coder-1.5b-math-study"
+    assert bundled.read_bytes() == (study / "stage1" / "profile.safetensors").read_bytes()
+    prof = SteeringProfile.load(bundled)
+    assert (prof.model.num_layers, prof.model.intermediate_size) == (28, 8960)
+    assert prof.provenance["recipe"] == "reference" and prof.default_alpha == 0.3
+    assert prof.steered_prompt_positions == 1 and prof.sigma is not None
+    summary = json.loads((study / "stage1" / "identify-reference-summary.json").read_text())
+    assert prof.k == summary["k"] and prof.dose_in_sigma() == pytest.approx(
+        summary["dose_in_sigma"], rel=1e-5)
+    assert prof.predictor is not None and prof.threshold is not None
+
+
 def _cli(*args: str, cwd: Path) -> None:
     subprocess.run([sys.executable, "-m", "adaras.cli", *args], check=True, cwd=cwd)
 

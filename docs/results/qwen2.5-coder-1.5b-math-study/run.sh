@@ -52,6 +52,24 @@ humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
      --modes baseline,always \
      --profile $RUN/train-answer-probe/profile.safetensors --max-tokens 1280 $ENGINE
   ;;
+bundle)  # the served Qwen profile: stage 1's most complete profile, renamed, recorded here
+  python3 - "$RUN" "$HERE/stage1/profile.safetensors" <<'PY'
+import shutil, sys
+from pathlib import Path
+from adaras.profile import SteeringProfile
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+src = next(run / s / "profile.safetensors" for s in ("train-answer-probe", "train-predictor")
+           if (run / s / "profile.safetensors").exists())
+prof = SteeringProfile.load(src)
+prof.name = "qwen2.5-coder-math"
+prof.provenance = {**prof.provenance, "bundled_from": f"{src.parent.name} of the MATH study",
+                   "efficacy": "docs/results/qwen2.5-coder-1.5b-math-study/README.md"}
+prof.save(out)
+shutil.copyfile(out, "server/adaras/profiles/qwen2.5-coder-1.5b-instruct.safetensors")
+print(f"bundled {src} as {prof.name}: prompt head {prof.predictor is not None}, "
+      f"answer head {prof.answer_predictor is not None}")
+PY
+  ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|confirm|best-of-n|humaneval" >&2; exit 2 ;;
+  echo "usage: run.sh pilot|stage1|dev|confirm|best-of-n|humaneval|bundle" >&2; exit 2 ;;
 esac
