@@ -55,6 +55,7 @@ def test_the_served_qwen_profile_is_the_math_study_reference_profile():
     study = RESULTS / "qwen2.5-coder-1.5b-math-study"
     assert bundled.read_bytes() == (study / "stage1" / "profile.safetensors").read_bytes()
     prof = SteeringProfile.load(bundled)
+    assert prof.name == "qwen2.5-coder-math"  # the name requests use
     assert (prof.model.num_layers, prof.model.intermediate_size) == (28, 8960)
     assert prof.provenance["recipe"] == "reference" and prof.default_alpha == 0.3
     assert prof.steered_prompt_positions == 1 and prof.sigma is not None

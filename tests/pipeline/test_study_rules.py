@@ -22,6 +22,7 @@ from adaras.pipeline.evaluate import (
     other_stage_problems,
     same_norm,
     screen,
+    summarize,
 )
 from adaras.pipeline.identify import mean_difference, select, skip_last_layers
 from adaras.pipeline.run import Run, append_jsonl, source_state
@@ -210,3 +211,30 @@ def test_each_stage_records_its_engine_throughput(tmp_path):
         run.record_throughput("empty", Meter().to_dict())  # nothing generated: not recorded
     assert run.stage_entry("eval")["results"]["throughput"] == {"generate": meter}
     assert run.manifest()["stages"].keys() == {"eval"}
+
+
+def test_dev_hands_confirm_the_youden_cut_of_the_adaptive_arms_p_fail(tmp_path):
+    """The adaptive arm reports the p_fail cut that maximises TPR - FPR against
+    the baseline's failures: the threshold a dev stage hands to confirm."""
+    rng = np.random.default_rng(3)
+    problems = [_problem(i) for i in range(40)]
+    wrong = rng.random(40) < 0.5
+    p_fail = np.clip(0.3 * wrong + rng.random(40) * 0.7, 0.01, 0.99)  # informative, not perfect
+    rows = []
+    for i, prob in enumerate(problems):
+        base = {"problem": prob.id, "correct": not wrong[i], "extracted": str(i), "tokens": 5,
+                "finish_reason": "stop"}
+        rows.append({**base, "config": "baseline", "steering": None})
+        rows.append({**base, "config": "adaptive", "steering": {
+            "failure_probability": float(p_fail[i]), "applied": bool(p_fail[i] >= 0.5),
+            "threshold": 0.5}})
+    append_jsonl(tmp_path / "generations.jsonl", rows)
+    configs = {"baseline": None, "adaptive": {"mode": "adaptive", "alpha": 0.3}}
+    got = summarize(tmp_path, problems, configs, EvalArgs(bootstrap=50))
+    cut = got["configs"]["adaptive"]["youden_threshold"]
+
+    def youden(c: float) -> float:
+        return (p_fail[wrong] >= c).mean() - (p_fail[~wrong] >= c).mean()
+
+    assert youden(cut) == pytest.approx(max(youden(c) for c in p_fail))
+    assert youden(cut) > youden(0.5)  # the stored cut is not simply the one that ran

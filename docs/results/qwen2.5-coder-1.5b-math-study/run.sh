@@ -6,13 +6,17 @@
 # Run it in the background, detached, one stage at a time:
 #   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh pilot > pilot.log 2>&1 &
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$HERE/../../.."  # the repository root: every path below is relative to it
 RUN=${RUN:-runs/math-study}
 A="python3 -m adaras.cli"
 MODEL="--model qwen2.5-coder-1.5b-instruct"
 ENGINE="--max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
 MATH=data/math
-HERE=$(dirname "$0")
 
+# The whole script is one function, parsed before it runs, so editing this file
+# while a stage runs cannot change what the running shell does next.
+main() {
 case "${1:-}" in
 pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
   # (two runs: a stage never reuses another stage's problems within one run)
@@ -35,10 +39,10 @@ dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, th
      --profile $RUN/train-answer-probe/profile.safetensors --max-tokens 1280 $ENGINE
   ;;
 confirm)  # stage 3: the 500 MATH-500 problems, registered in the manifest first
-  TH=$(python3 -c "import json; print(json.load(open('$RUN/dev/results.json'))['configs']['adaptive']['youden_threshold'])")
+  TH=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['configs']['adaptive']['youden_threshold'])" "$RUN/dev/results.json")
   $A eval --run $RUN --dataset $MATH/test.jsonl --problems 500 --stage confirm \
      --modes baseline,always,minus,random,adaptive,noise --noise-problems 200 \
-     --threshold $TH --primary always --register $HERE/confirm-registration.json \
+     --threshold "$TH" --primary always --register "$HERE/confirm-registration.json" \
      --answer-probe --profile $RUN/train-answer-probe/profile.safetensors \
      --max-tokens 1280 $ENGINE
   ;;
@@ -58,8 +62,10 @@ import shutil, sys
 from pathlib import Path
 from adaras.profile import SteeringProfile
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-src = next(run / s / "profile.safetensors" for s in ("train-answer-probe", "train-predictor")
-           if (run / s / "profile.safetensors").exists())
+src = next((run / s / "profile.safetensors" for s in ("train-answer-probe", "train-predictor")
+            if (run / s / "profile.safetensors").exists()), None)
+if src is None:
+    sys.exit(f"{run}: no trained profile yet (run.sh stage1)")
 prof = SteeringProfile.load(src)
 prof.name = "qwen2.5-coder-math"
 prof.provenance = {**prof.provenance, "bundled_from": f"{src.parent.name} of the MATH study",
@@ -73,3 +79,5 @@ PY
 *)
   echo "usage: run.sh pilot|stage1|dev|confirm|best-of-n|humaneval|bundle" >&2; exit 2 ;;
 esac
+}
+main "$@"; exit $?

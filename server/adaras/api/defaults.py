@@ -21,7 +21,9 @@ PLACEHOLDER = "placeholder-random"
 
 
 def bundled_profile(model: str) -> Path | None:
-    if Path(model).name != model:  # a path or hub id: no profile ships for it
+    from adaras.zoo import KNOWN
+
+    if model not in KNOWN:  # a path, a hub id: no profile ships for it
         return None
     ref = resources.files("adaras") / "profiles" / f"{model}.safetensors"
     return Path(str(ref)) if ref.is_file() else None

@@ -68,13 +68,14 @@ class EvalArgs:
 
 
 def default_profile(run: Run) -> Path:
-    """The run's most complete profile: with both heads, the prompt head, or
-    the neurons alone."""
-    for stage in ("train-answer-probe", "train-predictor", "identify"):
-        path = run.root / stage / "profile.safetensors"
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"{run.root}: no profile yet; run `adaras identify` or pass --profile")
+    """The profile the run wrote last, of identify's, train-predictor's (the
+    prompt head) and train-answer-probe's (both heads)."""
+    found = [path for stage in ("identify", "train-predictor", "train-answer-probe")
+             if (path := run.root / stage / "profile.safetensors").exists()]
+    if not found:
+        raise FileNotFoundError(f"{run.root}: no profile yet; run `adaras identify` or pass "
+                                "--profile")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
 def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool = False) -> dict:
