@@ -63,6 +63,7 @@ def test_the_served_qwen_profile_is_the_math_study_reference_profile():
     assert prof.k == summary["k"] and prof.dose_in_sigma() == pytest.approx(
         summary["dose_in_sigma"], rel=1e-5)
     assert prof.predictor is not None and prof.threshold is not None
+    assert prof.answer_predictor is not None  # the answer probe's head (issue 19)
 
 
 def _cli(*args: str, cwd: Path) -> None:
