@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -378,6 +379,10 @@ def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
     minus = SteeringProfile.load(run.root / "eval" / "profile-minus.safetensors")
     main = SteeringProfile.load(run.root / "eval" / "profile-main.safetensors")
     assert torch.equal(minus.delta, -main.delta)
+    time.sleep(1.1)  # the registration's date has a resolution of one second
+    again = evaluate(run, args, engine)  # resumed: nothing left to generate
+    assert run.stage_entry("eval")["results"]["preregistered"] == registered  # nor re-dated
+    assert again["configs"]["always"]["accuracy"] == configs["always"]["accuracy"]
     for name, r in configs.items():
         if name == "noise":
             continue

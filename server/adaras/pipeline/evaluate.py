@@ -105,6 +105,9 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
     if args.primary is not None and args.primary not in [*args.modes, *sweep_names(args)]:
         raise ValueError(f"--primary {args.primary!r} is not one of this run's configs "
                          f"{[*args.modes, *sweep_names(args)]}")
+    # a resumed stage keeps the registration it was first given (and its date)
+    earlier = None if restart else ((run.stage_entry(args.stage) or {}).get("results")
+                                    or {}).get("preregistered")
     with run.stage(args.stage, {**vars(args), "profile": str(source), "engine": engine.to_dict()},
                    restart=restart) as out:
         # never evaluate on a problem the profile or the predictor was built
@@ -115,7 +118,8 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                                           exclude=used)
         write_problems(out / "problems.jsonl", problems)
         if args.primary is not None or args.registration:  # before any answer is generated
-            run.record(args.stage, preregistered=preregistration(args, profile, len(problems)))
+            run.record(args.stage, preregistered=earlier
+                       or preregistration(args, profile, len(problems)))
         profiles = write_profiles(out, profile, args) if profile else {}
         configs = build_configs(profile, profiles, args)
         llm = open_engine(engine)

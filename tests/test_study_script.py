@@ -1,0 +1,56 @@
+"""The MATH study's run.sh carries an eval stage's answers across machines:
+`save` writes them (and the stage's results) beside the README, and a stage
+restores them before it starts, so it resumes instead of generating again."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = (Path(__file__).resolve().parents[1] / "docs" / "results"
+          / "qwen2.5-coder-1.5b-math-study" / "run.sh")
+
+
+def run_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study")}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_save_then_restore_round_trips_a_stages_answers(tmp_path):
+    stage = tmp_path / "run" / "dev"
+    stage.mkdir(parents=True)
+    rows = [{"key": f"baseline|p{i}", "correct": i % 2 == 0} for i in range(3)]
+    (stage / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (stage / "results.json").write_text('{"configs": {}}\n')
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(
+        {"stages": {"dev": {"status": "running", "args": {"problems": 3}}}}))
+
+    saved = run_sh(tmp_path, "save", "dev")
+    assert saved.returncode == 0, saved.stderr
+    study = tmp_path / "study" / "dev"
+    with gzip.open(study / "generations.jsonl.gz", "rt") as f:
+        assert [json.loads(line) for line in f] == rows
+    assert (study / "results.json").exists() and not (study / "report.md").exists()
+    assert json.loads((study / "manifest.json").read_text())["args"] == {"problems": 3}
+
+    (stage / "generations.jsonl").unlink()  # a new machine: the run folder is gone
+    restored = run_sh(tmp_path, "restore", "dev")
+    assert restored.returncode == 0 and "restored 3 answers" in restored.stdout
+    assert (stage / "generations.jsonl").read_text().splitlines() == \
+        [json.dumps(r) for r in rows]
+
+    (stage / "generations.jsonl").write_text(json.dumps(rows[0]) + "\n")  # newer work here
+    assert run_sh(tmp_path, "restore", "dev").returncode == 0
+    assert len((stage / "generations.jsonl").read_text().splitlines()) == 1  # never clobbered
+
+
+@pytest.mark.parametrize("args", [("save", "dev"), ("save",), ("restore",)])
+def test_save_and_restore_refuse_without_a_stage_or_answers(tmp_path, args):
+    out = run_sh(tmp_path, *args)
+    assert out.returncode != 0 and out.stderr
