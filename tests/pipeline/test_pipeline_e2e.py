@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,3 +436,30 @@ def test_cli_runs_a_stage_and_reports_bad_input(run, engine, trained, tmp_path):
 
 def test_engine_is_shared_between_stages(engine):
     assert open_engine(engine) is open_engine(engine)
+
+
+@pytest.mark.parametrize("stage", ["eval", "best-of-n"])
+def test_a_profile_for_another_model_fails_before_the_engine_starts(tiny, tmp_path, monkeypatch,
+                                                                    stage):
+    """A run folder without its collect stage (a new machine) once fell back to
+    the default model and failed only after minutes of engine start-up."""
+    from adaras.pipeline import best_of_n as bon
+    from adaras.pipeline import evaluate as ev
+    from adaras.profile import ProfileError
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not start for a mismatched profile")
+
+    monkeypatch.setattr(ev, "open_engine", no_engine)
+    monkeypatch.setattr(bon, "open_engine", no_engine)
+    qwen = Path(ev.__file__).parents[1] / "profiles" / "qwen2.5-coder-1.5b-instruct.safetensors"
+    data = tmp_path / "eval.jsonl"
+    write_problems(data, 4)
+    options = EngineOptions(model=str(tiny), dtype="float32", max_model_len=512, kv_cache_gib=1)
+    with pytest.raises(ProfileError, match="built for another model shape"):
+        if stage == "eval":
+            evaluate(Run(tmp_path / "run"), EvalArgs(dataset=str(data), problems=4,
+                                                     modes=["always"], profile=str(qwen)),
+                     options)
+        else:
+            bon.best_of_n(Run(tmp_path / "run"), bon.BestOfNArgs(profile=str(qwen)), options)

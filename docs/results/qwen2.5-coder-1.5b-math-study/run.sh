@@ -49,27 +49,27 @@ stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both he
   ;;
 dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, the grid
   restore dev
-  $A eval --run $RUN --dataset $MATH/validation.jsonl --problems 80 --stage dev \
+  $A eval --run $RUN $MODEL --dataset $MATH/validation.jsonl --problems 80 --stage dev \
      --modes baseline,always,adaptive --alphas 0.1,0.5,1 --answer-probe \
      --profile $PROFILE --max-tokens 1280 $ENGINE
   ;;
 confirm)  # stage 3: the 500 MATH-500 problems, registered in the manifest first
   restore confirm
   TH=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['configs']['adaptive']['youden_threshold'])" "$HERE/dev/results.json")
-  $A eval --run $RUN --dataset $MATH/test.jsonl --problems 500 --stage confirm \
+  $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems 500 --stage confirm \
      --modes baseline,always,minus,random,adaptive,noise --noise-problems 200 \
      --threshold "$TH" --primary always --register "$HERE/confirm-registration.json" \
      --answer-probe --profile $PROFILE \
      --max-tokens 1280 $ENGINE
   ;;
 best-of-n)  # the answer probe's best of n on the first 100 confirm problems
-  $A best-of-n --run $RUN --profile $PROFILE \
+  $A best-of-n --run $RUN $MODEL --profile $PROFILE \
      --problems-from confirm --problems 100 --samples 8 --ks 4,8 --temperature 0.7 \
      --top-p 0.95 --max-tokens 1280 $ENGINE
   ;;
 humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
   restore humaneval
-  $A eval --run $RUN --dataset humaneval --problems 164 --stage humaneval \
+  $A eval --run $RUN $MODEL --dataset humaneval --problems 164 --stage humaneval \
      --modes baseline,always \
      --profile $PROFILE --max-tokens 1280 $ENGINE
   ;;

@@ -38,6 +38,7 @@ from adaras.pipeline.collect import read_problems, sample_jobs, write_problems
 from adaras.pipeline.data import build_messages
 from adaras.pipeline.evaluate import paired_bootstrap
 from adaras.pipeline.grade import grade_all
+from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
@@ -60,7 +61,7 @@ class BestOfNArgs:
 
 def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
               restart: bool = False) -> dict:
-    profile = SteeringProfile.load(args.profile)
+    profile = SteeringProfile.load(args.profile, expect=model_shape(engine.model))
     if profile.answer_predictor is None:
         raise ValueError(f"{args.profile} has no answer head; run `adaras train-predictor "
                          "--target answer`")

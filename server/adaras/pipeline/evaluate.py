@@ -35,6 +35,7 @@ import torch
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.grade import grade_all
+from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
@@ -91,7 +92,7 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
     steered = set(args.modes) - {"baseline", "noise"} or args.alphas or args.ks or args.ablations
     if steered or args.profile or args.answer_probe:
         source = Path(args.profile) if args.profile else default_profile(run)
-        profile = SteeringProfile.load(source)
+        profile = SteeringProfile.load(source, expect=model_shape(engine.model))
     else:  # a baseline alone (a task pilot) needs no profile, unless it is probed
         source, profile = None, None
     if args.answer_probe and (profile is None or profile.answer_predictor is None):
