@@ -326,6 +326,13 @@ def eval_(
     answer_probe: Annotated[bool, typer.Option(
         help="every arm asks for the profile's answer head: answer_p_fail per answer, AUROC "
              "and ECE per arm (no extra tokens)")] = False,
+    secondary: Annotated[str | None, typer.Option(
+        help="A,B: config A against config B (e.g. always,minus), exact McNemar, paired "
+             "bootstrap CI; registered with --primary")] = None,
+    also_without: Annotated[str | None, typer.Option(
+        help="a JSON file of problem ids (a list, {\"ids\": [...]}, or near-duplicate "
+             "pairs {\"pairs\": [{\"test\": id}]}): every comparison again without them")]
+    = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -346,7 +353,8 @@ def eval_(
                     ks=[int(x) for x in _floats(ks)], ablations=abl, threshold=threshold,
                     max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
                     primary=primary, noise_problems=noise_problems,
-                    registration=_registration(register), answer_probe=answer_probe)
+                    registration=_registration(register), answer_probe=answer_probe,
+                    secondary=secondary, also_without=also_without)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())

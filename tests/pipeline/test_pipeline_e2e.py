@@ -357,18 +357,41 @@ def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path)
 def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
     data = tmp_path / "eval.jsonl"
     write_problems(data, 8, offset=100)
+    near = tmp_path / "near.json"  # the near-duplicate file's format; t101 is in the noise arm
+    near.write_text(json.dumps({"pairs": [{"test": "t101"}, {"test": "t107"}, {"test": "x"}]}))
     args = EvalArgs(dataset=str(data), problems=8, alphas=[0.0, 1.0], ks=[2, 4], max_tokens=12,
                     threshold=0.5, bootstrap=500,
                     modes=["baseline", "always", "adaptive", "minus", "random", "noise"],
-                    noise_problems=5, registration={"secondary": "minus vs always"})
+                    noise_problems=5, registration={"rule": "written first"},
+                    secondary="always,minus", also_without=str(near))
     results = evaluate(run, args, engine)
     configs = results["configs"]
     assert set(configs) >= {"baseline", "always", "adaptive", "random", "minus", "noise",
                             "alpha=0", "alpha=1", "k=2", "k=4"}
     registered = run.stage_entry("eval")["results"]["preregistered"]
-    assert registered["secondary"] == "minus vs always" and registered["noise_problems"] == 5
+    assert registered["rule"] == "written first" and registered["noise_problems"] == 5
+    assert registered["secondary_test"] == "always vs minus, exact McNemar (two-sided)"
     rows = read_jsonl(run.root / "eval" / "generations.jsonl")
     by = {(r["config"], r["problem"]): r for r in rows}
+    # the key secondary, recomputed from the answers: always against minus, paired
+    ids8 = [f"t{100 + i}" for i in range(8)]
+    plus = np.array([by[("always", i)]["correct"] for i in ids8])
+    neg = np.array([by[("minus", i)]["correct"] for i in ids8])
+    sec = results["secondary"]
+    assert sec["configs"] == ["always", "minus"] and sec["problems"] == 8
+    assert sec["only_a"] == int((plus & ~neg).sum()) and sec["only_b"] == int((~plus & neg).sum())
+    assert sec["delta"] == pytest.approx(plus.mean() - neg.mean())
+    # every comparison again without the listed problems (an id not in the run is ignored)
+    without = results["without"]
+    assert without["excluded"] == ["t101", "t107"] and without["problems"] == 6
+    kept = [i for i in ids8 if i not in {"t101", "t107"}]
+    base_kept = np.array([by[("baseline", i)]["correct"] for i in kept])
+    assert without["configs"]["baseline"]["accuracy"] == pytest.approx(base_kept.mean())
+    assert without["configs"]["always"]["fixed"] == int(
+        (np.array([by[("always", i)]["correct"] for i in kept]) & ~base_kept).sum())
+    noise_kept = {r["problem"] for r in rows if r["config"] == "noise"} - {"t101", "t107"}
+    assert without["configs"]["noise"]["problems"] == len(noise_kept) == 4
+    assert "## Without 2 problems" in (run.root / "eval" / "report.md").read_text()
     ids = [p.id for p in load_problems(str(data))]
     # the noise arm: the baseline again on the first 5 problems, in another order
     noise = [r["problem"] for r in rows if r["config"] == "noise"]

@@ -172,6 +172,15 @@ def test_run_manifest_records_and_refuses_other_arguments(tmp_path):
             pass
     with run.stage("collect", {"a": 2}, restart=True) as out:
         assert not (out / "x.txt").exists()
+        (out / "y.txt").write_text("y")
+    # a newer version of the code with one more option, left at its None default,
+    # resumes the stage (the confirm run spans sessions and commits); a set one does not
+    with run.stage("collect", {"a": 2, "new_option": None}) as out:
+        assert (out / "y.txt").exists()
+    assert run.stage_entry("collect")["attempts"] == 2
+    with pytest.raises(StageArgsChanged, match="newer"):
+        with run.stage("collect", {"a": 2, "newer": 0}):
+            pass
     with pytest.raises(RuntimeError):
         with run.stage("identify", {}):
             raise RuntimeError("boom")

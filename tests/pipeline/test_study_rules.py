@@ -99,6 +99,48 @@ def test_eval_refuses_a_primary_comparison_it_does_not_run(tmp_path):
                                                profile=str(tmp_path / "p.safetensors")), None)
 
 
+@pytest.mark.parametrize("secondary", ["always", "always,adaptive", "always,always",
+                                       "always,minus,baseline"])
+def test_eval_refuses_a_secondary_comparison_it_cannot_make(tmp_path, secondary):
+    with pytest.raises(ValueError, match="--secondary must be two of this run's configs"):
+        evaluate(Run(tmp_path / "r"), EvalArgs(modes=["baseline", "always", "minus"],
+                                               secondary=secondary), None)
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"pairs": [{"sibling": "a"}]}',
+                                     '[1, 2]', '{"other": []}'])
+def test_eval_refuses_an_unreadable_list_of_problems_to_leave_out(tmp_path, content):
+    path = tmp_path / "ids.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match="--also-without"):
+        evaluate(Run(tmp_path / "r"), EvalArgs(modes=["baseline"], also_without=str(path)),
+                 None)
+
+
+def test_the_near_duplicate_file_reads_as_the_test_problems_ids():
+    from pathlib import Path
+
+    from adaras.pipeline.evaluate import read_ids
+
+    path = Path(__file__).resolve().parents[2] / "data" / "math" / "near_duplicates.json"
+    ids = read_ids(str(path))
+    assert len(ids) == 6 and all(i.startswith("math500-") for i in ids)
+
+
+def test_wilson_interval_matches_the_pilot_table_and_the_closed_form():
+    from adaras.pipeline.evaluate import wilson_ci
+
+    lo, hi = wilson_ci(13, 40)  # stage 0, candidate A: 0.325 [0.20, 0.48]
+    assert round(lo, 2) == 0.20 and round(hi, 2) == 0.48
+    k, n, z = 7, 40, 1.959963984540054
+    ph = k / n
+    centre = (ph + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(ph * (1 - ph) / n + z * z / (4 * n * n))
+    assert wilson_ci(k, n) == pytest.approx([centre - half, centre + half], abs=1e-9)
+    assert wilson_ci(0, 0) == [0.0, 1.0]
+
+
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
     base = np.array([True] * 50 + [False] * 50)
     other = base.copy()

@@ -16,16 +16,62 @@ A="python3 -m adaras.cli"
 MODEL="--model qwen2.5-coder-1.5b-instruct"
 ENGINE="--max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
 MATH=data/math
+# The registered sizes. SMOKE=1 runs every stage's glue on SmolLM2 with a handful of
+# problems and short answers (RUN and STUDY then default to a scratch folder).
+N_DEV=80 N_CONFIRM=500 N_NOISE=200 N_BON=100 N_HE=164 SAMPLES=8 KS=4,8 MAXTOK=1280
+if [[ ${SMOKE:-0} == 1 ]]; then
+  RUN=${RUN_SMOKE:-/tmp/math-study-smoke} HERE=${STUDY:-$RUN/study}
+  PROFILE=server/adaras/profiles/smollm2-135m-instruct.safetensors
+  MODEL="--model smollm2-135m-instruct"
+  ENGINE="--max-num-seqs 16 --chunk 16 --max-model-len 2048 --kv-cache-gib 2"
+  N_DEV=6 N_CONFIRM=8 N_NOISE=3 N_BON=4 N_HE=3 SAMPLES=3 KS=2,3 MAXTOK=48
+fi
 
-# An eval stage's finished answers outlive the run folder as $HERE/<stage>/
-# generations.jsonl.gz (`run.sh save <stage>`); a stage restores them before it
-# starts, so it resumes where the last saved chunk ended, on any machine.
-restore() {
-  local gz=$HERE/$1/generations.jsonl.gz
-  if [[ -f $gz && ! -s $RUN/$1/generations.jsonl ]]; then
-    mkdir -p "$RUN/$1" && gunzip -c "$gz" > "$RUN/$1/generations.jsonl"
-    echo "restored $(wc -l < "$RUN/$1/generations.jsonl") answers of $1 from $gz"
+# The stages are registered in bf16 on an AVX-512 machine with bf16 (stage 1's kind).
+# On a CPU without it, bf16 decodes about ten times slower (measured 2026-12-03 on an
+# AVX2 EPYC: the engine's warm-up alone took 624 s, and fp32 ran under 21 tok/s),
+# so a registered stage would take days there: refuse, unless FORCE=1.
+machine_check() {
+  if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 /proc/cpuinfo; then
+    echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs));" \
+         "the study's bf16 stages would run about 10x slower here. FORCE=1 runs anyway." >&2
+    exit 3
   fi
+}
+
+# An eval stage's finished answers outlive the run folder as $HERE/<stage>/*.jsonl.gz
+# (`run.sh save <stage>`); a stage restores them (and the problems and outcomes that
+# later stages read) before it starts, so it resumes where the last save ended, on
+# any machine. Work already in the run folder is never overwritten.
+restore() {
+  local f
+  for f in generations samples; do
+    if [[ -f $HERE/$1/$f.jsonl.gz && ! -s $RUN/$1/$f.jsonl ]]; then
+      mkdir -p "$RUN/$1" && gunzip -c "$HERE/$1/$f.jsonl.gz" > "$RUN/$1/$f.jsonl"
+      echo "restored $(wc -l < "$RUN/$1/$f.jsonl") answers of $1 from $HERE/$1/$f.jsonl.gz"
+    fi
+  done
+  for f in problems.jsonl outcomes.jsonl results.json; do
+    if [[ -f $HERE/$1/$f && ! -f $RUN/$1/$f ]]; then mkdir -p "$RUN/$1" && cp "$HERE/$1/$f" "$RUN/$1/"; fi
+  done
+}
+
+save() {
+  local f saved=0
+  mkdir -p "$HERE/$1"
+  for f in generations samples; do
+    if [[ -s $RUN/$1/$f.jsonl ]]; then
+      gzip -9 -n -c "$RUN/$1/$f.jsonl" > "$HERE/$1/$f.jsonl.gz"
+      echo "saved $(wc -l < "$RUN/$1/$f.jsonl") answers of $1 to $HERE/$1/$f.jsonl.gz"
+      saved=1
+    fi
+  done
+  [[ $saved == 1 ]] || { echo "save: no answers in $RUN/$1" >&2; exit 2; }
+  for f in problems.jsonl outcomes.jsonl results.json report.md accuracy.png; do
+    if [[ -f $RUN/$1/$f ]]; then cp "$RUN/$1/$f" "$HERE/$1/"; fi
+  done
+  python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['stages'][sys.argv[2]]
+json.dump(m, open(sys.argv[3], 'w'), indent=2, sort_keys=True)" "$RUN/manifest.json" "$1" "$HERE/$1/manifest.json"
 }
 
 # The whole script is one function, parsed before it runs, so editing this file
@@ -48,30 +94,75 @@ stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both he
   $A train-predictor --run $RUN --target answer $ENGINE
   ;;
 dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, the grid
-  restore dev
-  $A eval --run $RUN $MODEL --dataset $MATH/validation.jsonl --problems 80 --stage dev \
+  machine_check dev; restore dev
+  $A eval --run $RUN $MODEL --dataset $MATH/validation.jsonl --problems $N_DEV --stage dev \
      --modes baseline,always,adaptive --alphas 0.1,0.5,1 --answer-probe \
-     --profile $PROFILE --max-tokens 1280 $ENGINE
+     --profile $PROFILE --max-tokens $MAXTOK $ENGINE
+  ;;
+register)  # after dev, before confirm: the confirm registration, by README's stage-3 rules
+  python3 - "$HERE/dev/results.json" "$HERE/confirm-registration.json" "$N_CONFIRM" "$N_NOISE" "$MAXTOK" <<'PY'
+import json, sys, time
+from adaras.pipeline.evaluate import min_detectable_effect
+dev_path, out, n, noise, max_tokens = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+dev = json.load(open(dev_path))
+plus, adaptive = dev["configs"]["always"], dev["configs"]["adaptive"]
+threshold = adaptive.get("youden_threshold")
+if threshold is None:
+    sys.exit(f"{dev_path}: no Youden cut (dev's baseline has one class); see README stage 3")
+discordant = (plus["fixed"] + plus["broken"]) / plus["problems"]
+mde = min_detectable_effect(n, discordant)
+reg = {
+    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "primary_test": "always (+S) vs baseline, exact McNemar, two-sided, level 0.05",
+    "key_secondary": "always (+S) vs minus (-S), exact McNemar, two-sided",
+    "dose": "alpha 0.3 on raw S (the reference implementation's strength), fixed in advance",
+    "positions": "always/minus/random: the last prompt position and every decode step; "
+                 "adaptive: decode steps only (it decides after prefill)",
+    "arms": {"baseline": n, "always": n, "minus": n, "random": n, "adaptive": n, "noise": noise},
+    "random_arm": "per layer as many random neurons as the profile steers there (none of its "
+                  "own), carrying that layer's delta values shuffled: same depth, same norm",
+    "adaptive_threshold": threshold,
+    "adaptive_threshold_source": f"dev's Youden cut of prompt p_fail against dev baseline "
+                                 f"failure ({dev_path})",
+    "mde_at_80_power": mde,
+    "mde_source": f"dev's always-vs-baseline discordance: {plus['fixed']} fixed + "
+                  f"{plus['broken']} broken of {plus['problems']}, at n = {n}",
+    "max_tokens": max_tokens, "truncation": "a truncated answer counts as a failure",
+    "also_reported_without": "data/math/near_duplicates.json (6 test problems with "
+                             "near-duplicate siblings in train or validation)",
+    "helps_rule": "helps = a gain on the primary with p < 0.05 and no loss on HumanEval "
+                  "(always vs baseline, all 164) with p < 0.05; if it helps, the bundled "
+                  "Qwen2.5-Coder-1.5B profile keeps these neurons and alpha 0.3 as its default "
+                  "dose; if not, the README says plainly that steering did not help at the "
+                  "paper's own dose",
+    "answer_probe_goals": "answer AUROC >= 0.88 and ECE <= 0.05 on the baseline answers; "
+                          "best-of-4 by the probe >= greedy + 5 points",
+}
+json.dump(reg, open(out, "w"), indent=2)
+print(f"{out}: threshold {threshold:.3f}, MDE {mde if mde is None else round(mde, 3)}")
+PY
   ;;
 confirm)  # stage 3: the 500 MATH-500 problems, registered in the manifest first
-  restore confirm
-  TH=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['configs']['adaptive']['youden_threshold'])" "$HERE/dev/results.json")
-  $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems 500 --stage confirm \
-     --modes baseline,always,minus,random,adaptive,noise --noise-problems 200 \
-     --threshold "$TH" --primary always --register "$HERE/confirm-registration.json" \
+  machine_check confirm; restore confirm
+  TH=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['adaptive_threshold'])" "$HERE/confirm-registration.json")
+  $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems $N_CONFIRM --stage confirm \
+     --modes baseline,always,minus,random,adaptive,noise --noise-problems $N_NOISE \
+     --threshold "$TH" --primary always --secondary always,minus \
+     --also-without $MATH/near_duplicates.json --register "$HERE/confirm-registration.json" \
      --answer-probe --profile $PROFILE \
-     --max-tokens 1280 $ENGINE
+     --max-tokens $MAXTOK $ENGINE
   ;;
 best-of-n)  # the answer probe's best of n on the first 100 confirm problems
+  machine_check best-of-n; restore confirm; restore best-of-n
   $A best-of-n --run $RUN $MODEL --profile $PROFILE \
-     --problems-from confirm --problems 100 --samples 8 --ks 4,8 --temperature 0.7 \
-     --top-p 0.95 --max-tokens 1280 $ENGINE
+     --problems-from confirm --problems $N_BON --samples $SAMPLES --ks $KS \
+     --temperature 0.7 --top-p 0.95 --max-tokens $MAXTOK $ENGINE
   ;;
 humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
-  restore humaneval
-  $A eval --run $RUN $MODEL --dataset humaneval --problems 164 --stage humaneval \
+  machine_check humaneval; restore humaneval
+  $A eval --run $RUN $MODEL --dataset humaneval --problems $N_HE --stage humaneval \
      --modes baseline,always \
-     --profile $PROFILE --max-tokens 1280 $ENGINE
+     --profile $PROFILE --max-tokens $MAXTOK $ENGINE
   ;;
 bundle)  # the served Qwen profile: stage 1's most complete profile, renamed, recorded here
   python3 - "$RUN" "$HERE/stage1/profile.safetensors" <<'PY'
@@ -94,21 +185,13 @@ print(f"bundled {src} as {prof.name}: prompt head {prof.predictor is not None}, 
 PY
   ;;
 save)  # commit-ready copies of a stage's answers (finished or not) and, when done, results
-  [[ -n ${2:-} && -s $RUN/$2/generations.jsonl ]] || { echo "save: no answers in $RUN/${2:-?}" >&2; exit 2; }
-  mkdir -p "$HERE/$2"
-  gzip -9 -n -c "$RUN/$2/generations.jsonl" > "$HERE/$2/generations.jsonl.gz"
-  for f in problems.jsonl outcomes.jsonl results.json report.md accuracy.png; do
-    if [[ -f $RUN/$2/$f ]]; then cp "$RUN/$2/$f" "$HERE/$2/"; fi
-  done
-  python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['stages'][sys.argv[2]]
-json.dump(m, open(sys.argv[3], 'w'), indent=2, sort_keys=True)" "$RUN/manifest.json" "$2" "$HERE/$2/manifest.json"
-  echo "saved $(wc -l < "$RUN/$2/generations.jsonl") answers of $2 to $HERE/$2"
+  save "${2:?save: which stage?}"
   ;;
 restore)  # what each eval stage does first (here for a stage run by hand)
   restore "${2:?restore: which stage?}"
   ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|confirm|best-of-n|humaneval|bundle|save STAGE|restore STAGE" >&2
+  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|bundle|save STAGE|restore STAGE" >&2
   exit 2 ;;
 esac
 }

@@ -66,6 +66,8 @@ class EvalArgs:
     noise_problems: int | None = None  # the noise arm's size (default: every problem)
     registration: dict | None = None  # the study's registration, written before generating
     answer_probe: bool = False  # every arm asks for the profile's answer head (no extra tokens)
+    secondary: str | None = None  # "A,B": config A against config B, exact McNemar (paired)
+    also_without: str | None = None  # problem ids (file): every comparison again without them
 
 
 def default_profile(run: Run) -> Path:
@@ -89,6 +91,14 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         raise ValueError(f"unknown --modes {unknown}; choose from {list(MODES)}")
     if "baseline" not in args.modes:
         args.modes = ["baseline", *args.modes]  # every comparison is paired against it
+    names = [*args.modes, *sweep_names(args)]
+    if args.primary is not None and args.primary not in names:
+        raise ValueError(f"--primary {args.primary!r} is not one of this run's configs {names}")
+    if args.secondary is not None and (len(pair := args.secondary.split(",")) != 2
+                                       or not set(pair) <= set(names) or pair[0] == pair[1]):
+        raise ValueError(f"--secondary must be two of this run's configs {names} as A,B; "
+                         f"got {args.secondary!r}")
+    excluded = read_ids(args.also_without) if args.also_without else None
     steered = set(args.modes) - {"baseline", "noise"} or args.alphas or args.ks or args.ablations
     if steered or args.profile or args.answer_probe:
         source = Path(args.profile) if args.profile else default_profile(run)
@@ -103,9 +113,6 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                          "or drop 'adaptive' from --modes")
     if args.ks and any(k < 1 or k > profile.k for k in args.ks):
         raise ValueError(f"--k values must be in 1..{profile.k} (the profile's K), got {args.ks}")
-    if args.primary is not None and args.primary not in [*args.modes, *sweep_names(args)]:
-        raise ValueError(f"--primary {args.primary!r} is not one of this run's configs "
-                         f"{[*args.modes, *sweep_names(args)]}")
     # a resumed stage keeps the registration it was first given (and its date)
     earlier = None if restart else ((run.stage_entry(args.stage) or {}).get("results")
                                     or {}).get("preregistered")
@@ -133,6 +140,11 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         meter = generate_all(llm, problems, prompts, configs, args, out / "generations.jsonl",
                              engine.chunk)
         results = summarize(out, problems, configs, args)
+        if excluded is not None:  # e.g. near-duplicates of training problems
+            dropped_here = sorted(excluded & {p.id for p in problems})
+            kept = [p for p in problems if p.id not in excluded]
+            results["without"] = {"file": args.also_without, "excluded": dropped_here,
+                                  **summarize(out, kept, configs, args)}
         run.record_throughput("generate", meter)
         if profile is not None:
             alpha = profile.default_alpha if args.alpha is None else args.alpha
@@ -176,6 +188,8 @@ def preregistration(args: EvalArgs, profile: SteeringProfile | None, n: int) -> 
             "dose_in_sigma": profile.dose_in_sigma(alpha) if profile else None,
             "problems": n, "dataset": args.dataset, "seed": args.seed, "modes": args.modes,
             "noise_problems": args.noise_problems, "max_tokens": args.max_tokens,
+            "secondary_test": f"{args.secondary.replace(',', ' vs ')}, exact McNemar (two-sided)"
+            if args.secondary else None, "also_without": args.also_without,
             **(args.registration or {}), "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -332,6 +346,16 @@ def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def wilson_ci(k: int, n: int) -> list[float]:
+    """Wilson score 95% interval of a proportion k/n ([0, 1] when n is 0)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return [0.0, 1.0]
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def mcnemar_p(base: np.ndarray, other: np.ndarray) -> float:
     """Exact two-sided McNemar p-value of paired correctness: a binomial test
     of the fixed count among the discordant problems (1.0 when none differ)."""
@@ -418,7 +442,9 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
     for name, steering in configs.items():
         arm = [p.id for p in config_problems(name, problems, args)]
         arm_set = set(arm)
-        sub = [i for i in ids if i in arm_set]  # problem order, for pairing with baseline
+        # problem order, for pairing with baseline (a subset of the problems may
+        # shift the noise arm's first-n window onto a problem it never ran)
+        sub = [i for i in ids if i in arm_set and (name, i) in table]
         base = np.array([table[("baseline", i)]["correct"] for i in sub])
         base_answers = [table[("baseline", i)]["extracted"] for i in sub]
         got = [table[(name, i)] for i in sub]
@@ -427,6 +453,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
         entry = {
             "steering": steering, "problems": len(sub),
             "accuracy": float(correct.mean()),
+            "accuracy_ci95": wilson_ci(int(correct.sum()), len(sub)),
             "delta": float(correct.mean() - base.mean()),
             "ci95": paired_bootstrap(base, correct, args.bootstrap) if name != "baseline"
             else [0.0, 0.0],
@@ -459,7 +486,39 @@ def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
         if steering and steering.get("answer_probe"):
             entry["answer_probe"] = answer_probe_metrics(got, correct, args.seed)
         results["configs"][name] = entry
+    if args.secondary:
+        a, b = args.secondary.split(",")
+        results["secondary"] = compare(table, ids, a, b, args.bootstrap)
     return results
+
+
+def compare(table: dict, ids: list[str], a: str, b: str, bootstrap: int) -> dict:
+    """Config `a` against config `b`, paired on the problems both ran: the
+    accuracy difference a - b, its paired bootstrap CI and the exact McNemar p."""
+    both = [i for i in ids if (a, i) in table and (b, i) in table]
+    ca = np.array([table[(a, i)]["correct"] for i in both], dtype=bool)
+    cb = np.array([table[(b, i)]["correct"] for i in both], dtype=bool)
+    return {"configs": [a, b], "problems": len(both),
+            "accuracy": [float(ca.mean()), float(cb.mean())],
+            "delta": float(ca.mean() - cb.mean()), "ci95": paired_bootstrap(cb, ca, bootstrap),
+            "mcnemar_p": mcnemar_p(cb, ca),
+            "only_a": int((ca & ~cb).sum()), "only_b": int((~ca & cb).sum())}
+
+
+def read_ids(path: str) -> set[str]:
+    """Problem ids from a JSON file: a list of ids, {"ids": [...]}, or the
+    near-duplicate file's {"pairs": [{"test": id, ...}, ...]}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--also-without: cannot read {path}: {e}") from None
+    if isinstance(data, dict):
+        data = data.get("ids", [p.get("test") for p in data.get("pairs", [])
+                                if isinstance(p, dict)] or None)
+    if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
+        raise ValueError(f"--also-without: {path} must hold a list of problem ids, "
+                         '{"ids": [...]} or {"pairs": [{"test": id}, ...]}')
+    return set(data)
 
 
 def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int) -> dict:
@@ -524,6 +583,14 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   f"{primary['ci95'][1]:+.3f}]), p = {primary['mcnemar_p']:.3g}. "
                   + (f"Minimum detectable effect at 80% power with this discordance: "
                      f"{primary['mde80']:.3f}." if primary["mde80"] else ""), ""]
+    sec = results.get("secondary")
+    if sec:
+        a, b = sec["configs"]
+        lines += [f"**Key secondary comparison:** `{a}` vs `{b}`, exact McNemar on "
+                  f"{sec['problems']} problems: {sec['only_a']} right only with `{a}`, "
+                  f"{sec['only_b']} right only with `{b}`, Δ {sec['delta']:+.3f} (95% CI "
+                  f"[{sec['ci95'][0]:+.3f}, {sec['ci95'][1]:+.3f}]), p = {sec['mcnemar_p']:.3g}.",
+                  ""]
     if results.get("steered_prompt_positions") and "adaptive" in results["configs"]:
         lines += ["Positions: `always`, `minus`, `random` and the sweeps steer the last prompt "
                   "position and every decode step (the profile's `steer_prompt`); `adaptive` "
@@ -531,9 +598,9 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
     if results.get("dose_in_sigma") is not None:
         lines += [f"Dose: alpha {results['alpha']:g} on raw S, "
                   f"{results['dose_in_sigma']:.3f} sigma on average per steered neuron.", ""]
-    lines += ["| config | accuracy | Δ vs baseline | paired bootstrap 95% CI | McNemar p | fixed "
-              "| broken | answers changed | mean tokens | truncated | gate rate |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| config | accuracy | Wilson 95% CI | Δ vs baseline | paired bootstrap 95% CI "
+              "| McNemar p | fixed | broken | answers changed | mean tokens | truncated "
+              "| gate rate |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(results["configs"], key=config_order):
         r = results["configs"][name]
         gate = f"{r['gate_rate']:.2f}" if "gate_rate" in r else ""
@@ -541,7 +608,9 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
         ci = "" if base else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         delta = "" if base else f"{r['delta']:+.3f}"
         p = "" if base else f"{r['mcnemar_p']:.3g}"
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {delta} | {ci} | {p} | {r['fixed']} | "
+        wil = r.get("accuracy_ci95") or [float("nan")] * 2
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {wil[0]:.3f}-{wil[1]:.3f} | {delta} "
+                     f"| {ci} | {p} | {r['fixed']} | "
                      f"{r['broken']} | {r['changed']:.2f} | {r['mean_tokens']:.0f} | "
                      f"{r['truncated']} | {gate} |")
     ad = results["configs"].get("adaptive")
@@ -569,6 +638,24 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
             mean = f"{a['mean']:.3f}" if a.get("mean") is not None else ""
             lines.append(f"| {name} | {a['answers']} | {auc} | {ci[0]:.3f}-{ci[1]:.3f} | "
                          f"{a['calibration']['ece']:.3f} | {mean} |")
+    wo = results.get("without")
+    if wo:
+        lines += ["", f"## Without {len(wo['excluded'])} problems listed in `{wo['file']}`", "",
+                  "| config | problems | accuracy | Δ vs baseline | paired bootstrap 95% CI "
+                  "| McNemar p | answer-probe AUROC |", "|---|---|---|---|---|---|---|"]
+        for name in sorted(wo["configs"], key=config_order):
+            r = wo["configs"][name]
+            base = name == "baseline"
+            ci = "" if base else f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            auc = (r.get("answer_probe") or {}).get("auroc")
+            lines.append(f"| {name} | {r['problems']} | {r['accuracy']:.3f} | "
+                         f"{'' if base else format(r['delta'], '+.3f')} | {ci} | "
+                         f"{'' if base else format(r['mcnemar_p'], '.3g')} | "
+                         f"{'' if auc is None else format(auc, '.3f')} |")
+        if wo.get("secondary"):
+            w = wo["secondary"]
+            lines += ["", f"Key secondary without them: Δ {w['delta']:+.3f} (95% CI "
+                      f"[{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}]), p = {w['mcnemar_p']:.3g}."]
     sc = results.get("screen")
     if sc:
         lines += ["", f"## Alpha screen: {sc['verdict']}", "",

@@ -104,9 +104,11 @@ class Run:
         manifest = self.manifest()
         old = manifest["stages"].get(stage)
         args = json.loads(json.dumps(args, default=str))
-        if old is not None and old["args"] != args and not restart:
-            changed = sorted(k for k in set(old["args"]) | set(args)
-                             if old["args"].get(k) != args.get(k))
+        # an option added to the code since the stage began, left at None, is no change:
+        # a long stage resumes across versions of the code that only grew
+        changed = [] if old is None else sorted(k for k in set(old["args"]) | set(args)
+                                                if old["args"].get(k) != args.get(k))
+        if changed and not restart:
             raise StageArgsChanged(
                 f"{self.root}/{stage} was started with other arguments ({', '.join(changed)}); "
                 f"use --restart to discard it, or another --run directory")
