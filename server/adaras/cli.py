@@ -100,9 +100,9 @@ SeqsOpt = Annotated[int, typer.Option(help="engine max_num_seqs (batch size)")]
 TpOpt = Annotated[int, typer.Option("--tp", help="tensor-parallel size")]
 KvOpt = Annotated[int, typer.Option(help="VLLM_CPU_KVCACHE_SPACE in GiB (CPU)")]
 RestartOpt = Annotated[bool, typer.Option(help="discard this stage's earlier results")]
-ChunkOpt = Annotated[int, typer.Option(help="requests per engine call; finished chunks are "
-                                            "checkpointed for resuming (several times "
-                                            "--max-num-seqs, so the batch stays full)")]
+ChunkOpt = Annotated[int, typer.Option(help="requests in the engine at once (several times "
+                                            "--max-num-seqs, so the batch stays full); "
+                                            "answers are checkpointed as they finish")]
 
 
 def _engine(run: str, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk=256):

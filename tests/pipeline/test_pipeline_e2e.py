@@ -486,3 +486,34 @@ def test_a_profile_for_another_model_fails_before_the_engine_starts(tiny, tmp_pa
                      options)
         else:
             bon.best_of_n(Run(tmp_path / "run"), bon.BestOfNArgs(profile=str(qwen)), options)
+
+
+def test_run_jobs_streams_checkpoints_and_matches_generate(engine):
+    """run_jobs keeps at most `chunk` requests in the engine and hands finished
+    answers over every `flush`; greedy answers equal one plain llm.generate of
+    the same prompts, and a call stopped by its caller leaves nothing behind."""
+    from vllm import SamplingParams
+
+    from adaras.pipeline.llm import Job, run_jobs
+
+    llm = open_engine(engine)
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    prompts = [[11 + i, 7, 100 + 3 * i] for i in range(10)]
+    jobs = [Job(f"j{i}", p, params) for i, p in enumerate(prompts)]
+    batches = []
+    meter = run_jobs(llm, jobs, lambda rows: batches.append(rows), "test", chunk=4, flush=3)
+    got = {j.key: list(o.outputs[0].token_ids) for rows in batches for j, o, _ in rows}
+    assert [j.key for rows in batches for j, _, _ in rows] == [j.key for j in jobs]  # in order
+    assert len(batches) >= 3  # handed over while the engine ran, not once at the end
+    assert meter["requests"] == 10 and meter["generated_tokens"] == 90
+    ref = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert got == {f"j{i}": list(o.outputs[0].token_ids) for i, o in enumerate(ref)}
+
+    def stop(rows):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(llm, jobs, stop, "stopped", chunk=6, flush=1)
+    assert not llm.llm_engine.has_unfinished_requests()  # the rest was aborted
+    again = []
+    run_jobs(llm, jobs[:2], again.append, "again", chunk=4, flush=1)
+    assert sorted(j.key for rows in again for j, _, _ in rows) == ["j0", "j1"]

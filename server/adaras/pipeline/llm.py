@@ -5,6 +5,7 @@ capture goes through it, never through a Hugging Face generation loop."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +31,7 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     seed: int = 0
     kv_cache_gib: int = 4
-    chunk: int = 256  # requests per llm.generate call (a checkpoint for resuming)
+    chunk: int = 256  # requests in the engine at once (run_jobs); a capture batch
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -141,7 +142,8 @@ class Job:
 @dataclass
 class Meter:
     """Engine throughput of one run_jobs/run_captures call (only the time
-    spent inside `llm.generate`), as recorded in the stage manifests."""
+    spent in the engine, not in the caller's checkpoints), as recorded in the
+    stage manifests."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -175,17 +177,68 @@ def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, collect, 
 
 
 def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
-             description: str, chunk: int = 256) -> dict:
-    """Generate `jobs`; after each chunk call `on_done` with (job,
-    RequestOutput, steering report) triples so the caller can checkpoint.
+             description: str, chunk: int = 256, flush: int = 16) -> dict:
+    """Generate `jobs`, keeping at most `chunk` unfinished requests in the
+    engine (a waiting queue deep enough that the batch stays full), and call
+    `on_done` with (job, RequestOutput, steering report) triples in job order,
+    as soon as `flush` more of them have finished with every earlier job, so
+    the caller checkpoints while the engine runs. Unlike one `llm.generate`
+    per chunk, no batch drains waiting for a chunk's longest answer.
     Returns the throughput (Meter.to_dict())."""
+    from collections import deque
+
+    from vllm.sampling_params import RequestOutputKind
+
     from adaras.engine import reports_of
 
-    meter = Meter()
-    for part, outs, reports in _in_chunks(llm, jobs, description, chunk,
-                                          lambda _, outs: reports_of(outs), meter):
-        on_done([(j, o, reports.get(o.request_id, {})) for j, o in zip(part, outs)])
+    meter, queue = Meter(), deque(jobs)
+    submitted: deque[str] = deque()  # request ids in job order, not yet handed over
+    in_flight: dict[str, Job] = {}
+    finished: dict[str, tuple[Job, object]] = {}
+    engine = llm.llm_engine
+
+    def ready() -> int:  # finished jobs with every earlier job finished too
+        n = 0
+        for rid in submitted:
+            if rid not in finished:
+                break
+            n += 1
+        return n
+
+    def hand_over(n: int) -> None:
+        done = [finished.pop(submitted.popleft()) for _ in range(n)]
+        reports = reports_of([o for _, o in done])
+        meter.requests += n
+        meter.prompt_tokens += sum(len(j.prompt) for j, _ in done)
+        meter.generated_tokens += sum(len(c.token_ids) for _, o in done for c in o.outputs)
+        on_done([(j, o, reports.get(o.request_id, {})) for j, o in done])
+        bar.advance(task, n)
+
+    with progress() as bar:
+        task = bar.add_task(description, total=len(queue))
+        try:
+            while queue or in_flight:
+                t0 = time.perf_counter()
+                while queue and len(in_flight) < chunk:
+                    job = queue.popleft()
+                    job.params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate
+                    rid = f"adaras-job-{next(_REQUEST_IDS)}"
+                    engine.add_request(rid, {"prompt_token_ids": job.prompt}, job.params)
+                    in_flight[rid] = job
+                    submitted.append(rid)
+                for out in engine.step():
+                    if out.finished and out.request_id in in_flight:
+                        finished[out.request_id] = (in_flight.pop(out.request_id), out)
+                meter.seconds += time.perf_counter() - t0
+                if (n := ready()) and (n >= flush or not in_flight):
+                    hand_over(n)
+        finally:  # stopped early (an error, Ctrl-C): the engine keeps nothing of this call
+            if in_flight:
+                engine.abort_request(list(in_flight))
     return meter.to_dict()
+
+
+_REQUEST_IDS = itertools.count()
 
 
 def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
