@@ -4,9 +4,9 @@ at several numbers of requests in flight, on one engine.
     python benchmarks/bench_batch_width.py [--model qwen2.5-coder-1.5b-instruct]
         [--widths 16,32,64,96] [--max-tokens 256] [--rounds 2]
 
-The pipeline's stages hand the engine `--chunk` requests per call with
-`--max-num-seqs` in flight (`adaras.pipeline.llm.open_engine`, every core
-bound). This starts one such engine with max_num_seqs = the largest width and,
+The pipeline's generating stages keep up to `--chunk` requests in the engine
+with `--max-num-seqs` of them running (`adaras.pipeline.llm.run_jobs`, on
+`open_engine`'s engine, every core bound). This starts one such engine with max_num_seqs = the largest width and,
 for each width W, generates W real GSM-style chat prompts at once, greedy,
 `ignore_eos`, exactly --max-tokens tokens each (so every width does the same
 work per request). Widths are run in a rotating order over --rounds, and the
