@@ -40,10 +40,14 @@ def test_save_then_restore_round_trips_a_stages_answers(tmp_path):
     assert json.loads((study / "manifest.json").read_text())["args"] == {"problems": 3}
 
     (stage / "generations.jsonl").unlink()  # a new machine: the run folder is gone
+    (tmp_path / "run" / "manifest.json").unlink()
     restored = run_sh(tmp_path, "restore", "dev")
     assert restored.returncode == 0 and "restored 3 answers" in restored.stdout
     assert (stage / "generations.jsonl").read_text().splitlines() == \
         [json.dumps(r) for r in rows]
+    # with its manifest entry: a resumed stage still refuses other arguments
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["dev"]["args"] == {"problems": 3}
 
     (stage / "generations.jsonl").write_text(json.dumps(rows[0]) + "\n")  # newer work here
     assert run_sh(tmp_path, "restore", "dev").returncode == 0
@@ -54,3 +58,22 @@ def test_save_then_restore_round_trips_a_stages_answers(tmp_path):
 def test_save_and_restore_refuse_without_a_stage_or_answers(tmp_path, args):
     out = run_sh(tmp_path, *args)
     assert out.returncode != 0 and out.stderr
+
+
+@pytest.mark.parametrize("stage", ["pilot", "stage1", "bundle"])
+def test_smoke_mode_never_runs_a_stage_that_writes_real_results(tmp_path, stage):
+    out = subprocess.run(["bash", str(SCRIPT), stage], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SMOKE": "1",
+                                          "RUN_SMOKE": str(tmp_path / "run")})
+    assert out.returncode == 2 and "not in SMOKE mode" in out.stderr
+
+
+def test_a_generating_stage_refuses_a_cpu_without_avx512_bf16(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"  # an AVX2 EPYC, as on 2026-12-03
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
+           "CPUINFO": str(cpuinfo)}
+    for stage in ("dev", "confirm", "best-of-n", "humaneval"):
+        out = subprocess.run(["bash", str(SCRIPT), stage], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 3 and "no AVX-512 bf16 (AMD EPYC)" in out.stderr, out.stderr

@@ -32,8 +32,8 @@ fi
 # AVX2 EPYC: the engine's warm-up alone took 624 s, and fp32 ran under 21 tok/s),
 # so a registered stage would take days there: refuse, unless FORCE=1.
 machine_check() {
-  if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 /proc/cpuinfo; then
-    echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs));" \
+  if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 "${CPUINFO:-/proc/cpuinfo}"; then
+    echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 "model name" "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2 | xargs));" \
          "the study's bf16 stages would run about 10x slower here. FORCE=1 runs anyway." >&2
     exit 3
   fi
@@ -54,6 +54,33 @@ restore() {
   for f in problems.jsonl outcomes.jsonl results.json; do
     if [[ -f $HERE/$1/$f && ! -f $RUN/$1/$f ]]; then mkdir -p "$RUN/$1" && cp "$HERE/$1/$f" "$RUN/$1/"; fi
   done
+  # the stage's manifest entry: its arguments (a resumed stage refuses others) and
+  # its registration (kept, with its date)
+  if [[ -f $HERE/$1/manifest.json ]]; then
+    python3 - "$HERE/$1/manifest.json" "$RUN/manifest.json" "$1" <<'PY'
+import json, sys
+from pathlib import Path
+saved, path, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+manifest = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+if stage not in manifest["stages"]:
+    manifest["stages"][stage] = json.loads(saved.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"restored the manifest entry of {stage} from {saved}")
+PY
+  fi
+}
+
+# Stage 1's problems, so eval's check that no later stage reuses a collect problem
+# has them to check against on a machine without the run folder.
+restore_collect() {
+  if [[ -f $HERE/stage1/collect-problems.jsonl && ! -f $RUN/collect/problems.jsonl ]]; then
+    mkdir -p "$RUN/collect" && cp "$HERE/stage1/collect-problems.jsonl" "$RUN/collect/problems.jsonl"
+  fi
+}
+
+smoke_refuses() {
+  if [[ ${SMOKE:-0} == 1 ]]; then echo "run.sh $1: not in SMOKE mode (it would write real results)" >&2; exit 2; fi
 }
 
 save() {
@@ -79,6 +106,7 @@ json.dump(m, open(sys.argv[3], 'w'), indent=2, sort_keys=True)" "$RUN/manifest.j
 main() {
 case "${1:-}" in
 pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
+  smoke_refuses pilot
   # (two runs: a stage never reuses another stage's problems within one run)
   $A eval --run $RUN-pilot-a $MODEL --dataset $MATH/validation.jsonl --problems 40 \
      --modes baseline --max-tokens 4096 --stage pilot $ENGINE
@@ -86,6 +114,7 @@ pilot)  # stage 0: two candidate tasks, baseline only, 40 problems each
      --problems 40 --modes baseline --max-tokens 4096 --stage pilot $ENGINE
   ;;
 stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both heads
+  smoke_refuses stage1
   $A collect --run $RUN $MODEL --dataset $MATH/train.jsonl --problems 320 --probe 64 \
      --samples 8 --temperature 0.7 --top-p 0.95 --max-tokens 1280 $ENGINE
   $A identify --run $RUN --recipe reference --k 50 --alpha 0.3 $ENGINE
@@ -94,21 +123,25 @@ stage1)  # traces, the reference recipe's neurons (+ the paired recipe), both he
   $A train-predictor --run $RUN --target answer $ENGINE
   ;;
 dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, the grid
-  machine_check dev; restore dev
+  machine_check dev; restore_collect; restore dev
   $A eval --run $RUN $MODEL --dataset $MATH/validation.jsonl --problems $N_DEV --stage dev \
      --modes baseline,always,adaptive --alphas 0.1,0.5,1 --answer-probe \
      --profile $PROFILE --max-tokens $MAXTOK $ENGINE
   ;;
-register)  # after dev, before confirm: the confirm registration, by README's stage-3 rules
-  python3 - "$HERE/dev/results.json" "$HERE/confirm-registration.json" "$N_CONFIRM" "$N_NOISE" "$MAXTOK" <<'PY'
+register)  # after dev (and `run.sh save dev`), before confirm: by README's stage-3 rules
+  python3 - "$HERE/dev/results.json" "$HERE/confirm-registration.json" "$PROFILE" "$N_CONFIRM" "$N_NOISE" "$MAXTOK" <<'PY'
 import json, sys, time
 from adaras.pipeline.evaluate import min_detectable_effect
-dev_path, out, n, noise, max_tokens = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+from adaras.profile import SteeringProfile
+dev_path, out, profile = sys.argv[1:4]
+n, noise, max_tokens = map(int, sys.argv[4:])
 dev = json.load(open(dev_path))
 plus, adaptive = dev["configs"]["always"], dev["configs"]["adaptive"]
 threshold = adaptive.get("youden_threshold")
-if threshold is None:
-    sys.exit(f"{dev_path}: no Youden cut (dev's baseline has one class); see README stage 3")
+source = f"dev's Youden cut of prompt p_fail against dev baseline failure ({dev_path})"
+if threshold is None:  # dev's baseline has one class: the rule's fallback
+    threshold = SteeringProfile.load(profile).threshold
+    source = f"the profile's stored threshold ({profile}): dev's baseline has one class"
 discordant = (plus["fixed"] + plus["broken"]) / plus["problems"]
 mde = min_detectable_effect(n, discordant)
 reg = {
@@ -122,8 +155,7 @@ reg = {
     "random_arm": "per layer as many random neurons as the profile steers there (none of its "
                   "own), carrying that layer's delta values shuffled: same depth, same norm",
     "adaptive_threshold": threshold,
-    "adaptive_threshold_source": f"dev's Youden cut of prompt p_fail against dev baseline "
-                                 f"failure ({dev_path})",
+    "adaptive_threshold_source": source,
     "mde_at_80_power": mde,
     "mde_source": f"dev's always-vs-baseline discordance: {plus['fixed']} fixed + "
                   f"{plus['broken']} broken of {plus['problems']}, at n = {n}",
@@ -138,12 +170,13 @@ reg = {
     "answer_probe_goals": "answer AUROC >= 0.88 and ECE <= 0.05 on the baseline answers; "
                           "best-of-4 by the probe >= greedy + 5 points",
 }
-json.dump(reg, open(out, "w"), indent=2)
+with open(out, "x") as f:  # a registration is written once
+    json.dump(reg, f, indent=2)
 print(f"{out}: threshold {threshold:.3f}, MDE {mde if mde is None else round(mde, 3)}")
 PY
   ;;
 confirm)  # stage 3: the 500 MATH-500 problems, registered in the manifest first
-  machine_check confirm; restore confirm
+  machine_check confirm; restore_collect; restore dev; restore confirm
   TH=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['adaptive_threshold'])" "$HERE/confirm-registration.json")
   $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems $N_CONFIRM --stage confirm \
      --modes baseline,always,minus,random,adaptive,noise --noise-problems $N_NOISE \
@@ -165,6 +198,7 @@ humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
      --profile $PROFILE --max-tokens $MAXTOK $ENGINE
   ;;
 bundle)  # the served Qwen profile: stage 1's most complete profile, renamed, recorded here
+  smoke_refuses bundle
   python3 - "$RUN" "$HERE/stage1/profile.safetensors" <<'PY'
 import shutil, sys
 from pathlib import Path

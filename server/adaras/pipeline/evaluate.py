@@ -142,9 +142,9 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         results = summarize(out, problems, configs, args)
         if excluded is not None:  # e.g. near-duplicates of training problems
             dropped_here = sorted(excluded & {p.id for p in problems})
-            kept = [p for p in problems if p.id not in excluded]
+            keep = {p.id for p in problems} - excluded
             results["without"] = {"file": args.also_without, "excluded": dropped_here,
-                                  **summarize(out, kept, configs, args)}
+                                  **summarize(out, problems, configs, args, keep=keep)}
         run.record_throughput("generate", meter)
         if profile is not None:
             alpha = profile.default_alpha if args.alpha is None else args.alpha
@@ -431,20 +431,21 @@ def write_outcomes(out: Path, rows: list[dict], configs) -> None:
     tmp.replace(out / "outcomes.jsonl")
 
 
-def summarize(out: Path, problems, configs, args: EvalArgs) -> dict:
+def summarize(out: Path, problems, configs, args: EvalArgs,
+              keep: set[str] | None = None) -> dict:
+    """Every config's numbers against the baseline; with `keep`, on those
+    problems only (each arm's own problems, e.g. the noise arm's, intersected)."""
     from adaras.pipeline.train import auroc, bootstrap_auroc, youden_threshold
 
     rows = read_jsonl(out / "generations.jsonl")
-    ids = [p.id for p in problems]
+    ids = [p.id for p in problems if keep is None or p.id in keep]
     table = {(r["config"], r["problem"]): r for r in rows}
     write_outcomes(out, rows, configs)
     results = {"problems": len(ids), "configs": {}}
     for name, steering in configs.items():
         arm = [p.id for p in config_problems(name, problems, args)]
         arm_set = set(arm)
-        # problem order, for pairing with baseline (a subset of the problems may
-        # shift the noise arm's first-n window onto a problem it never ran)
-        sub = [i for i in ids if i in arm_set and (name, i) in table]
+        sub = [i for i in ids if i in arm_set]  # problem order, for pairing with baseline
         base = np.array([table[("baseline", i)]["correct"] for i in sub])
         base_answers = [table[("baseline", i)]["extracted"] for i in sub]
         got = [table[(name, i)] for i in sub]
@@ -599,8 +600,8 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
         lines += [f"Dose: alpha {results['alpha']:g} on raw S, "
                   f"{results['dose_in_sigma']:.3f} sigma on average per steered neuron.", ""]
     lines += ["| config | accuracy | Wilson 95% CI | Δ vs baseline | paired bootstrap 95% CI "
-              "| McNemar p | fixed | broken | answers changed | mean tokens | truncated "
-              "| gate rate |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| McNemar p | fixed | broken | answers changed | mean tokens | median tokens "
+              "| truncated | gate rate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(results["configs"], key=config_order):
         r = results["configs"][name]
         gate = f"{r['gate_rate']:.2f}" if "gate_rate" in r else ""
@@ -612,6 +613,7 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
         lines.append(f"| {name} | {r['accuracy']:.3f} | {wil[0]:.3f}-{wil[1]:.3f} | {delta} "
                      f"| {ci} | {p} | {r['fixed']} | "
                      f"{r['broken']} | {r['changed']:.2f} | {r['mean_tokens']:.0f} | "
+                     f"{r['median_tokens']:.0f} | "
                      f"{r['truncated']} | {gate} |")
     ad = results["configs"].get("adaptive")
     if ad and ad.get("predictor_auroc") is not None:

@@ -191,6 +191,7 @@ def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object
 
     from adaras.engine import reports_of
 
+    chunk = max(1, chunk)
     meter, queue = Meter(), deque(jobs)
     submitted: deque[str] = deque()  # request ids in job order, not yet handed over
     in_flight: dict[str, Job] = {}
@@ -229,12 +230,17 @@ def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object
                 for out in engine.step():
                     if out.finished and out.request_id in in_flight:
                         finished[out.request_id] = (in_flight.pop(out.request_id), out)
+                if in_flight and not engine.has_unfinished_requests():
+                    raise RuntimeError(f"the engine dropped {len(in_flight)} requests unfinished")
                 meter.seconds += time.perf_counter() - t0
                 if (n := ready()) and (n >= flush or not in_flight):
                     hand_over(n)
         finally:  # stopped early (an error, Ctrl-C): the engine keeps nothing of this call
             if in_flight:
-                engine.abort_request(list(in_flight))
+                try:
+                    engine.abort_request(list(in_flight))
+                except Exception:  # noqa: BLE001 - a dead engine: keep the original error
+                    pass
     return meter.to_dict()
 
 
