@@ -172,12 +172,18 @@ def test_run_manifest_records_and_refuses_other_arguments(tmp_path):
             pass
     with run.stage("collect", {"a": 2}, restart=True) as out:
         assert not (out / "x.txt").exists()
-        (out / "y.txt").write_text("y")
     # a newer version of the code with one more option, left at its None default,
     # resumes the stage (the confirm run spans sessions and commits); a set one does not
-    with run.stage("collect", {"a": 2, "new_option": None}) as out:
-        assert (out / "y.txt").exists()
-    assert run.stage_entry("collect")["attempts"] == 2
+    meter = {"requests": 3, "prompt_tokens": 30, "generated_tokens": 100, "seconds": 10.0}
+    with run.stage("collect", {"a": 2}, restart=True):
+        run.record("collect", answers=3)
+        run.record_throughput("generate", meter)
+    with run.stage("collect", {"a": 2, "new_option": None}):
+        run.record_throughput("generate", {**meter, "generated_tokens": 300, "seconds": 30.0})
+    entry = run.stage_entry("collect")
+    assert entry["attempts"] == 2 and entry["results"]["answers"] == 3  # kept on resume
+    tp = entry["results"]["throughput"]["generate"]  # both attempts' work together
+    assert tp["requests"] == 6 and tp["generated_tokens"] == 400 and tp["generated_tok_s"] == 10.0
     with pytest.raises(StageArgsChanged, match="newer"):
         with run.stage("collect", {"a": 2, "newer": 0}):
             pass

@@ -121,6 +121,8 @@ class Run:
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "attempts": (old or {}).get("attempts", 0) + 1,
                  "seconds": (old or {}).get("seconds", 0.0)}
+        if (old or {}).get("results") is not None:  # a resumed stage keeps what it recorded
+            entry["results"] = old["results"]
         manifest["stages"][stage] = entry
         self._write(manifest)
         self.current_stage = stage
@@ -154,7 +156,15 @@ class Run:
             return
         manifest = self.manifest()
         results = manifest["stages"].setdefault(self.current_stage, {}).setdefault("results", {})
-        results.setdefault("throughput", {})[label] = meter
+        earlier = results.setdefault("throughput", {}).get(label)
+        if earlier:  # a resumed stage: the work of every attempt together
+            meter = {k: earlier.get(k, 0) + meter.get(k, 0)
+                     for k in ("requests", "prompt_tokens", "generated_tokens", "seconds")}
+            s = max(meter["seconds"], 1e-9)
+            meter.update(seconds=round(meter["seconds"], 2),
+                         generated_tok_s=round(meter["generated_tokens"] / s, 1),
+                         prompt_tok_s=round(meter["prompt_tokens"] / s, 1))
+        results["throughput"][label] = meter
         self._write(manifest)
 
     def record(self, stage: str, **results) -> None:
