@@ -77,3 +77,47 @@ def test_a_generating_stage_refuses_a_cpu_without_avx512_bf16(tmp_path):
         out = subprocess.run(["bash", str(SCRIPT), stage], env=env, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 3 and "no AVX-512 bf16 (AMD EPYC)" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_smoke_run_of_every_generating_stage(tmp_path):
+    """SMOKE=1 on SmolLM2: dev, save, register, confirm, save, then a new machine
+    (the run folder deleted) that resumes confirm from the saved answers and runs
+    best-of-n and humaneval. About 20 minutes on 2 cores; run it before a real
+    stage after changing run.sh or the pipeline (`pytest -m slow -k smoke`)."""
+    env = {**os.environ, "SMOKE": "1", "RUN_SMOKE": str(tmp_path / "run"),
+           "STUDY": str(tmp_path / "study")}
+
+    def stage(*args):
+        out = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
+                             text=True, timeout=1800)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    study = tmp_path / "study"
+    stage("dev")
+    stage("save", "dev")
+    register = subprocess.run(["bash", str(SCRIPT), "register"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert register.returncode == 0, register.stderr[-2000:]
+    reg = json.loads((study / "confirm-registration.json").read_text())
+    assert 0 < reg["adaptive_threshold"] < 1 and reg["arms"]["noise"] == 3
+    stage("confirm")
+    stage("save", "confirm")
+    first = json.loads((study / "confirm" / "manifest.json").read_text())
+    answers = gzip.open(study / "confirm" / "generations.jsonl.gz", "rt").read().splitlines()
+    assert len(answers) == 5 * 8 + 3
+
+    import shutil
+    shutil.rmtree(tmp_path / "run")  # a new machine
+    again = stage("confirm")
+    assert "restored 43 answers of confirm" in again.stdout
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["confirm"]
+    assert manifest["results"]["preregistered"] == first["results"]["preregistered"]
+    assert manifest["attempts"] == first["attempts"] + 1
+    assert len((tmp_path / "run" / "confirm" / "generations.jsonl").read_text().splitlines()) == 43
+    stage("best-of-n")
+    stage("humaneval")
+    results = json.loads((tmp_path / "run" / "humaneval" / "results.json").read_text())
+    assert set(results["configs"]) == {"baseline", "always"}

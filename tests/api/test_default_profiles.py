@@ -33,9 +33,7 @@ def test_the_default_model_gets_a_labelled_placeholder_only_when_its_profile_is_
         monkeypatch, tmp_path):
     from adaras.api import defaults
 
-    model = "smollm2-135m-instruct"
-    shipped = SteeringProfile.load(bundled_profile(model)).name
-    assert default_profiles(Settings(model=model)) == {shipped: str(bundled_profile(model))}
+    model = "smollm2-135m-instruct"  # with its profile: the first test of this file
     monkeypatch.setattr(defaults, "bundled_profile", lambda m: None)  # a trimmed install
     monkeypatch.setattr(defaults, "placeholder_profile", lambda m: tmp_path / "p.safetensors")
     assert default_profiles(Settings(model=model)) == {PLACEHOLDER: str(tmp_path / "p.safetensors")}
