@@ -4,7 +4,11 @@
 # vLLM engine, is resumable (run it again), and records its arguments,
 # versions and throughput in $RUN/manifest.json. See README.md for the design.
 # Run it in the background, detached, one stage at a time:
-#   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh pilot > pilot.log 2>&1 &
+#   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh dev > dev.log 2>&1 &
+# Order from stage 2 on: dev; save dev; register (commit both); confirm, with
+# `save confirm` and a commit before every session ends (it resumes from them);
+# best-of-n; humaneval; save each. After changing this file or the pipeline, run
+# `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root: every path below is relative to it
 HERE=${STUDY:-docs/results/qwen2.5-coder-1.5b-math-study}  # where results are committed
