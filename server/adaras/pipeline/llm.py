@@ -224,7 +224,9 @@ def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object
                     job = queue.popleft()
                     job.params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate
                     rid = f"adaras-job-{next(_REQUEST_IDS)}"
-                    engine.add_request(rid, {"prompt_token_ids": job.prompt}, job.params)
+                    # rendered as LLM.generate does (vLLM 0.32 deprecates raw prompt dicts)
+                    (prompt,) = engine.renderer.render_cmpl([{"prompt_token_ids": job.prompt}])
+                    engine.add_request(rid, prompt, job.params)
                     in_flight[rid] = job
                     submitted.append(rid)
                 for out in engine.step():
