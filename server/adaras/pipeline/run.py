@@ -158,12 +158,11 @@ class Run:
         results = manifest["stages"].setdefault(self.current_stage, {}).setdefault("results", {})
         earlier = results.setdefault("throughput", {}).get(label)
         if earlier:  # a resumed stage: the work of every attempt together
-            meter = {k: earlier.get(k, 0) + meter.get(k, 0)
-                     for k in ("requests", "prompt_tokens", "generated_tokens", "seconds")}
-            s = max(meter["seconds"], 1e-9)
-            meter.update(seconds=round(meter["seconds"], 2),
-                         generated_tok_s=round(meter["generated_tokens"] / s, 1),
-                         prompt_tok_s=round(meter["prompt_tokens"] / s, 1))
+            from adaras.pipeline.llm import Meter
+
+            meter = Meter(**{k: earlier.get(k, 0) + meter.get(k, 0)
+                             for k in ("requests", "prompt_tokens", "generated_tokens",
+                                       "seconds")}).to_dict()
         results["throughput"][label] = meter
         self._write(manifest)
 
