@@ -23,7 +23,7 @@ import torch
 from adaras.pipeline.capture import load_parts
 from adaras.pipeline.collect import CollectArgs, collect
 from adaras.pipeline.data import load_problems
-from adaras.pipeline.evaluate import EvalArgs, evaluate
+from adaras.pipeline.evaluate import EvalArgs, evaluate, expected_calibration_error
 from adaras.pipeline.identify import IdentifyArgs, identify
 from adaras.pipeline.llm import EngineOptions, open_engine
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
@@ -285,7 +285,7 @@ def test_the_answer_probe_is_a_second_head_read_after_the_prompt(run, engine, ti
 
 
 def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, engine, trained,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
     """--answer-probe: every arm (the baseline too) reports each answer's
     answer p_fail, in outcomes.jsonl and per arm in results and report; the
     answers are those of a run without it."""
@@ -293,18 +293,25 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
                                           target="answer"), engine)  # done above: resumed
     data = tmp_path / "probe.jsonl"
     write_problems(data, 6, offset=300)
-    args = dict(dataset=str(data), problems=6, modes=["baseline", "always"], max_tokens=12,
-                bootstrap=100, profile=str(path))
+    args = dict(dataset=str(data), problems=6, modes=["baseline", "always", "adaptive"],
+                max_tokens=12, bootstrap=100, profile=str(path))
     probed = Run(tmp_path / "probed")
     results = evaluate(probed, EvalArgs(**args, answer_probe=True), engine)
     plain = evaluate(Run(tmp_path / "plain"), EvalArgs(**args), engine)
     outcomes = read_jsonl(probed.root / "eval" / "outcomes.jsonl")
-    assert len(outcomes) == 12 and all(0 < o["answer_p_fail"] < 1 for o in outcomes)
-    for name in ("baseline", "always"):
+    assert len(outcomes) == 18 and all(0 < o["answer_p_fail"] < 1 for o in outcomes)
+    prompt_p = {o["problem"]: o["p_fail"] for o in outcomes if o["arm"] == "adaptive"}
+    for name in ("baseline", "always", "adaptive"):
         a = results["configs"][name]["answer_probe"]
         assert a["answers"] == 6 and a["mean"] == pytest.approx(np.mean(
             [o["answer_p_fail"] for o in outcomes if o["arm"] == name]))
         assert "answer_probe" not in plain["configs"][name]
+        # beside it, the prompt predictor's p_fail of the same problems (from the gate's arm)
+        mine = [o for o in outcomes if o["arm"] == name]
+        wrong = np.array([not o["correct"] for o in mine], dtype=float)
+        assert a["prompt"]["answers"] == 6 and a["prompt"]["calibration"]["ece"] == \
+            pytest.approx(expected_calibration_error(
+                wrong, np.array([prompt_p[o["problem"]] for o in mine]))["ece"])
     assert "## Answer probe" in (probed.root / "eval" / "report.md").read_text()
     got = {(r["config"], r["problem"]): r["completion"]
            for r in read_jsonl(probed.root / "eval" / "generations.jsonl")}
@@ -334,6 +341,13 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
     assert bon["reference"] == "greedy" and bon["methods"]["greedy"]["problems"] == 4
     base = {o["problem"]: o["correct"] for o in outcomes if o["arm"] == "baseline"}
     assert bon["methods"]["greedy"]["accuracy"] == pytest.approx(np.mean([base[i] for i in by]))
+    # resumed with every sample in place (a results rerun on a new machine): no engine
+    import adaras.pipeline.best_of_n as bon_module
+
+    monkeypatch.setattr(bon_module, "open_engine", _no_engine)
+    again = best_of_n(probed, BestOfNArgs(profile=str(path), problems=4, samples=3, ks=[2, 3],
+                                          temperature=1.0, max_tokens=10, bootstrap=50), engine)
+    assert again["methods"] == bon["methods"]
 
 
 def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path):
@@ -354,7 +368,11 @@ def test_a_baseline_alone_needs_no_profile_and_reports_lengths(engine, tmp_path)
                                                    modes=["always"]), engine)
 
 
-def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
+def _no_engine(*args, **kwargs):
+    raise AssertionError("the engine must not start: nothing is left to generate")
+
+
+def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path, monkeypatch):
     data = tmp_path / "eval.jsonl"
     write_problems(data, 8, offset=100)
     near = tmp_path / "near.json"  # the near-duplicate file's format; t101 is in the noise arm
@@ -430,9 +448,12 @@ def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path):
     assert "paired bootstrap 95% CI" in report and "| adaptive |" in report
     for name in ("accuracy.png", "sweep-alpha.png", "sweep-k.png"):
         assert (run.root / "eval" / name).exists()
-    # resuming generates nothing new
+    # resuming generates nothing new, and with every answer in place starts no engine
+    import adaras.pipeline.evaluate as ev
+
+    monkeypatch.setattr(ev, "open_engine", _no_engine)
     n = len(rows)
-    evaluate(run, args, engine)
+    assert evaluate(run, args, engine)["configs"] == again["configs"]
     assert len(read_jsonl(run.root / "eval" / "generations.jsonl")) == n
 
 

@@ -15,6 +15,7 @@ from adaras.pipeline.collect import CollectArgs, pair, write_problems
 from adaras.pipeline.data import Problem
 from adaras.pipeline.evaluate import (
     EvalArgs,
+    answer_probe_metrics,
     evaluate,
     expected_calibration_error,
     mcnemar_p,
@@ -180,6 +181,46 @@ def test_expected_calibration_error():
     assert expected_calibration_error(y, p)["ece"] < 0.02
     bins = expected_calibration_error(y, p)["bins"]
     assert sum(b[2] for b in bins) == 20000
+
+
+def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_answers():
+    """Issue 19's held-out numbers: AUROC and ECE of answer p_fail with bootstrap
+    CIs, the prompt p_fail's on the same answers, and the paired AUROC gain."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    n = 400
+    correct = rng.random(n) < 0.4
+    wrong = ~correct
+    answer = np.clip(0.5 + 0.35 * np.where(wrong, 1, -1) + rng.normal(0, 0.2, n), 0.01, 0.99)
+    prompt = np.clip(0.5 + 0.1 * np.where(wrong, 1, -1) + rng.normal(0, 0.25, n), 0.01, 0.99)
+    prompt[:10] = np.nan  # problems whose prompt p_fail nobody reported
+    rows = [{"steering": {"answer_failure_probability": float(a)}} for a in answer]
+    rows[-1] = {"steering": {"answer_failure_probability": None}}  # a one-token answer
+    got = answer_probe_metrics(rows, correct, seed=0, prompt_p=prompt, n=500)
+    read = np.r_[np.ones(n - 1, bool), False]
+    both = read & ~np.isnan(prompt)
+    assert got["answers"] == n - 1 and got["unread"] == 1 and got["prompt"]["answers"] == n - 11
+    # each number is the plain statistic on the answers both heads read ...
+    want_answer = roc_auc_score(wrong[both], answer[both])
+    want_prompt = roc_auc_score(wrong[both], prompt[both])
+    assert got["auroc"] == pytest.approx(want_answer)
+    assert got["prompt"]["auroc"] == pytest.approx(want_prompt)
+    assert got["calibration"]["ece"] == pytest.approx(
+        expected_calibration_error(wrong[both].astype(float), answer[both])["ece"])
+    assert got["auroc_gain"] == pytest.approx(want_answer - want_prompt)
+    # ... inside its bootstrap CI; the gain's paired CI excludes 0 for a clearly better head
+    for m, key in [(got, "auroc"), (got["prompt"], "auroc"), (got, "auroc_gain")]:
+        assert m[f"{key}_ci95"][0] <= m[key] <= m[f"{key}_ci95"][1]
+    for m in (got, got["prompt"]):
+        assert m["ece_ci95"][0] <= m["calibration"]["ece"] <= m["ece_ci95"][1]
+    assert got["auroc_gain_ci95"][0] > 0
+    # the same head twice: no gain, and the paired CI is exactly zero
+    same = answer_probe_metrics(rows, correct, seed=0, prompt_p=answer, n=200)
+    assert same["auroc_gain"] == 0 and same["auroc_gain_ci95"] == [0.0, 0.0]
+    # one class: calibration only, no AUROC; no prompt p_fail: nothing beside it
+    alone = answer_probe_metrics(rows, np.ones(n, bool), seed=0, n=50)
+    assert "auroc" not in alone and "prompt" not in alone and "ece_ci95" in alone
 
 
 def _screen_results(rows):

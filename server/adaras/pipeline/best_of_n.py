@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from adaras.pipeline.collect import read_problems, sample_jobs, write_problems
+from adaras.pipeline.collect import read_problems, sample_jobs, sample_key, write_problems
 from adaras.pipeline.data import build_messages
 from adaras.pipeline.evaluate import paired_bootstrap
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import model_shape
-from adaras.pipeline.llm import EngineOptions, open_engine, prompt_ids, run_jobs
+from adaras.pipeline.llm import EngineOptions, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
 
@@ -74,13 +74,16 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
                    restart=restart) as out:
         problems = read_problems(source)[:args.problems]
         write_problems(out / "problems.jsonl", problems)
-        llm = open_engine(engine)
-        from adaras.engine import load_profile
+        path, meter = out / "samples.jsonl", Meter().to_dict()
+        done = {r["key"] for r in read_jsonl(path)}
+        if any(sample_key(p.id, s) not in done for p in problems for s in range(args.samples)):
+            llm = open_engine(engine)  # a resumed stage with every sample in place starts none
+            from adaras.engine import load_profile
 
-        load_profile(llm, "main", str(args.profile))
-        tok = llm.get_tokenizer()
-        prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-        meter = generate(llm, problems, prompts, args, out / "samples.jsonl", engine.chunk)
+            load_profile(llm, "main", str(args.profile))
+            tok = llm.get_tokenizer()
+            prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
+            meter = generate(llm, problems, prompts, args, path, engine.chunk)
         run.record_throughput("generate", meter)
         greedy = greedy_outcomes(run.root / args.problems_from / "outcomes.jsonl")
         results = summarize(out, problems, greedy, args)

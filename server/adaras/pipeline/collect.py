@@ -100,6 +100,10 @@ def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk
                      "greedy answers", chunk)
 
 
+def sample_key(problem: str, sample: int) -> str:
+    return f"{problem}#{sample}"
+
+
 def sample_jobs(problems, prompts, samples: int, seed: int, done: set[str],
                 **params) -> tuple[dict[str, tuple[Problem, int]], list[Job]]:
     """`samples` draws per problem, keyed `<id>#<s>`, each with its own seed
@@ -110,7 +114,7 @@ def sample_jobs(problems, prompts, samples: int, seed: int, done: set[str],
     by_key, jobs = {}, []
     for p in problems:
         for s in range(samples):
-            key = f"{p.id}#{s}"
+            key = sample_key(p.id, s)
             by_key[key] = (p, s)
             if key not in done:
                 jobs.append(Job(key, prompts[p.id], SamplingParams(

@@ -36,7 +36,7 @@ from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import model_shape
-from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
+from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.profile import SteeringProfile
 
@@ -113,9 +113,6 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                          "or drop 'adaptive' from --modes")
     if args.ks and any(k < 1 or k > profile.k for k in args.ks):
         raise ValueError(f"--k values must be in 1..{profile.k} (the profile's K), got {args.ks}")
-    # a resumed stage keeps the registration it was first given (and its date)
-    earlier = None if restart else ((run.stage_entry(args.stage) or {}).get("results")
-                                    or {}).get("preregistered")
     with run.stage(args.stage, {**vars(args), "profile": str(source), "engine": engine.to_dict()},
                    restart=restart) as out:
         # never evaluate on a problem the profile or the predictor was built
@@ -126,19 +123,25 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                                           exclude=used)
         write_problems(out / "problems.jsonl", problems)
         if args.primary is not None or args.registration:  # before any answer is generated
+            # a resumed stage keeps the registration it was first given (and its date)
+            earlier = (run.stage_entry(args.stage).get("results") or {}).get("preregistered")
             run.record(args.stage, preregistered=earlier
                        or preregistration(args, profile, len(problems)))
         profiles = write_profiles(out, profile, args) if profile else {}
         configs = build_configs(profile, profiles, args)
-        llm = open_engine(engine)
-        from adaras.engine import load_profile
+        todo = pending(configs, problems, args, out / "generations.jsonl")
+        meter = Meter().to_dict()
+        if todo:  # a resumed stage with every answer in place starts no engine
+            llm = open_engine(engine)
+            from adaras.engine import load_profile
 
-        for name, path in profiles.items():
-            load_profile(llm, name, str(path))
-        tok = llm.get_tokenizer()
-        prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-        meter = generate_all(llm, problems, prompts, configs, args, out / "generations.jsonl",
-                             engine.chunk)
+            for name, path in profiles.items():
+                load_profile(llm, name, str(path))
+            tok = llm.get_tokenizer()
+            prompts = {p.id: prompt_ids(tok, build_messages(p))
+                       for p in {p.id: p for _, _, p in todo}.values()}
+            meter = generate_all(llm, todo, prompts, configs, args, out / "generations.jsonl",
+                                 engine.chunk)
         results = summarize(out, problems, configs, args)
         if excluded is not None:  # e.g. near-duplicates of training problems
             dropped_here = sorted(excluded & {p.id for p in problems})
@@ -305,23 +308,25 @@ def build_configs(profile: SteeringProfile, profiles: dict, args: EvalArgs) -> d
     return configs
 
 
-def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path,
-                 chunk: int) -> dict:
-    """Generate every (config, problem) not yet in `path`; returns the
-    throughput of this call (see run_jobs)."""
+def pending(configs, problems, args: EvalArgs, path: Path) -> list[tuple[str, str, Problem]]:
+    """(key, config, problem) of every job not yet answered in `path`, in
+    submission order: config by config, each in its config_problems order."""
+    done = {r["key"] for r in read_jsonl(path)}
+    return [(key, name, p) for name in configs for p in config_problems(name, problems, args)
+            if (key := f"{name}|{p.id}") not in done]
+
+
+def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, args: EvalArgs,
+                 path: Path, chunk: int) -> dict:
+    """Generate the `todo` jobs (see `pending`), appending each answer to
+    `path`; returns the throughput of this call (see run_jobs)."""
     from vllm import SamplingParams
 
-    done = {r["key"] for r in read_jsonl(path)}
-    by_key, jobs = {}, []
-    for name, steering in configs.items():
-        extra = {"steering": steering} if steering else None
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, extra_args=extra)
-        arm = config_problems(name, problems, args)
-        for p in arm:
-            key = f"{name}|{p.id}"
-            by_key[key] = (name, p)
-            if key not in done:
-                jobs.append(Job(key, prompts[p.id], params))
+    params = {name: SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                   extra_args={"steering": steering} if steering else None)
+              for name, steering in configs.items()}
+    by_key = {key: (name, p) for key, name, p in todo}
+    jobs = [Job(key, prompts[p.id], params[name]) for key, name, p in todo]
 
     def on_done(results):
         probs = [by_key[j.key][1] for j, _, _ in results]
@@ -334,7 +339,7 @@ def generate_all(llm, problems, prompts, configs, args: EvalArgs, path: Path,
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
     return run_jobs(llm, jobs, on_done,
-                    f"evaluate {len(configs)} configs x {len(problems)} problems", chunk)
+                    f"evaluate {len(configs)} configs: {len(jobs)} answers", chunk)
 
 
 def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0) -> list[float]:
@@ -442,6 +447,10 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
     table = {(r["config"], r["problem"]): r for r in rows}
     write_outcomes(out, rows, configs)
     results = {"problems": len(ids), "configs": {}}
+    # the prompt predictor's p_fail of each problem (a function of the prompt alone,
+    # reported by the arms that run the gate), to set beside the answer probe's
+    prompt_p = {r["problem"]: r["steering"]["failure_probability"] for r in rows
+                if (r.get("steering") or {}).get("failure_probability") is not None}
     for name, steering in configs.items():
         arm = [p.id for p in config_problems(name, problems, args)]
         arm_set = set(arm)
@@ -451,15 +460,13 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
         got = [table[(name, i)] for i in sub]
         correct = np.array([r["correct"] for r in got])
         applied = [bool(r["steering"].get("applied")) for r in got if r["steering"]]
+        vs = compare(table, sub, name, "baseline", args.bootstrap)
         entry = {
             "steering": steering, "problems": len(sub),
             "accuracy": float(correct.mean()),
             "accuracy_ci95": wilson_ci(int(correct.sum()), len(sub)),
-            "delta": float(correct.mean() - base.mean()),
-            "ci95": paired_bootstrap(base, correct, args.bootstrap) if name != "baseline"
-            else [0.0, 0.0],
-            "mcnemar_p": mcnemar_p(base, correct),
-            "fixed": int((correct & ~base).sum()), "broken": int((~correct & base).sum()),
+            **{k: vs[k] for k in ("delta", "ci95", "mcnemar_p")},
+            "fixed": vs["only_a"], "broken": vs["only_b"],
             # the final answer differs from the baseline's (not only its correctness)
             "changed": float(np.mean([r["extracted"] != b for r, b in zip(got, base_answers)])),
             "mean_tokens": float(np.mean([r["tokens"] for r in got])),
@@ -485,7 +492,10 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
                 entry["youden_threshold"] = youden_threshold(wrong.astype(int), p_fail)
             entry["calibration"] = expected_calibration_error(wrong.astype(float), p_fail)
         if steering and steering.get("answer_probe"):
-            entry["answer_probe"] = answer_probe_metrics(got, correct, args.seed)
+            entry["answer_probe"] = answer_probe_metrics(
+                got, correct, args.seed,
+                np.array([prompt_p.get(i, np.nan) for i in sub], dtype=float)
+                if prompt_p else None)
         results["configs"][name] = entry
     if args.secondary:
         a, b = args.secondary.split(",")
@@ -522,22 +532,69 @@ def read_ids(path: str) -> set[str]:
     return set(data)
 
 
-def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int) -> dict:
+def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
+                         prompt_p: np.ndarray | None = None, n: int = 2000) -> dict:
     """How well the answer head's p_fail tells this arm's wrong answers from
-    its right ones: AUROC (bootstrap 95% CI) and ECE, over the answers it
-    read (a one-token answer has no position to read)."""
-    from adaras.pipeline.train import auroc, bootstrap_auroc
-
+    its right ones: AUROC and ECE, each with a bootstrap 95% CI over the
+    answers it read (a one-token answer has no position to read). With
+    `prompt_p` (the prompt predictor's p_fail of each row's problem, nan where
+    unknown), the prompt p_fail on the same answers beside it, and the paired
+    CI of the AUROC gain (answer minus prompt) from the same resamples."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     read = ~np.isnan(p)
-    wrong = (~correct[read]).astype(int)
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
            "mean": float(p[read].mean()) if read.any() else None}
-    if wrong.any() and (1 - wrong).any():
-        out["auroc"] = auroc(wrong, p[read])
-        out["auroc_ci95"] = bootstrap_auroc(wrong, p[read], seed=seed)
-    out["calibration"] = expected_calibration_error(wrong.astype(float), p[read])
+    heads = {"answer": p}
+    if prompt_p is not None:
+        read &= ~np.isnan(prompt_p)  # paired: only answers both heads read
+        heads["prompt"] = prompt_p
+    wrong = ~correct[read]
+    stats = probe_quality(wrong, {h: q[read] for h, q in heads.items()}, seed, n)
+    out.update(stats.pop("answer"))
+    if prompt_p is not None:
+        out["prompt"] = {"answers": int(read.sum()), **stats["prompt"]}
+        if "auroc_gain_ci95" in stats:
+            out["auroc_gain"] = out["auroc"] - out["prompt"]["auroc"]
+            out["auroc_gain_ci95"] = stats["auroc_gain_ci95"]
+    return out
+
+
+def probe_quality(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
+                  n: int = 2000) -> dict:
+    """For each head's p_fail of the same answers: AUROC against `wrong` and
+    ECE, each with a bootstrap 95% CI over answers (resamples with one class
+    skipped for AUROC); with two heads, the CI of the first's AUROC minus the
+    second's, on the same resamples (paired)."""
+    from adaras.pipeline.train import auroc
+
+    y = wrong.astype(int)
+    out = {h: {"calibration": expected_calibration_error(y.astype(float), q)}
+           for h, q in heads.items()}
+    if not y.size:
+        return out
+    rng = np.random.default_rng(seed)
+    draws = {h: {"auroc": [], "ece": []} for h in heads}
+    gains = []
+    for _ in range(n):
+        i = rng.integers(0, y.size, y.size)
+        aucs = [auroc(y[i], q[i]) for q in heads.values()]
+        for h, q, a in zip(heads, heads.values(), aucs):
+            draws[h]["ece"].append(expected_calibration_error(y[i].astype(float), q[i])["ece"])
+            if a is not None:
+                draws[h]["auroc"].append(a)
+        if len(aucs) == 2 and None not in aucs:
+            gains.append(aucs[0] - aucs[1])
+
+    def ci(values):
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    for h, q in heads.items():
+        out[h]["ece_ci95"] = ci(draws[h]["ece"])
+        if (a := auroc(y, q)) is not None:
+            out[h].update(auroc=a, auroc_ci95=ci(draws[h]["auroc"]))
+    if gains and all("auroc" in out[h] for h in heads):
+        out["auroc_gain_ci95"] = ci(gains)
     return out
 
 
@@ -631,15 +688,31 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
     if probed:
         lines += ["", "## Answer probe", "", "The profile's answer head on each arm's own "
                   "answers (its features read in the engine while they decoded), against "
-                  "their being wrong.", "",
-                  "| config | answers read | AUROC | bootstrap 95% CI | ECE | mean p_fail |",
-                  "|---|---|---|---|---|---|"]
+                  "their being wrong; beside it, the prompt predictor's p_fail of the same "
+                  "answers' problems (read from the prompt alone, by the arms that run the "
+                  "gate), and the answer head's AUROC gain over it. 95% CIs: bootstrap over "
+                  "answers, the gain's paired.", "",
+                  "| config | answers read | AUROC | ECE | mean p_fail | prompt AUROC "
+                  "| prompt ECE | AUROC gain |", "|---|---|---|---|---|---|---|---|"]
+
+        def value(m: dict, key: str, fmt: str = ".3f") -> str:  # "0.812 (0.770 to 0.850)"
+            if m.get(key) is None:  # not computed (one class, or no prompt p_fail)
+                return ""
+            ci = m.get(f"{key}_ci95")
+            return (format(m[key], fmt)
+                    + (f" ({format(ci[0], fmt)} to {format(ci[1], fmt)})" if ci else ""))
+
         for name, a in probed:
-            ci = a.get("auroc_ci95") or [float("nan")] * 2
-            auc = f"{a['auroc']:.3f}" if a.get("auroc") is not None else ""
+            cal = {"ece": a["calibration"]["ece"], "ece_ci95": a.get("ece_ci95")}
+            pr = a.get("prompt") or {}
+            pcal = ({"ece": pr["calibration"]["ece"], "ece_ci95": pr.get("ece_ci95")}
+                    if pr else {})
+            gain = ({"g": a["auroc_gain"], "g_ci95": a["auroc_gain_ci95"]}
+                    if "auroc_gain" in a else {})
             mean = f"{a['mean']:.3f}" if a.get("mean") is not None else ""
-            lines.append(f"| {name} | {a['answers']} | {auc} | {ci[0]:.3f}-{ci[1]:.3f} | "
-                         f"{a['calibration']['ece']:.3f} | {mean} |")
+            lines.append(f"| {name} | {a['answers']} | {value(a, 'auroc')} | "
+                         f"{value(cal, 'ece')} | {mean} | {value(pr, 'auroc')} | "
+                         f"{value(pcal, 'ece')} | {value(gain, 'g', '+.3f')} |")
     wo = results.get("without")
     if wo:
         lines += ["", f"## Without {len(wo['excluded'])} problems listed in `{wo['file']}`", "",
