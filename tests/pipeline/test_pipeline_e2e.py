@@ -453,8 +453,12 @@ def test_eval_modes_sweeps_and_the_gate(run, engine, trained, tmp_path, monkeypa
 
     monkeypatch.setattr(ev, "open_engine", _no_engine)
     n = len(rows)
-    assert evaluate(run, args, engine)["configs"] == again["configs"]
+    final = evaluate(run, args, engine)
+    assert final["configs"] == again["configs"]
     assert len(read_jsonl(run.root / "eval" / "generations.jsonl")) == n
+    # its results still count the work of the attempt that generated the answers
+    assert final["throughput"]["requests"] == n
+    assert final["throughput"]["generated_tokens"] == sum(r["tokens"] for r in rows)
 
 
 def test_cli_runs_a_stage_and_reports_bad_input(run, engine, trained, tmp_path):

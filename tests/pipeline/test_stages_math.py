@@ -179,11 +179,17 @@ def test_run_manifest_records_and_refuses_other_arguments(tmp_path):
         run.record("collect", answers=3)
         run.record_throughput("generate", meter)
     with run.stage("collect", {"a": 2, "new_option": None}):
-        run.record_throughput("generate", {**meter, "generated_tokens": 300, "seconds": 30.0})
+        total = run.record_throughput("generate", {**meter, "generated_tokens": 300,
+                                                   "seconds": 30.0})
     entry = run.stage_entry("collect")
     assert entry["attempts"] == 2 and entry["results"]["answers"] == 3  # kept on resume
     tp = entry["results"]["throughput"]["generate"]  # both attempts' work together
     assert tp["requests"] == 6 and tp["generated_tokens"] == 400 and tp["generated_tok_s"] == 10.0
+    assert total == tp  # what the stage writes into its results.json
+    with run.stage("collect", {"a": 2}):  # a third attempt with nothing left to generate
+        idle = run.record_throughput("generate", {**meter, "requests": 0,
+                                                  "generated_tokens": 0, "seconds": 0.0})
+    assert idle == tp == run.stage_entry("collect")["results"]["throughput"]["generate"]
     with pytest.raises(StageArgsChanged, match="newer"):
         with run.stage("collect", {"a": 2, "newer": 0}):
             pass

@@ -84,7 +84,7 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
             tok = llm.get_tokenizer()
             prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
             meter = generate(llm, problems, prompts, args, path, engine.chunk)
-        run.record_throughput("generate", meter)
+        meter = run.record_throughput("generate", meter)  # every attempt's, on a resume
         greedy = greedy_outcomes(run.root / args.problems_from / "outcomes.jsonl")
         results = summarize(out, problems, greedy, args)
         results["throughput"] = meter

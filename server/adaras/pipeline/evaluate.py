@@ -148,7 +148,7 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
             keep = {p.id for p in problems} - excluded
             results["without"] = {"file": args.also_without, "excluded": dropped_here,
                                   **summarize(out, problems, configs, args, keep=keep)}
-        run.record_throughput("generate", meter)
+        meter = run.record_throughput("generate", meter)  # every attempt's, on a resume
         if profile is not None:
             alpha = profile.default_alpha if args.alpha is None else args.alpha
             results.update({"alpha": alpha, "dose_in_sigma": profile.dose_in_sigma(alpha),

@@ -149,14 +149,18 @@ class Run:
             manifest["stages"][stage] = entry
             self._write(manifest)
 
-    def record_throughput(self, label: str, meter: dict) -> None:
+    def record_throughput(self, label: str, meter: dict) -> dict:
         """Record an engine call's throughput (pipeline.llm.Meter) under the
-        running stage's results["throughput"][label]."""
-        if getattr(self, "current_stage", None) is None or not meter.get("requests"):
-            return
+        running stage's results["throughput"][label], summed with what earlier
+        attempts of a resumed stage recorded there. Returns that total (the
+        call's own meter when there is no running stage)."""
+        if getattr(self, "current_stage", None) is None:
+            return meter
         manifest = self.manifest()
         results = manifest["stages"].setdefault(self.current_stage, {}).setdefault("results", {})
         earlier = results.setdefault("throughput", {}).get(label)
+        if not meter.get("requests"):  # this attempt generated nothing: nothing to add
+            return earlier or meter
         if earlier:  # a resumed stage: the work of every attempt together
             from adaras.pipeline.llm import Meter
 
@@ -165,6 +169,7 @@ class Run:
                                        "seconds")}).to_dict()
         results["throughput"][label] = meter
         self._write(manifest)
+        return meter
 
     def record(self, stage: str, **results) -> None:
         """Add result numbers to a stage's manifest entry."""
