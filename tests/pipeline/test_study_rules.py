@@ -201,13 +201,15 @@ def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_an
     read = np.r_[np.ones(n - 1, bool), False]
     both = read & ~np.isnan(prompt)
     assert got["answers"] == n - 1 and got["unread"] == 1 and got["prompt"]["answers"] == n - 11
-    # each number is the plain statistic on the answers both heads read ...
+    # each number is the plain statistic: the head's own on every answer it read, the
+    # comparison on the answers both heads read ...
+    assert got["auroc"] == pytest.approx(roc_auc_score(wrong[read], answer[read]))
+    assert got["calibration"]["ece"] == pytest.approx(
+        expected_calibration_error(wrong[read].astype(float), answer[read])["ece"])
     want_answer = roc_auc_score(wrong[both], answer[both])
     want_prompt = roc_auc_score(wrong[both], prompt[both])
-    assert got["auroc"] == pytest.approx(want_answer)
     assert got["prompt"]["auroc"] == pytest.approx(want_prompt)
-    assert got["calibration"]["ece"] == pytest.approx(
-        expected_calibration_error(wrong[both].astype(float), answer[both])["ece"])
+    assert got["prompt"]["answer_auroc"] == pytest.approx(want_answer)
     assert got["auroc_gain"] == pytest.approx(want_answer - want_prompt)
     # ... inside its bootstrap CI; the gain's paired CI excludes 0 for a clearly better head
     for m, key in [(got, "auroc"), (got["prompt"], "auroc"), (got, "auroc_gain")]:

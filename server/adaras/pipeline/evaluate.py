@@ -142,13 +142,14 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
                        for p in {p.id: p for _, _, p in todo}.values()}
             meter = generate_all(llm, todo, prompts, configs, args, out / "generations.jsonl",
                                  engine.chunk)
+        # recorded before anything that may fail; on a resume, every attempt's work
+        meter = run.record_throughput("generate", meter)
         results = summarize(out, problems, configs, args)
         if excluded is not None:  # e.g. near-duplicates of training problems
             dropped_here = sorted(excluded & {p.id for p in problems})
             keep = {p.id for p in problems} - excluded
             results["without"] = {"file": args.also_without, "excluded": dropped_here,
                                   **summarize(out, problems, configs, args, keep=keep)}
-        meter = run.record_throughput("generate", meter)  # every attempt's, on a resume
         if profile is not None:
             alpha = profile.default_alpha if args.alpha is None else args.alpha
             results.update({"alpha": alpha, "dose_in_sigma": profile.dose_in_sigma(alpha),
@@ -495,7 +496,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             entry["answer_probe"] = answer_probe_metrics(
                 got, correct, args.seed,
                 np.array([prompt_p.get(i, np.nan) for i in sub], dtype=float)
-                if prompt_p else None)
+                if prompt_p else None, n=min(args.bootstrap, 2000))
         results["configs"][name] = entry
     if args.secondary:
         a, b = args.secondary.split(",")
@@ -535,37 +536,38 @@ def read_ids(path: str) -> set[str]:
 def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
                          prompt_p: np.ndarray | None = None, n: int = 2000) -> dict:
     """How well the answer head's p_fail tells this arm's wrong answers from
-    its right ones: AUROC and ECE, each with a bootstrap 95% CI over the
+    its right ones: AUROC and ECE, each with a bootstrap 95% CI, over the
     answers it read (a one-token answer has no position to read). With
     `prompt_p` (the prompt predictor's p_fail of each row's problem, nan where
-    unknown), the prompt p_fail on the same answers beside it, and the paired
-    CI of the AUROC gain (answer minus prompt) from the same resamples."""
+    unknown), `prompt`: both heads on the answers both read (their own count),
+    the prompt p_fail's AUROC and ECE and the answer head's AUROC gain over
+    it, with a paired CI (the same resamples for both heads)."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     read = ~np.isnan(p)
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
-           "mean": float(p[read].mean()) if read.any() else None}
-    heads = {"answer": p}
+           "mean": float(p[read].mean()) if read.any() else None,
+           **probe_quality(~correct[read], {"answer": p[read]}, seed, n)["answer"]}
     if prompt_p is not None:
-        read &= ~np.isnan(prompt_p)  # paired: only answers both heads read
-        heads["prompt"] = prompt_p
-    wrong = ~correct[read]
-    stats = probe_quality(wrong, {h: q[read] for h, q in heads.items()}, seed, n)
-    out.update(stats.pop("answer"))
-    if prompt_p is not None:
-        out["prompt"] = {"answers": int(read.sum()), **stats["prompt"]}
-        if "auroc_gain_ci95" in stats:
-            out["auroc_gain"] = out["auroc"] - out["prompt"]["auroc"]
-            out["auroc_gain_ci95"] = stats["auroc_gain_ci95"]
+        both = read & ~np.isnan(prompt_p)
+        pair = probe_quality(~correct[both], {"answer": p[both], "prompt": prompt_p[both]},
+                             seed, n)
+        out["prompt"] = {"answers": int(both.sum()), **pair["prompt"]}
+        if "auroc_gain_ci95" in pair:
+            out["prompt"]["answer_auroc"] = pair["answer"]["auroc"]  # on these answers
+            out["auroc_gain"] = pair["answer"]["auroc"] - pair["prompt"]["auroc"]
+            out["auroc_gain_ci95"] = pair["auroc_gain_ci95"]
     return out
 
 
 def probe_quality(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
                   n: int = 2000) -> dict:
     """For each head's p_fail of the same answers: AUROC against `wrong` and
-    ECE, each with a bootstrap 95% CI over answers (resamples with one class
-    skipped for AUROC); with two heads, the CI of the first's AUROC minus the
-    second's, on the same resamples (paired)."""
+    ECE, each with a percentile bootstrap 95% CI over answers (resamples with
+    one class skipped for AUROC); with two heads, the CI of the first's AUROC
+    minus the second's, on the same resamples (paired). Resampling adds noise,
+    which only raises ECE, so the ECE interval sits high: for a well-calibrated
+    head the point estimate lies near its lower end or below it."""
     from adaras.pipeline.train import auroc
 
     y = wrong.astype(int)
@@ -690,8 +692,10 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   "answers (its features read in the engine while they decoded), against "
                   "their being wrong; beside it, the prompt predictor's p_fail of the same "
                   "answers' problems (read from the prompt alone, by the arms that run the "
-                  "gate), and the answer head's AUROC gain over it. 95% CIs: bootstrap over "
-                  "answers, the gain's paired.", "",
+                  "gate) and the answer head's AUROC gain over it, both on the answers that "
+                  "both heads read. 95% CIs: percentile bootstrap over answers, the gain's "
+                  "paired; ECE's interval sits high (resampling only adds miscalibration).",
+                  "",
                   "| config | answers read | AUROC | ECE | mean p_fail | prompt AUROC "
                   "| prompt ECE | AUROC gain |", "|---|---|---|---|---|---|---|---|"]
 
