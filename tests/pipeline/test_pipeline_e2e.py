@@ -23,10 +23,11 @@ import torch
 from adaras.pipeline.capture import load_parts
 from adaras.pipeline.collect import CollectArgs, collect
 from adaras.pipeline.data import load_problems
-from adaras.pipeline.evaluate import EvalArgs, evaluate, expected_calibration_error
+from adaras.pipeline.evaluate import EvalArgs, evaluate
 from adaras.pipeline.identify import IdentifyArgs, identify
 from adaras.pipeline.llm import EngineOptions, open_engine
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
+from adaras.pipeline.stats import expected_calibration_error
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile
 from tests.helpers.tiny import make_tiny_model
@@ -128,9 +129,13 @@ def test_collect_pairs_right_with_wrong_traces_of_the_same_prompt(run):
     assert (out / "accuracy.png").stat().st_size > 0
 
 
-def test_collect_resumes_without_generating_again(run, engine):
+def test_collect_resumes_without_generating_again(run, engine, monkeypatch):
+    import adaras.pipeline.collect as collect_module
+
     before = (run.root / "collect" / "samples.jsonl").read_text()
     args = run.stage_entry("collect")["args"]
+    # every trace in place (a rerun on a new machine with the committed traces): no engine
+    monkeypatch.setattr(collect_module, "open_engine", _no_engine)
     collect(run, CollectArgs(**{k: v for k, v in args.items() if k != "engine"}), engine)
     assert (run.root / "collect" / "samples.jsonl").read_text() == before
     with pytest.raises(StageArgsChanged, match="samples"):
@@ -234,6 +239,11 @@ def test_train_predictor_stores_a_working_predictor_and_threshold(run, trained):
     assert sum(metrics["n"].values()) == N_PROBLEMS
     assert set(metrics["baselines_auroc_test"]) == {"l1_logreg_last_token", "l1_logreg_mean_pool"}
     preds = json.loads((run.root / "train-predictor" / "predictions.json").read_text())
+    test = preds["split"]["test"]
+    y = np.array(preds["label_failure"])[test].astype(float)
+    p = np.array(preds["p_fail"])[test]
+    assert metrics["ece_test"] == pytest.approx(expected_calibration_error(y, p)["ece"])
+    assert metrics["ece_test_ci95"][1] >= metrics["ece_test_ci95"][0] >= 0
     # the stored predictor reproduces the predictions it was evaluated with
     tokens = load_parts(run.root / "capture", next(
         f.name.split("-0")[0] for f in (run.root / "capture").glob("prompt-tokens-*.npz")))

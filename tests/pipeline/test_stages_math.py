@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from adaras.pipeline.capture import load_parts, save_part
-from adaras.pipeline.evaluate import paired_bootstrap, randomize, truncate
+from adaras.pipeline.evaluate import randomize, truncate
 from adaras.pipeline.identify import mean_difference, select
 from adaras.pipeline.run import Run, StageArgsChanged, append_jsonl, read_jsonl
-from adaras.pipeline.train import select_features, split_problems, youden_threshold
+from adaras.pipeline.stats import paired_bootstrap, youden_threshold
+from adaras.pipeline.train import select_features, split_problems
 from adaras.profile import ModelShape, SteeringProfile
 
 L, I = 3, 10
@@ -341,3 +342,18 @@ def test_best_of_n_methods_and_within_problem_auroc():
     # problems with one label only add no pair; pairs never cross problems
     one = (np.array([True, True]), np.array([0.0, 0.0]))
     assert within_problem_auroc([(w, p), one]) == (pytest.approx(0.75), 2)
+
+
+def test_a_resumed_draw_keeps_its_seed():
+    """pending_samples numbers each draw among all of them, so a draw left
+    over by an interrupted stage gets the seed a fresh stage gives it."""
+    from adaras.pipeline.collect import pending_samples
+    from adaras.pipeline.data import Problem
+
+    problems = [Problem(id=f"p{i}", question="q", answer="1", kind="math") for i in range(3)]
+    fresh = pending_samples(problems, 4, set())
+    assert [n for *_, n in fresh] == list(range(1, 13))
+    assert [k for k, *_ in fresh][:5] == ["p0#0", "p0#1", "p0#2", "p0#3", "p1#0"]
+    done = {"p0#0", "p0#3", "p1#1", "p2#2"}
+    resumed = pending_samples(problems, 4, done)
+    assert resumed == [d for d in fresh if d[0] not in done]

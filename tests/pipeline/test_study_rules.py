@@ -17,9 +17,6 @@ from adaras.pipeline.evaluate import (
     EvalArgs,
     answer_probe_metrics,
     evaluate,
-    expected_calibration_error,
-    mcnemar_p,
-    min_detectable_effect,
     other_stage_problems,
     same_norm,
     screen,
@@ -27,6 +24,7 @@ from adaras.pipeline.evaluate import (
 )
 from adaras.pipeline.identify import mean_difference, select, skip_last_layers
 from adaras.pipeline.run import Run, append_jsonl, source_state
+from adaras.pipeline.stats import expected_calibration_error, mcnemar_p, min_detectable_effect
 from adaras.profile import ModelShape, ProfileError, SteeringProfile
 
 from .test_stages_math import I, L, synthetic_means
@@ -130,7 +128,7 @@ def test_the_near_duplicate_file_reads_as_the_test_problems_ids():
 
 
 def test_wilson_interval_matches_the_pilot_table_and_the_closed_form():
-    from adaras.pipeline.evaluate import wilson_ci
+    from adaras.pipeline.stats import wilson_ci
 
     lo, hi = wilson_ci(13, 40)  # stage 0, candidate A: 0.325 [0.20, 0.48]
     assert round(lo, 2) == 0.20 and round(hi, 2) == 0.48
@@ -220,6 +218,14 @@ def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_an
     # the same head twice: no gain, and the paired CI is exactly zero
     same = answer_probe_metrics(rows, correct, seed=0, prompt_p=answer, n=200)
     assert same["auroc_gain"] == 0 and same["auroc_gain_ci95"] == [0.0, 0.0]
+    # the answer head's own numbers, CIs included, do not depend on the head beside it
+    # (every head sees the same resamples): with or without a prompt p_fail for each answer
+    full = np.nan_to_num(prompt, nan=0.5)
+    beside = answer_probe_metrics(rows, correct, seed=0, prompt_p=full, n=300)
+    own = answer_probe_metrics(rows, correct, seed=0, n=300)
+    for key in ("auroc", "auroc_ci95", "ece_ci95", "calibration", "answers", "mean"):
+        assert beside[key] == own[key]
+    assert beside["prompt"]["answers"] == n - 1
     # one class: calibration only, no AUROC; no prompt p_fail: nothing beside it
     alone = answer_probe_metrics(rows, np.ones(n, bool), seed=0, n=50)
     assert "auroc" not in alone and "prompt" not in alone and "ece_ci95" in alone

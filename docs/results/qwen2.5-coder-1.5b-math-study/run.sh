@@ -135,7 +135,7 @@ dev)  # stage 2: 80 validation problems; the confirm run's threshold and MDE, th
 register)  # after dev (and `run.sh save dev`), before confirm: by README's stage-3 rules
   python3 - "$HERE/dev/results.json" "$HERE/confirm-registration.json" "$PROFILE" "$N_CONFIRM" "$N_NOISE" "$MAXTOK" <<'PY'
 import json, sys, time
-from adaras.pipeline.evaluate import min_detectable_effect
+from adaras.pipeline.stats import min_detectable_effect
 from adaras.profile import SteeringProfile
 dev_path, out, profile = sys.argv[1:4]
 n, noise, max_tokens = map(int, sys.argv[4:])

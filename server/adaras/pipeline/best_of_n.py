@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from adaras.pipeline.collect import read_problems, sample_jobs, sample_key, write_problems
+from adaras.pipeline.collect import pending_samples, read_problems, sample_jobs, write_problems
 from adaras.pipeline.data import build_messages
-from adaras.pipeline.evaluate import paired_bootstrap
 from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
+from adaras.pipeline.stats import paired_bootstrap
 from adaras.profile import SteeringProfile
 
 
@@ -75,15 +75,15 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
         problems = read_problems(source)[:args.problems]
         write_problems(out / "problems.jsonl", problems)
         path, meter = out / "samples.jsonl", Meter().to_dict()
-        done = {r["key"] for r in read_jsonl(path)}
-        if any(sample_key(p.id, s) not in done for p in problems for s in range(args.samples)):
-            llm = open_engine(engine)  # a resumed stage with every sample in place starts none
+        todo = pending_samples(problems, args.samples, {r["key"] for r in read_jsonl(path)})
+        if todo:  # a resumed stage with every sample in place starts no engine
+            llm = open_engine(engine)
             from adaras.engine import load_profile
 
             load_profile(llm, "main", str(args.profile))
             tok = llm.get_tokenizer()
             prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-            meter = generate(llm, problems, prompts, args, path, engine.chunk)
+            meter = generate(llm, todo, prompts, args, path, engine.chunk)
         meter = run.record_throughput("generate", meter)  # every attempt's, on a resume
         greedy = greedy_outcomes(run.root / args.problems_from / "outcomes.jsonl")
         results = summarize(out, problems, greedy, args)
@@ -94,12 +94,13 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
         return results
 
 
-def generate(llm, problems, prompts, args: BestOfNArgs, path: Path, chunk: int) -> dict:
+def generate(llm, todo, prompts, args: BestOfNArgs, path: Path, chunk: int) -> dict:
+    """The pending_samples draws `todo`, each asking for the answer head,
+    graded and appended to `path`."""
     steering = {"mode": "off", "profile": "main", "answer_probe": True}
-    by_key, jobs = sample_jobs(problems, prompts, args.samples, args.seed,
-                               {r["key"] for r in read_jsonl(path)},
-                               temperature=args.temperature, top_p=args.top_p,
-                               max_tokens=args.max_tokens, extra_args={"steering": steering})
+    jobs = sample_jobs(todo, prompts, args.seed, temperature=args.temperature, top_p=args.top_p,
+                       max_tokens=args.max_tokens, extra_args={"steering": steering})
+    by_key = {key: (p, s) for key, p, s, _ in todo}
 
     def on_done(results):
         probs = [by_key[j.key][0] for j, _, _ in results]
@@ -112,8 +113,7 @@ def generate(llm, problems, prompts, args: BestOfNArgs, path: Path, chunk: int) 
              "answer_p_fail": rep.get("answer_failure_probability"), "steering": rep}
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
-    return run_jobs(llm, jobs, on_done,
-                    f"{args.samples} samples x {len(problems)} problems (answer probe)", chunk)
+    return run_jobs(llm, jobs, on_done, f"{len(jobs)} samples (answer probe)", chunk)
 
 
 def greedy_outcomes(path: Path) -> dict[str, dict]:

@@ -48,13 +48,19 @@ def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool
         problems, _ = load_distinct(args.dataset, args.problems, seed=args.seed,
                                     difficulty=args.difficulty, options=args.options)
         write_problems(out / "problems.jsonl", problems)
-        llm = open_engine(engine)
-        tok = llm.get_tokenizer()
-        prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-        run.record_throughput("greedy", generate_greedy(
-            llm, problems, prompts, args, out / "greedy.jsonl", engine.chunk))
-        run.record_throughput("samples", generate_samples(
-            llm, problems[:args.probe], prompts, args, out / "samples.jsonl", engine.chunk))
+        greedy, samples = out / "greedy.jsonl", out / "samples.jsonl"
+        done = {r["key"] for r in read_jsonl(greedy)}
+        greedy_todo = [p for p in problems if greedy_key(p.id) not in done]
+        samples_todo = pending_samples(problems[:args.probe], args.samples,
+                                       {r["key"] for r in read_jsonl(samples)})
+        if greedy_todo or samples_todo:  # a resumed stage with every trace in place starts none
+            llm = open_engine(engine)
+            tok = llm.get_tokenizer()
+            prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
+            run.record_throughput("greedy", generate_greedy(
+                llm, greedy_todo, prompts, args, greedy, engine.chunk))
+            run.record_throughput("samples", generate_samples(
+                llm, samples_todo, prompts, args, samples, engine.chunk))
         summary = pair(out, problems, args)
         plot_accuracy(out)
         run.record("collect", **summary)
@@ -89,14 +95,18 @@ def _generate(llm, jobs: list[Job], by_key: dict[str, tuple[Problem, int]], path
     return run_jobs(llm, jobs, on_done, description, chunk)
 
 
-def generate_greedy(llm, problems, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
+def greedy_key(problem: str) -> str:
+    return f"{problem}#greedy"
+
+
+def generate_greedy(llm, todo: list[Problem], prompts, args: CollectArgs, path: Path,
+                    chunk: int) -> dict:
+    """One greedy answer for each problem of `todo`, appended to `path`."""
     from vllm import SamplingParams
 
-    done = {r["key"] for r in read_jsonl(path)}
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=args.stop)
-    jobs = [Job(f"{p.id}#greedy", prompts[p.id], params) for p in problems
-            if f"{p.id}#greedy" not in done]
-    return _generate(llm, jobs, {f"{p.id}#greedy": (p, -1) for p in problems}, path,
+    jobs = [Job(greedy_key(p.id), prompts[p.id], params) for p in todo]
+    return _generate(llm, jobs, {greedy_key(p.id): (p, -1) for p in todo}, path,
                      "greedy answers", chunk)
 
 
@@ -104,30 +114,34 @@ def sample_key(problem: str, sample: int) -> str:
     return f"{problem}#{sample}"
 
 
-def sample_jobs(problems, prompts, samples: int, seed: int, done: set[str],
-                **params) -> tuple[dict[str, tuple[Problem, int]], list[Job]]:
-    """`samples` draws per problem, keyed `<id>#<s>`, each with its own seed
-    (`seed * 100003 + its number`), which makes every trace reproducible and
-    resumable; jobs for the keys not `done`. params: SamplingParams fields."""
-    from vllm import SamplingParams
-
-    by_key, jobs = {}, []
+def pending_samples(problems, samples: int, done: set[str]) -> list[tuple[str, Problem, int, int]]:
+    """`samples` draws per problem, keyed `<id>#<s>`: (key, problem, s, n) of
+    each draw not `done`, in order, where n, the draw's 1-based number among
+    all of them, seeds it (`seed * 100003 + n`, see sample_jobs), which makes
+    every trace reproducible and resumable."""
+    todo, n = [], 0
     for p in problems:
         for s in range(samples):
-            key = sample_key(p.id, s)
-            by_key[key] = (p, s)
-            if key not in done:
-                jobs.append(Job(key, prompts[p.id], SamplingParams(
-                    **params, seed=seed * 100003 + len(by_key))))
-    return by_key, jobs
+            n += 1
+            if (key := sample_key(p.id, s)) not in done:
+                todo.append((key, p, s, n))
+    return todo
 
 
-def generate_samples(llm, probe, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
-    by_key, jobs = sample_jobs(probe, prompts, args.samples, args.seed,
-                               {r["key"] for r in read_jsonl(path)},
-                               temperature=args.temperature, top_p=args.top_p,
-                               max_tokens=args.max_tokens, stop=args.stop)
-    return _generate(llm, jobs, by_key, path, f"sampled traces (T={args.temperature})", chunk)
+def sample_jobs(todo, prompts, seed: int, **params) -> list[Job]:
+    """Jobs for pending_samples' draws; params: SamplingParams fields."""
+    from vllm import SamplingParams
+
+    return [Job(key, prompts[p.id], SamplingParams(**params, seed=seed * 100003 + n))
+            for key, p, _, n in todo]
+
+
+def generate_samples(llm, todo, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
+    """The pending_samples draws `todo`, graded and appended to `path`."""
+    jobs = sample_jobs(todo, prompts, args.seed, temperature=args.temperature,
+                       top_p=args.top_p, max_tokens=args.max_tokens, stop=args.stop)
+    return _generate(llm, jobs, {key: (p, s) for key, p, s, _ in todo}, path,
+                     f"sampled traces (T={args.temperature})", chunk)
 
 
 def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:

@@ -38,6 +38,14 @@ from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
+from adaras.pipeline.stats import (
+    mcnemar_p,
+    min_detectable_effect,
+    paired_bootstrap,
+    score_heads,
+    wilson_ci,
+    youden_threshold,
+)
 from adaras.profile import SteeringProfile
 
 MODES = ("baseline", "always", "adaptive", "minus", "random", "noise")
@@ -343,72 +351,6 @@ def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, ar
                     f"evaluate {len(configs)} configs: {len(jobs)} answers", chunk)
 
 
-def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0) -> list[float]:
-    """95% CI of mean(other - base) resampling problems (paired)."""
-    rng = np.random.default_rng(seed)
-    diff = other.astype(float) - base.astype(float)
-    idx = rng.integers(0, diff.size, size=(n, diff.size))
-    means = diff[idx].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def wilson_ci(k: int, n: int) -> list[float]:
-    """Wilson score 95% interval of a proportion k/n ([0, 1] when n is 0)."""
-    from scipy.stats import binomtest
-
-    if n == 0:
-        return [0.0, 1.0]
-    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
-
-
-def mcnemar_p(base: np.ndarray, other: np.ndarray) -> float:
-    """Exact two-sided McNemar p-value of paired correctness: a binomial test
-    of the fixed count among the discordant problems (1.0 when none differ)."""
-    from scipy.stats import binomtest
-
-    fixed, broken = int((other & ~base).sum()), int((~other & base).sum())
-    return float(binomtest(fixed, fixed + broken, 0.5).pvalue) if fixed + broken else 1.0
-
-
-def min_detectable_effect(n: int, discordant: float, power: float = 0.8,
-                          level: float = 0.05) -> float | None:
-    """Smallest accuracy change |fixed - broken| / n that a two-sided McNemar
-    test at `level` detects with `power` on n paired problems when a fraction
-    `discordant` of them differ (Connor 1987's normal approximation, solved
-    for the effect). None when nothing is discordant."""
-    from scipy.optimize import brentq
-    from scipy.stats import norm
-
-    if n < 1 or discordant <= 0:
-        return None
-    za = norm.ppf(1 - level / 2)
-
-    def achieved(d: float) -> float:  # power at effect d minus the target
-        return norm.cdf((d * np.sqrt(n) - za * np.sqrt(discordant))
-                        / np.sqrt(max(discordant - d * d, 1e-12))) - power
-
-    hi = discordant * (1 - 1e-9)
-    if achieved(hi) < 0:
-        return None
-    return float(brentq(achieved, 1e-9, hi))
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict:
-    """ECE of probabilities p for binary outcomes y over equal-width bins, and
-    the per-bin (mean p, observed rate, count) for a reliability plot."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            conf, rate = float(p[m].mean()), float(y[m].mean())
-            ece += m.mean() * abs(conf - rate)
-            table.append([conf, rate, int(m.sum())])
-    return {"ece": float(ece), "bins": table}
-
-
 def config_problems(name: str, problems: list[Problem], args: EvalArgs) -> list[Problem]:
     """The problems a config runs, in the order its jobs are submitted: all of
     them in order, except the noise arm (the first --noise-problems, shuffled)."""
@@ -441,8 +383,6 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
               keep: set[str] | None = None) -> dict:
     """Every config's numbers against the baseline; with `keep`, on those
     problems only (each arm's own problems, e.g. the noise arm's, intersected)."""
-    from adaras.pipeline.train import auroc, bootstrap_auroc, youden_threshold
-
     rows = read_jsonl(out / "generations.jsonl")
     ids = [p.id for p in problems if keep is None or p.id in keep]
     table = {(r["config"], r["problem"]): r for r in rows}
@@ -483,15 +423,17 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             entry["threshold"] = got[0]["steering"].get("threshold")
             wrong = ~base
             gated = np.array(applied)
+            prompt = score_heads(wrong, {"prompt": p_fail}, args.seed,
+                                 min(args.bootstrap, 2000))["prompt"]
             if wrong.any() and (~wrong).any():
                 entry["gate_rate_on_baseline_wrong"] = float(gated[wrong].mean())
                 entry["gate_rate_on_baseline_right"] = float(gated[~wrong].mean())
-                entry["predictor_auroc"] = auroc(wrong.astype(int), p_fail)
-                entry["predictor_auroc_ci95"] = bootstrap_auroc(wrong.astype(int), p_fail,
-                                                                seed=args.seed)
+                entry["predictor_auroc"] = prompt["auroc"]
+                entry["predictor_auroc_ci95"] = prompt["auroc_ci95"]
                 # the cut a later stage can take from this one (threshold chosen on dev)
                 entry["youden_threshold"] = youden_threshold(wrong.astype(int), p_fail)
-            entry["calibration"] = expected_calibration_error(wrong.astype(float), p_fail)
+            entry["calibration"] = prompt["calibration"]
+            entry["calibration_ece_ci95"] = prompt.get("ece_ci95")
         if steering and steering.get("answer_probe"):
             entry["answer_probe"] = answer_probe_metrics(
                 got, correct, args.seed,
@@ -545,58 +487,21 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     read = ~np.isnan(p)
+    both = read & ~np.isnan(prompt_p) if prompt_p is not None else None
+    pair = (score_heads(~correct[both], {"answer": p[both], "prompt": prompt_p[both]}, seed, n)
+            if both is not None else None)
+    # where the prompt p_fail is known for every answer read, the pair's answer
+    # head is the answer head's own score (same resamples): not bootstrapped twice
+    own = (pair["answer"] if pair is not None and (both == read).all()
+           else score_heads(~correct[read], {"answer": p[read]}, seed, n)["answer"])
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
-           "mean": float(p[read].mean()) if read.any() else None,
-           **probe_quality(~correct[read], {"answer": p[read]}, seed, n)["answer"]}
-    if prompt_p is not None:
-        both = read & ~np.isnan(prompt_p)
-        pair = probe_quality(~correct[both], {"answer": p[both], "prompt": prompt_p[both]},
-                             seed, n)
+           "mean": float(p[read].mean()) if read.any() else None, **own}
+    if pair is not None:
         out["prompt"] = {"answers": int(both.sum()), **pair["prompt"]}
         if "auroc_gain_ci95" in pair:
             out["prompt"]["answer_auroc"] = pair["answer"]["auroc"]  # on these answers
             out["auroc_gain"] = pair["answer"]["auroc"] - pair["prompt"]["auroc"]
             out["auroc_gain_ci95"] = pair["auroc_gain_ci95"]
-    return out
-
-
-def probe_quality(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
-                  n: int = 2000) -> dict:
-    """For each head's p_fail of the same answers: AUROC against `wrong` and
-    ECE, each with a percentile bootstrap 95% CI over answers (resamples with
-    one class skipped for AUROC); with two heads, the CI of the first's AUROC
-    minus the second's, on the same resamples (paired). Resampling adds noise,
-    which only raises ECE, so the ECE interval sits high: for a well-calibrated
-    head the point estimate lies near its lower end or below it."""
-    from adaras.pipeline.train import auroc
-
-    y = wrong.astype(int)
-    out = {h: {"calibration": expected_calibration_error(y.astype(float), q)}
-           for h, q in heads.items()}
-    if not y.size:
-        return out
-    rng = np.random.default_rng(seed)
-    draws = {h: {"auroc": [], "ece": []} for h in heads}
-    gains = []
-    for _ in range(n):
-        i = rng.integers(0, y.size, y.size)
-        aucs = [auroc(y[i], q[i]) for q in heads.values()]
-        for h, q, a in zip(heads, heads.values(), aucs):
-            draws[h]["ece"].append(expected_calibration_error(y[i].astype(float), q[i])["ece"])
-            if a is not None:
-                draws[h]["auroc"].append(a)
-        if len(aucs) == 2 and None not in aucs:
-            gains.append(aucs[0] - aucs[1])
-
-    def ci(values):
-        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
-    for h, q in heads.items():
-        out[h]["ece_ci95"] = ci(draws[h]["ece"])
-        if (a := auroc(y, q)) is not None:
-            out[h].update(auroc=a, auroc_ci95=ci(draws[h]["auroc"]))
-    if gains and all("auroc" in out[h] for h in heads):
-        out["auroc_gain_ci95"] = ci(gains)
     return out
 
 
@@ -699,24 +604,20 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                   "| config | answers read | AUROC | ECE | mean p_fail | prompt AUROC "
                   "| prompt ECE | AUROC gain |", "|---|---|---|---|---|---|---|---|"]
 
-        def value(m: dict, key: str, fmt: str = ".3f") -> str:  # "0.812 (0.770 to 0.850)"
-            if m.get(key) is None:  # not computed (one class, or no prompt p_fail)
+        def value(x, ci=None, fmt: str = ".3f") -> str:  # "0.812 (0.770 to 0.850)"
+            if x is None:  # not computed (one class, or no prompt p_fail)
                 return ""
-            ci = m.get(f"{key}_ci95")
-            return (format(m[key], fmt)
-                    + (f" ({format(ci[0], fmt)} to {format(ci[1], fmt)})" if ci else ""))
+            return format(x, fmt) + (f" ({format(ci[0], fmt)} to {format(ci[1], fmt)})"
+                                     if ci else "")
 
         for name, a in probed:
-            cal = {"ece": a["calibration"]["ece"], "ece_ci95": a.get("ece_ci95")}
             pr = a.get("prompt") or {}
-            pcal = ({"ece": pr["calibration"]["ece"], "ece_ci95": pr.get("ece_ci95")}
-                    if pr else {})
-            gain = ({"g": a["auroc_gain"], "g_ci95": a["auroc_gain_ci95"]}
-                    if "auroc_gain" in a else {})
-            mean = f"{a['mean']:.3f}" if a.get("mean") is not None else ""
-            lines.append(f"| {name} | {a['answers']} | {value(a, 'auroc')} | "
-                         f"{value(cal, 'ece')} | {mean} | {value(pr, 'auroc')} | "
-                         f"{value(pcal, 'ece')} | {value(gain, 'g', '+.3f')} |")
+            lines.append(
+                f"| {name} | {a['answers']} | {value(a.get('auroc'), a.get('auroc_ci95'))} | "
+                f"{value(a['calibration']['ece'], a.get('ece_ci95'))} | {value(a.get('mean'))} "
+                f"| {value(pr.get('auroc'), pr.get('auroc_ci95'))} | "
+                f"{value(pr['calibration']['ece'] if pr else None, pr.get('ece_ci95'))} | "
+                f"{value(a.get('auroc_gain'), a.get('auroc_gain_ci95'), '+.3f')} |")
     wo = results.get("without")
     if wo:
         lines += ["", f"## Without {len(wo['excluded'])} problems listed in `{wo['file']}`", "",

@@ -41,6 +41,7 @@ import torch
 from adaras.pipeline.capture import capture_cached
 from adaras.pipeline.llm import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
+from adaras.pipeline.stats import auroc, score_heads, youden_threshold
 from adaras.predictor import FailurePredictor
 from adaras.profile import SteeringProfile
 
@@ -100,8 +101,7 @@ def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
             "n": {name: int(idx.size) for name, idx in split.items()},
             "failure_rate": {name: float(y[idx].mean()) if idx.size else None
                              for name, idx in split.items()},
-            "auroc_test": auroc(y[split["test"]], probs[split["test"]]),
-            "auroc_test_ci95": bootstrap_auroc(y[split["test"]], probs[split["test"]], args.seed),
+            **test_scores(y[split["test"]], probs[split["test"]], args.seed),
             "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
             "auroc_train": auroc(y[split["train"]], probs[split["train"]]),
             "baselines_auroc_test": {k: v["auroc_test"] for k, v in baselines.items()},
@@ -214,8 +214,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
                          for name, idx in split.items()},
             "failure_rate": {name: float(y[idx].mean()) if idx.size else None
                              for name, idx in split.items()},
-            "auroc_test": auroc(y[test], probs[test]),
-            "auroc_test_ci95": bootstrap_auroc(y[test], probs[test], args.seed),
+            **test_scores(y[test], probs[test], args.seed),
             "auroc_test_greedy": auroc(y[test[is_greedy[test]]], probs[test[is_greedy[test]]]),
             "auroc_test_sampled": auroc(y[test[~is_greedy[test]]],
                                         probs[test[~is_greedy[test]]]),
@@ -360,34 +359,12 @@ def predict(model: FailurePredictor, seqs) -> np.ndarray:
     return np.array([model.prob(s) for s in seqs])
 
 
-def auroc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if np.unique(y).size == 2 else None
-
-
-def bootstrap_auroc(y, p, seed: int, n: int = 2000) -> list[float] | None:
-    if np.unique(y).size < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        i = rng.integers(0, y.size, y.size)
-        a = auroc(y[i], p[i])
-        if a is not None:
-            values.append(a)
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-
-
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The p_fail cut that maximises TPR - FPR on (y, p); 0.5 when y has one class."""
-    from sklearn.metrics import roc_curve
-
-    if np.unique(y).size < 2:
-        return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
-    best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thr[best], 0.0, 1.0))
+def test_scores(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
+    """The held-out numbers of metrics.json: AUROC with its bootstrap 95% CI
+    (None with one class) and ECE with its CI (see stats.score_heads)."""
+    s = score_heads(y.astype(bool), {"head": p}, seed)["head"]
+    return {"auroc_test": s.get("auroc"), "auroc_test_ci95": s.get("auroc_ci95"),
+            "ece_test": s["calibration"]["ece"], "ece_test_ci95": s.get("ece_ci95")}
 
 
 def fit_baselines(seqs, y, split, seed: int) -> dict[str, dict]:
