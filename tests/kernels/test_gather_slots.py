@@ -9,8 +9,7 @@ import torch
 
 from steering_kernels.gather_slots import gather_slots_native
 
-from .fresh import rerun_in_fresh_process
-from .test_silu_and_mul_steer import _interpreter_problem
+from .fresh import interpret_or_skip, rerun_in_fresh_process
 
 
 def make_case(T, I, L=3, G=4, NF=7, T_max=None, dtype=torch.float32, strided=False, seed=0):
@@ -76,10 +75,7 @@ def test_a_forward_of_all_layers_fills_every_feature_of_a_gathering_row_once():
 
 @pytest.fixture
 def kernel():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(f"{problem}; covered by test_gather_kernel_in_fresh_process")
+    interpret_or_skip()
     from steering_kernels.gather_slots import gather_slots_
 
     return gather_slots_
@@ -110,4 +106,4 @@ def test_kernel_refuses_wrong_shapes_and_dtypes(kernel):
 def test_gather_kernel_in_fresh_process(tmp_path):
     """If the kernel tests cannot run in this process, rerun them in a clean
     interpreter with TRITON_INTERPRET=1 (as the other kernel file does)."""
-    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)
+    rerun_in_fresh_process(__file__, tmp_path)

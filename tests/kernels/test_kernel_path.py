@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from .fresh import rerun_in_fresh_process
-from .test_silu_and_mul_steer import _interpreter_problem
+from .fresh import interpret_or_skip, rerun_in_fresh_process
 
 L, I, T_MAX, SLOTS, F_MAX, CAPS = 3, 40, 16, 6, 32, 4
 
@@ -54,10 +53,7 @@ def reference(act, gate_up, rows, slots, gather_rows, groups, layer):
 
 @pytest.fixture
 def interpreter():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(f"{problem}; covered by test_kernel_path_in_fresh_process")
+    interpret_or_skip()
 
 
 class NoHostReads:
@@ -147,7 +143,7 @@ def test_kernel_path_over_changing_batches(interpreter, monkeypatch):
 
 
 def test_kernel_path_in_fresh_process(tmp_path):
-    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)
+    rerun_in_fresh_process(__file__, tmp_path)
 
 
 def test_the_runtimes_capture_on_the_kernel_path(interpreter, monkeypatch, tmp_path):

@@ -26,7 +26,7 @@ from steering_kernels import (
     silu_and_mul_steer_native,
 )
 
-from .fresh import rerun_in_fresh_process
+from .fresh import interpret_or_skip, rerun_in_fresh_process
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -89,36 +89,16 @@ def naive(gate_up, row_slot, steer_idx, steer_val, feat_idx):
     return torch.tensor(out, dtype=torch.float64), torch.tensor(feats, dtype=torch.float64)
 
 
-def _interpreter_problem():
-    """None if Triton kernels can run in this process on CPU tensors, else why not."""
-    if not sk.HAS_TRITON:
-        return "triton not importable"
-    import triton
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-
-    if not triton.knobs.runtime.interpret:
-        return "TRITON_INTERPRET is not 1 (CPU tensors need the interpreter)"
-    if isinstance(tl.sum, JITFunction):
-        # triton.language's own @jit helpers were built before TRITON_INTERPRET=1
-        # (e.g. tests/engine imported vllm first).
-        return "triton.language was imported before TRITON_INTERPRET=1"
-    return None
-
-
 @pytest.fixture
 def kernel():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(f"{problem}; covered by test_kernel_tests_in_fresh_process")
+    interpret_or_skip()
     return sk.silu_and_mul_steer
 
 
 def test_kernel_tests_in_fresh_process(tmp_path):
     """If the kernel tests cannot run in this process (see conftest.py), rerun the
     whole file in a clean interpreter with TRITON_INTERPRET=1."""
-    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)
+    rerun_in_fresh_process(__file__, tmp_path)
 
 
 

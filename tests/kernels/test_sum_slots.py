@@ -7,8 +7,7 @@ import torch
 
 from steering_kernels.sum_slots import sum_slots_native
 
-from .fresh import rerun_in_fresh_process
-from .test_silu_and_mul_steer import _interpreter_problem
+from .fresh import interpret_or_skip, rerun_in_fresh_process
 
 
 def make_case(T, I, C=4, T_max=None, dtype=torch.float32, strided=False, seed=0):
@@ -63,10 +62,7 @@ def test_rows_of_one_slot_are_summed_over_steps():
 
 @pytest.fixture
 def kernel():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(f"{problem}; covered by test_sum_kernel_in_fresh_process")
+    interpret_or_skip()
     from steering_kernels.sum_slots import sum_slots_
 
     return sum_slots_
@@ -113,4 +109,4 @@ def test_kernel_refuses_wrong_shapes_and_dtypes(kernel):
 def test_sum_kernel_in_fresh_process(tmp_path):
     """If the kernel tests cannot run in this process, rerun them in a clean
     interpreter with TRITON_INTERPRET=1 (as the other kernel files do)."""
-    rerun_in_fresh_process(__file__, tmp_path, _interpreter_problem)
+    rerun_in_fresh_process(__file__, tmp_path)
