@@ -20,8 +20,9 @@ per check (PASS, FAIL, or SKIPPED with the reason) and writes
             piece: the launch depends on buffer contents only.
   bench     CUDA-event timings at Qwen3-1.7B and Qwen3-4B MLP shapes (I = 6144,
             9728; 50 and 256 neurons per layer; T = 1, 8, 64, 512, 4096): the
-            steer launch and the gather, each as a fraction of a fused SiLU-and-mul
-            kernel on the same tensor
+            steer launch, the gather and the capture sum (every row into one
+            slot), each as a fraction of a fused SiLU-and-mul kernel on the same
+            tensor
 
 Without a CUDA device every check is SKIPPED and the exit status is 0; a
 FAIL makes the exit status 1. CI also runs the checks themselves on the CPU
@@ -315,6 +316,7 @@ def check_capture(dev) -> None:
 def bench(dev, quick: bool) -> None:
     import steering_kernels as sk
     from steering_kernels.gather_slots import gather_slots_
+    from steering_kernels.sum_slots import sum_slots_
 
     def timed(fn, reps: int) -> float:
         if INTERPRET:  # no CUDA events on the CPU: this only runs the code path
@@ -354,9 +356,13 @@ def bench(dev, quick: bool) -> None:
                 lay = torch.zeros(2, F_, dtype=torch.int32, device=dev)
                 col = torch.randint(0, I, (2, F_), dtype=torch.int32, device=dev)
                 gather = timed(partial(gather_slots_, feats, gate_up, ones, lay, col, 0), reps)
+                # every row captured into one slot: the atomics' worst contention
+                cap_sum = torch.zeros(2, I, device=dev)
+                summed = timed(partial(sum_slots_, cap_sum, act, ones), reps)
                 rows.append({"model": model, "I": I, "K": K, "T": T, "fused_silu_mul_us": fused,
-                             "steer_us": steer, "gather_256_us": gather,
-                             "steer_fraction": steer / fused, "gather_fraction": gather / fused})
+                             "steer_us": steer, "gather_256_us": gather, "sum_us": summed,
+                             "steer_fraction": steer / fused, "gather_fraction": gather / fused,
+                             "sum_fraction": summed / fused})
     worst = max(rows, key=lambda r: r["steer_fraction"])
     if INTERPRET:
         report("bench", "PASS", f"{len(rows)} tiny shapes: the code path only (interpreter "
@@ -365,7 +371,8 @@ def bench(dev, quick: bool) -> None:
     report("bench", "PASS", f"{len(rows)} shapes; steer launch at most "
            f"{worst['steer_fraction']:.2f}x a fused SiLU-and-mul (T={worst['T']}, "
            f"I={worst['I']}, K={worst['K']}); gather of 256 features at most "
-           f"{max(r['gather_fraction'] for r in rows):.2f}x", rows=rows)
+           f"{max(r['gather_fraction'] for r in rows):.2f}x; capture sum of every row at most "
+           f"{max(r['sum_fraction'] for r in rows):.2f}x", rows=rows)
 
 
 def main(argv: list[str]) -> int:
@@ -409,11 +416,12 @@ def main(argv: list[str]) -> int:
     lines = [f"{r['status']:7s} {r['check']}: {r['detail']}" for r in RESULTS]
     bench_rows = next((r.get("rows") for r in RESULTS if r["check"] == "bench"), None)
     if bench_rows:
-        lines += ["", "model       I     K     T  fused us  steer us  gather us  steer/fused  "
-                  "gather/fused"]
+        lines += ["", "model       I     K     T  fused us  steer us  gather us    sum us  "
+                  "steer/fused  gather/fused  sum/fused"]
         lines += [f"{r['model']:10s} {r['I']:5d} {r['K']:4d} {r['T']:5d} "
                   f"{r['fused_silu_mul_us']:8.1f} {r['steer_us']:9.1f} {r['gather_256_us']:10.1f}"
-                  f" {r['steer_fraction']:12.3f} {r['gather_fraction']:13.3f}"
+                  f" {r['sum_us']:9.1f} {r['steer_fraction']:12.3f} {r['gather_fraction']:13.3f}"
+                  f" {r['sum_fraction']:10.3f}"
                   for r in bench_rows]
     (out / "gpu_check.txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'gpu_check.json'} in {summary['seconds']} s", flush=True)

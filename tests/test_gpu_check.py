@@ -52,7 +52,11 @@ def test_the_checks_pass_under_the_triton_interpreter(tmp_path):
               {"ADARAS_GPU_CHECK_INTERPRET": "1", "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert statuses(tmp_path) == {c: "PASS" for c in CHECKS}
-    assert "steer/fused" in (tmp_path / "gpu_check.txt").read_text()  # the table is written
+    text = (tmp_path / "gpu_check.txt").read_text()
+    assert "steer/fused" in text and "sum/fused" in text  # the table is written
+    bench = next(c for c in json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
+                 if c["check"] == "bench")
+    assert all(r["sum_us"] > 0 and r["sum_fraction"] > 0 for r in bench["rows"])
 
 
 BROKEN_TWIN = """
