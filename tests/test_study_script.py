@@ -54,6 +54,45 @@ def test_save_then_restore_round_trips_a_stages_answers(tmp_path):
     assert len((stage / "generations.jsonl").read_text().splitlines()) == 1  # never clobbered
 
 
+def test_save_of_a_running_stage_keeps_complete_answers_only(tmp_path):
+    """`remaining` saves a stage while it writes: a line cut short is left out."""
+    stage = tmp_path / "run" / "confirm"
+    stage.mkdir(parents=True)
+    rows = [{"key": f"baseline|p{i}", "correct": True} for i in range(2)]
+    (stage / "generations.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + '{"key": "always|p0", "corr')
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"stages": {"confirm": {}}}))
+    saved = run_sh(tmp_path, "save", "confirm")
+    assert saved.returncode == 0 and "saved 2 answers" in saved.stdout, saved.stderr
+    with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
+        assert [json.loads(line) for line in f] == rows
+    assert not list((tmp_path / "study" / "confirm").glob("*.tmp"))
+    # a run folder with fewer answers than the saved copy (restored from an older save
+    # on a new machine) never shrinks it: the saved copy is the durable one
+    (stage / "generations.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    again = run_sh(tmp_path, "save", "confirm")
+    assert again.returncode == 0 and "fewer than the 2" in again.stderr
+    with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 2
+
+
+def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
+    study = tmp_path / "study"
+    for stage in ("dev", "confirm", "best-of-n", "humaneval"):
+        (study / stage).mkdir(parents=True)
+        (study / stage / "results.json").write_text("{}\n")
+    (study / "confirm-registration.json").write_text("{}\n")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study),
+           "CPUINFO": str(cpuinfo)}
+    out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
+                         text=True, timeout=60)  # an engine would take minutes to start
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(") is done") == 4 and "every stage is done" in out.stdout
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("args", [("save", "dev"), ("save",), ("restore",)])
 def test_save_and_restore_refuse_without_a_stage_or_answers(tmp_path, args):
     out = run_sh(tmp_path, *args)
@@ -73,7 +112,7 @@ def test_a_generating_stage_refuses_a_cpu_without_avx512_bf16(tmp_path):
     cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
     env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
            "CPUINFO": str(cpuinfo)}
-    for stage in ("dev", "confirm", "best-of-n", "humaneval"):
+    for stage in ("dev", "confirm", "best-of-n", "humaneval", "remaining"):
         out = subprocess.run(["bash", str(SCRIPT), stage], env=env, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 3 and "no AVX-512 bf16 (AMD EPYC)" in out.stderr, out.stderr
@@ -83,8 +122,9 @@ def test_a_generating_stage_refuses_a_cpu_without_avx512_bf16(tmp_path):
 @pytest.mark.timeout(3600)
 def test_smoke_run_of_every_generating_stage(tmp_path):
     """SMOKE=1 on SmolLM2: dev, save, register, confirm, save, then a new machine
-    (the run folder deleted) that resumes confirm from the saved answers and runs
-    best-of-n and humaneval. About 20 minutes on 2 cores; run it before a real
+    (the run folder deleted) that resumes confirm from the saved answers, and
+    `remaining`, which skips what is saved and runs (and saves) best-of-n and
+    humaneval. About 20 minutes on 2 cores; run it before a real
     stage after changing run.sh or the pipeline (`pytest -m slow -k smoke`)."""
     env = {**os.environ, "SMOKE": "1", "RUN_SMOKE": str(tmp_path / "run"),
            "STUDY": str(tmp_path / "study")}
@@ -117,7 +157,12 @@ def test_smoke_run_of_every_generating_stage(tmp_path):
     assert manifest["results"]["preregistered"] == first["results"]["preregistered"]
     assert manifest["attempts"] == first["attempts"] + 1
     assert len((tmp_path / "run" / "confirm" / "generations.jsonl").read_text().splitlines()) == 43
-    stage("best-of-n")
-    stage("humaneval")
+    # the rest in one job, as a session starts it: dev and confirm are saved as done
+    env["SAVE_EVERY"] = "5"
+    rest = stage("remaining")
+    assert "dev (results saved" in rest.stdout and "confirm (results saved" in rest.stdout
+    for name, answers in (("best-of-n", "samples"), ("humaneval", "generations")):
+        assert (study / name / "results.json").exists()
+        assert (study / name / f"{answers}.jsonl.gz").exists()
     results = json.loads((tmp_path / "run" / "humaneval" / "results.json").read_text())
     assert set(results["configs"]) == {"baseline", "always"}

@@ -7,8 +7,11 @@
 #   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh dev > dev.log 2>&1 &
 # Order from stage 2 on: dev; save dev; register (commit both); confirm, with
 # `save confirm` and a commit before every session ends (it resumes from them);
-# best-of-n; humaneval; save each. After changing this file or the pipeline, run
-# `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
+# best-of-n; humaneval; save each. `run.sh remaining` does all of that but the
+# commits, in one background job: every unfinished stage in order, saved every
+# SAVE_EVERY seconds (600) while it runs and when it ends; rerun it in each session
+# and commit $HERE before the session ends. After changing this file or the pipeline,
+# run `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root: every path below is relative to it
 HERE=${STUDY:-docs/results/qwen2.5-coder-1.5b-math-study}  # where results are committed
@@ -51,7 +54,8 @@ restore() {
   local f
   for f in generations samples; do
     if [[ -f $HERE/$1/$f.jsonl.gz && ! -s $RUN/$1/$f.jsonl ]]; then
-      mkdir -p "$RUN/$1" && gunzip -c "$HERE/$1/$f.jsonl.gz" > "$RUN/$1/$f.jsonl"
+      mkdir -p "$RUN/$1" && gunzip -c "$HERE/$1/$f.jsonl.gz" > "$RUN/$1/$f.jsonl.tmp"
+      mv "$RUN/$1/$f.jsonl.tmp" "$RUN/$1/$f.jsonl"  # whole, or not there
       echo "restored $(wc -l < "$RUN/$1/$f.jsonl") answers of $1 from $HERE/$1/$f.jsonl.gz"
     fi
   done
@@ -92,8 +96,18 @@ save() {
   mkdir -p "$HERE/$1"
   for f in generations samples; do
     if [[ -s $RUN/$1/$f.jsonl ]]; then
-      gzip -9 -n -c "$RUN/$1/$f.jsonl" > "$HERE/$1/$f.jsonl.gz"
-      echo "saved $(wc -l < "$RUN/$1/$f.jsonl") answers of $1 to $HERE/$1/$f.jsonl.gz"
+      # complete lines only (a running stage may be writing the last one), replaced
+      # in one rename, so a save stopped halfway leaves the last one whole
+      local n had=0; n=$(wc -l < "$RUN/$1/$f.jsonl")
+      if [[ -f $HERE/$1/$f.jsonl.gz ]]; then had=$(gunzip -c "$HERE/$1/$f.jsonl.gz" | wc -l); fi
+      if (( n < had )); then  # the saved copy is the durable one: never shrink it
+        echo "save: $RUN/$1/$f.jsonl holds $n answers, fewer than the $had in" \
+             "$HERE/$1/$f.jsonl.gz: not replaced" >&2
+        saved=1; continue
+      fi
+      head -n "$n" "$RUN/$1/$f.jsonl" | gzip -9 -n > "$HERE/$1/$f.jsonl.gz.tmp"
+      mv "$HERE/$1/$f.jsonl.gz.tmp" "$HERE/$1/$f.jsonl.gz"
+      echo "saved $n answers of $1 to $HERE/$1/$f.jsonl.gz"
       saved=1
     fi
   done
@@ -103,6 +117,23 @@ save() {
   done
   python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['stages'][sys.argv[2]]
 json.dump(m, open(sys.argv[3], 'w'), indent=2, sort_keys=True)" "$RUN/manifest.json" "$1" "$HERE/$1/manifest.json"
+}
+
+# Run stage $1 in a child and save it every SAVE_EVERY seconds while it runs and
+# once when it ends; the stage's exit status.
+run_saving() {
+  (main "$1") &
+  local pid=$! rc=0 last=$SECONDS
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    if (( SECONDS - last >= ${SAVE_EVERY:-600} )); then
+      (save "$1") || true  # nothing to save yet is not an error here
+      last=$SECONDS
+    fi
+  done
+  wait "$pid" || rc=$?
+  (save "$1") || true
+  return $rc
 }
 
 # The whole script is one function, parsed before it runs, so editing this file
@@ -222,6 +253,19 @@ print(f"bundled {src} as {prof.name}: prompt head {prof.predictor is not None}, 
       f"answer head {prof.answer_predictor is not None}")
 PY
   ;;
+remaining)  # every stage not finished (no results.json saved), in order, saved as it runs
+  machine_check remaining
+  for s in dev confirm best-of-n humaneval; do
+    if [[ -f $HERE/$s/results.json ]]; then
+      echo "run.sh remaining: $s (results saved in $HERE/$s) is done"
+    else
+      echo "run.sh remaining: $s, $(date -u +%FT%TZ)"
+      run_saving "$s"
+    fi
+    if [[ $s == dev && ! -f $HERE/confirm-registration.json ]]; then (main register); fi
+  done
+  echo "run.sh remaining: every stage is done, $(date -u +%FT%TZ); commit $HERE"
+  ;;
 save)  # commit-ready copies of a stage's answers (finished or not) and, when done, results
   save "${2:?save: which stage?}"
   ;;
@@ -229,7 +273,7 @@ restore)  # what each eval stage does first (here for a stage run by hand)
   restore "${2:?restore: which stage?}"
   ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|bundle|save STAGE|restore STAGE" >&2
+  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|remaining|bundle|save STAGE|restore STAGE" >&2
   exit 2 ;;
 esac
 }
