@@ -77,10 +77,9 @@ def test_save_of_a_running_stage_keeps_complete_answers_only(tmp_path):
 
 
 def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
-    study = tmp_path / "study"
-    for stage in ("dev", "confirm", "best-of-n", "humaneval"):
-        (study / stage).mkdir(parents=True)
-        (study / stage / "results.json").write_text("{}\n")
+    study = _study(tmp_path, _config(500, 200, 20, 20), _config(164, 100, 2, 2), best=BEST)
+    (study / "dev").mkdir()
+    (study / "dev" / "results.json").write_text("{}\n")
     (study / "confirm-registration.json").write_text("{}\n")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
@@ -91,6 +90,7 @@ def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(") is done") == 4 and "every stage is done" in out.stdout
     assert not (tmp_path / "run").exists()  # nothing ran
+    assert json.loads((study / "verdict.json").read_text())["helps"] is False  # then the verdict
 
 
 @pytest.mark.parametrize("args", [("save", "dev"), ("save",), ("restore",)])
@@ -164,5 +164,93 @@ def test_smoke_run_of_every_generating_stage(tmp_path):
     for name, answers in (("best-of-n", "samples"), ("humaneval", "generations")):
         assert (study / name / "results.json").exists()
         assert (study / name / f"{answers}.jsonl.gz").exists()
+    verdict = json.loads((study / "verdict.json").read_text())  # remaining ends with it
+    assert verdict["humaneval"]["problems"] == 3 and verdict["helps"] in (True, False)
     results = json.loads((tmp_path / "run" / "humaneval" / "results.json").read_text())
     assert set(results["configs"]) == {"baseline", "always"}
+
+
+def _config(n: int, base_right: int, fixed: int, broken: int, **extra) -> dict:
+    """An eval config's numbers as evaluate writes them (p from the exact test)."""
+    from scipy.stats import binomtest
+
+    p = binomtest(fixed, fixed + broken, 0.5).pvalue if fixed + broken else 1.0
+    delta = (fixed - broken) / n
+    return {"problems": n, "accuracy": (base_right + fixed - broken) / n,
+            "accuracy_ci95": [0.3, 0.5], "delta": delta, "ci95": [delta - 0.02, delta + 0.02],
+            "mcnemar_p": p, "fixed": fixed, "broken": broken, "changed": 0.1, "truncated": 3,
+            "median_tokens": 480.0, **extra}
+
+
+BEST = {"reference": "greedy", "within_problem_auroc": {"auroc": 0.7, "pairs": 300},
+        "methods": {"greedy": {"accuracy": 0.4, "mean_tokens": 500, "problems": 100},
+                    "probe best-of-4": {"accuracy": 0.46, "delta_vs_greedy": 0.06,
+                                        "ci95": [0.0, 0.12], "mean_tokens": 2000,
+                                        "problems": 100}}}
+
+
+def _study(tmp_path: Path, confirm_always, humaneval_always=None, probe=None, best=None):
+    study = tmp_path / "study"
+    (study / "confirm").mkdir(parents=True)
+    baseline = _config(500, 200, 0, 0, **({"answer_probe": probe} if probe else {}))
+    confirm = {"alpha": 0.3, "dose_in_sigma": 0.089,
+               "configs": {"baseline": baseline, "always": confirm_always,
+                           "minus": _config(500, 200, 10, 12)},
+               "secondary": {"configs": ["always", "minus"], "problems": 500, "delta": 0.01,
+                             "ci95": [-0.01, 0.03], "mcnemar_p": 0.4, "only_a": 12,
+                             "only_b": 7}}
+    (study / "confirm" / "results.json").write_text(json.dumps(confirm))
+    if humaneval_always is not None:
+        (study / "humaneval").mkdir()
+        (study / "humaneval" / "results.json").write_text(json.dumps(
+            {"configs": {"baseline": _config(164, 100, 0, 0), "always": humaneval_always}}))
+    if best is not None:
+        (study / "best-of-n").mkdir()
+        (study / "best-of-n" / "results.json").write_text(json.dumps(best))
+    return study
+
+
+def _verdict(study: Path) -> tuple[dict, str]:
+    out = subprocess.run(["python3", str(SCRIPT.parent / "verdict.py"), str(study)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads((study / "verdict.json").read_text()), (study / "verdict.md").read_text()
+
+
+@pytest.mark.parametrize(("always", "humaneval", "helps", "goal"), [
+    ((500, 200, 40, 15), (164, 100, 3, 4), True, True),     # +5 points, p < 0.05; HE no loss
+    ((500, 200, 30, 18), (164, 100, 3, 4), False, False),   # +2.4 points, p = 0.11
+    ((500, 200, 40, 15), (164, 100, 1, 12), False, True),   # the HumanEval loss vetoes
+    ((500, 200, 40, 15), None, None, True),                 # gain, HumanEval not yet run
+    ((500, 200, 15, 40), None, False, False),               # a loss: nothing left to decide
+    ((500, 200, 28, 14), (164, 100, 3, 4), True, False),    # significant, under +3 points
+])
+def test_verdict_applies_the_registered_rules(tmp_path, always, humaneval, helps, goal):
+    study = _study(tmp_path, _config(*always), _config(*humaneval) if humaneval else None)
+    v, md = _verdict(study)
+    assert v["helps"] is helps and v["goal_met"] is goal
+    assert v["primary"]["delta"] == pytest.approx((always[2] - always[3]) / 500)
+    assert v["key_secondary"]["fixed"] == 12 and v["key_secondary"]["broken"] == 7
+    if helps:
+        assert "keeps these neurons with alpha 0.3" in v["served_default"]
+    elif helps is False:
+        assert "did not help at the paper's own dose" in v["served_default"]
+    else:
+        assert v["served_default"].startswith("pending")
+    assert {True: "yes", False: "no", None: "pending"}[helps] in md.split("Helps")[1][:40]
+
+
+def test_verdict_judges_the_answer_probe_goals_on_the_point_estimates(tmp_path):
+    probe = {"answers": 498, "auroc": 0.89, "auroc_ci95": [0.86, 0.92],
+             "calibration": {"ece": 0.06}, "ece_ci95": [0.05, 0.09]}
+    v, md = _verdict(_study(tmp_path, _config(500, 200, 20, 20), None, probe, BEST))
+    ap = v["answer_probe"]
+    assert ap["auroc_goal_met"] and not ap["ece_goal_met"]
+    assert ap["best_of_n"]["best_of_4_goal_met"]  # +6 points, though its CI reaches 0
+    assert "AUROC ≥ 0.88 met; ECE ≤ 0.05 not met" in md
+
+
+def test_verdict_needs_the_confirm_results(tmp_path):
+    out = subprocess.run(["python3", str(SCRIPT.parent / "verdict.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "run and save confirm first" in out.stderr

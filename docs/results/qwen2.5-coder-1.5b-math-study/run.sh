@@ -13,6 +13,7 @@
 # and commit $HERE before the session ends. After changing this file or the pipeline,
 # run `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
 set -euo pipefail
+SCRIPT=$(realpath "$0")
 cd "$(dirname "$0")/../../.."  # the repository root: every path below is relative to it
 HERE=${STUDY:-docs/results/qwen2.5-coder-1.5b-math-study}  # where results are committed
 RUN=${RUN:-runs/math-study}
@@ -265,6 +266,10 @@ remaining)  # every stage not finished (no results.json saved), in order, saved 
     if [[ $s == dev && ! -f $HERE/confirm-registration.json ]]; then (main register); fi
   done
   echo "run.sh remaining: every stage is done, $(date -u +%FT%TZ); commit $HERE"
+  main verdict
+  ;;
+verdict)  # the registered rules applied to the saved results: $HERE/verdict.{json,md}
+  python3 "$(dirname "$SCRIPT")/verdict.py" "$HERE"
   ;;
 save)  # commit-ready copies of a stage's answers (finished or not) and, when done, results
   save "${2:?save: which stage?}"
@@ -273,7 +278,7 @@ restore)  # what each eval stage does first (here for a stage run by hand)
   restore "${2:?restore: which stage?}"
   ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|remaining|bundle|save STAGE|restore STAGE" >&2
+  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|remaining|verdict|bundle|save STAGE|restore STAGE" >&2
   exit 2 ;;
 esac
 }
