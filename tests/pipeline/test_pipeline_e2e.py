@@ -535,12 +535,16 @@ def test_run_jobs_streams_checkpoints_and_matches_generate(engine):
     params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     prompts = [[11 + i, 7, 100 + 3 * i] for i in range(10)]
     jobs = [Job(f"j{i}", p, params) for i, p in enumerate(prompts)]
-    batches = []
-    meter = run_jobs(llm, jobs, lambda rows: batches.append(rows), "test", chunk=4, flush=3)
+    batches, progress = [], []
+    meter = run_jobs(llm, jobs, lambda rows: batches.append(rows), "test", chunk=4, flush=3,
+                     on_progress=progress.append)
     got = {j.key: list(o.outputs[0].token_ids) for rows in batches for j, o, _ in rows}
     assert [j.key for rows in batches for j, _, _ in rows] == [j.key for j in jobs]  # in order
     assert len(batches) >= 3  # handed over while the engine ran, not once at the end
     assert meter["requests"] == 10 and meter["generated_tokens"] == 90
+    # the throughput so far after each hand-over: what was handed over, ending at the total
+    assert [m["requests"] for m in progress] == list(np.cumsum([len(b) for b in batches]))
+    assert progress[-1] == meter
     ref = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert got == {f"j{i}": list(o.outputs[0].token_ids) for i, o in enumerate(ref)}
 

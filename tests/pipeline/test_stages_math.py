@@ -191,6 +191,18 @@ def test_run_manifest_records_and_refuses_other_arguments(tmp_path):
         idle = run.record_throughput("generate", {**meter, "requests": 0,
                                                   "generated_tokens": 0, "seconds": 0.0})
     assert idle == tp == run.stage_entry("collect")["results"]["throughput"]["generate"]
+    # an attempt killed without warning (no finally runs) counts what it handed over: its
+    # recorder wrote the total so far at every hand-over, and the next attempt adds to it
+    with run.stage("collect", {"a": 2}):
+        record = run.throughput_recorder("generate")
+        for done in (1, 2):
+            record({**meter, "requests": done, "generated_tokens": 50 * done})
+    killed = run.stage_entry("collect")["results"]["throughput"]["generate"]
+    assert killed["requests"] == 8 and killed["generated_tokens"] == 500
+    with run.stage("collect", {"a": 2}):
+        last = run.record_throughput("generate", {**meter, "requests": 1,
+                                                  "generated_tokens": 20})
+    assert last["requests"] == 9 and last["generated_tokens"] == 520
     with pytest.raises(StageArgsChanged, match="newer"):
         with run.stage("collect", {"a": 2, "newer": 0}):
             pass

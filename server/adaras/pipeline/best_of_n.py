@@ -75,6 +75,7 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
         problems = read_problems(source)[:args.problems]
         write_problems(out / "problems.jsonl", problems)
         path, meter = out / "samples.jsonl", Meter().to_dict()
+        record = run.throughput_recorder("generate")  # every attempt's, kept up to date
         todo = pending_samples(problems, args.samples, {r["key"] for r in read_jsonl(path)})
         if todo:  # a resumed stage with every sample in place starts no engine
             llm = open_engine(engine)
@@ -83,8 +84,8 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
             load_profile(llm, "main", str(args.profile))
             tok = llm.get_tokenizer()
             prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-            meter = generate(llm, todo, prompts, args, path, engine.chunk)
-        meter = run.record_throughput("generate", meter)  # every attempt's, on a resume
+            meter = generate(llm, todo, prompts, args, path, engine.chunk, on_progress=record)
+        meter = record(meter)
         greedy = greedy_outcomes(run.root / args.problems_from / "outcomes.jsonl")
         results = summarize(out, problems, greedy, args)
         results["throughput"] = meter
@@ -94,7 +95,8 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
         return results
 
 
-def generate(llm, todo, prompts, args: BestOfNArgs, path: Path, chunk: int) -> dict:
+def generate(llm, todo, prompts, args: BestOfNArgs, path: Path, chunk: int,
+             on_progress=None) -> dict:
     """The pending_samples draws `todo`, each asking for the answer head,
     graded and appended to `path`."""
     steering = {"mode": "off", "profile": "main", "answer_probe": True}
@@ -113,7 +115,8 @@ def generate(llm, todo, prompts, args: BestOfNArgs, path: Path, chunk: int) -> d
              "answer_p_fail": rep.get("answer_failure_probability"), "steering": rep}
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
-    return run_jobs(llm, jobs, on_done, f"{len(jobs)} samples (answer probe)", chunk)
+    return run_jobs(llm, jobs, on_done, f"{len(jobs)} samples (answer probe)", chunk,
+                    on_progress=on_progress)
 
 
 def greedy_outcomes(path: Path) -> dict[str, dict]:

@@ -26,8 +26,9 @@ def capture_cached(run: Run, name: str, jobs: list[Job], field: str,
             save_part(cache / f"{name}-{count[0]:06d}.npz", {j.key: c[field] for j, c in results})
             count[0] += len(results)
 
-        meter = run_captures(open_engine(engine), todo, on_done, f"capture {name}")
-        run.record_throughput(f"capture {name}", meter)
+        record = run.throughput_recorder(f"capture {name}")
+        record(run_captures(open_engine(engine), todo, on_done, f"capture {name}",
+                            on_progress=record))
         have = load_parts(cache, name)
     return {j.key: have[j.key] for j in jobs}
 

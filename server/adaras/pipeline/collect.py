@@ -57,10 +57,11 @@ def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool
             llm = open_engine(engine)
             tok = llm.get_tokenizer()
             prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
-            run.record_throughput("greedy", generate_greedy(
-                llm, greedy_todo, prompts, args, greedy, engine.chunk))
-            run.record_throughput("samples", generate_samples(
-                llm, samples_todo, prompts, args, samples, engine.chunk))
+            record = run.throughput_recorder("greedy")  # kept up to date as answers come
+            record(generate_greedy(llm, greedy_todo, prompts, args, greedy, engine.chunk, record))
+            record = run.throughput_recorder("samples")
+            record(generate_samples(llm, samples_todo, prompts, args, samples, engine.chunk,
+                                    record))
         summary = pair(out, problems, args)
         plot_accuracy(out)
         run.record("collect", **summary)
@@ -80,7 +81,7 @@ def read_problems(path: Path) -> list[Problem]:
 
 
 def _generate(llm, jobs: list[Job], by_key: dict[str, tuple[Problem, int]], path: Path,
-              description: str, chunk: int) -> dict:
+              description: str, chunk: int, on_progress=None) -> dict:
     def on_done(results):
         problems = [by_key[j.key][0] for j, _, _ in results]
         texts = [o.outputs[0].text for _, o, _ in results]
@@ -92,7 +93,7 @@ def _generate(llm, jobs: list[Job], by_key: dict[str, tuple[Problem, int]], path
              "extracted": g.extracted, "error": g.error}
             for (j, o, _), p, g in zip(results, problems, grades)])
 
-    return run_jobs(llm, jobs, on_done, description, chunk)
+    return run_jobs(llm, jobs, on_done, description, chunk, on_progress=on_progress)
 
 
 def greedy_key(problem: str) -> str:
@@ -100,14 +101,14 @@ def greedy_key(problem: str) -> str:
 
 
 def generate_greedy(llm, todo: list[Problem], prompts, args: CollectArgs, path: Path,
-                    chunk: int) -> dict:
+                    chunk: int, on_progress=None) -> dict:
     """One greedy answer for each problem of `todo`, appended to `path`."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=args.stop)
     jobs = [Job(greedy_key(p.id), prompts[p.id], params) for p in todo]
     return _generate(llm, jobs, {greedy_key(p.id): (p, -1) for p in todo}, path,
-                     "greedy answers", chunk)
+                     "greedy answers", chunk, on_progress)
 
 
 def sample_key(problem: str, sample: int) -> str:
@@ -136,12 +137,13 @@ def sample_jobs(todo, prompts, seed: int, **params) -> list[Job]:
             for key, p, _, n in todo]
 
 
-def generate_samples(llm, todo, prompts, args: CollectArgs, path: Path, chunk: int) -> dict:
+def generate_samples(llm, todo, prompts, args: CollectArgs, path: Path, chunk: int,
+                     on_progress=None) -> dict:
     """The pending_samples draws `todo`, graded and appended to `path`."""
     jobs = sample_jobs(todo, prompts, args.seed, temperature=args.temperature,
                        top_p=args.top_p, max_tokens=args.max_tokens, stop=args.stop)
     return _generate(llm, jobs, {key: (p, s) for key, p, s, _ in todo}, path,
-                     f"sampled traces (T={args.temperature})", chunk)
+                     f"sampled traces (T={args.temperature})", chunk, on_progress)
 
 
 def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:

@@ -138,7 +138,8 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         profiles = write_profiles(out, profile, args) if profile else {}
         configs = build_configs(profile, profiles, args)
         todo = pending(configs, problems, args, out / "generations.jsonl")
-        meter = Meter().to_dict()
+        # on a resume, the total of every attempt's work; kept up to date as answers come
+        record, meter = run.throughput_recorder("generate"), Meter().to_dict()
         if todo:  # a resumed stage with every answer in place starts no engine
             llm = open_engine(engine)
             from adaras.engine import load_profile
@@ -149,9 +150,8 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
             prompts = {p.id: prompt_ids(tok, build_messages(p))
                        for p in {p.id: p for _, _, p in todo}.values()}
             meter = generate_all(llm, todo, prompts, configs, args, out / "generations.jsonl",
-                                 engine.chunk)
-        # recorded before anything that may fail; on a resume, every attempt's work
-        meter = run.record_throughput("generate", meter)
+                                 engine.chunk, on_progress=record)
+        meter = record(meter)
         results = summarize(out, problems, configs, args)
         if excluded is not None:  # e.g. near-duplicates of training problems
             dropped_here = sorted(excluded & {p.id for p in problems})
@@ -326,7 +326,7 @@ def pending(configs, problems, args: EvalArgs, path: Path) -> list[tuple[str, st
 
 
 def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, args: EvalArgs,
-                 path: Path, chunk: int) -> dict:
+                 path: Path, chunk: int, on_progress=None) -> dict:
     """Generate the `todo` jobs (see `pending`), appending each answer to
     `path`; returns the throughput of this call (see run_jobs)."""
     from vllm import SamplingParams
@@ -348,7 +348,8 @@ def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, ar
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
     return run_jobs(llm, jobs, on_done,
-                    f"evaluate {len(configs)} configs: {len(jobs)} answers", chunk)
+                    f"evaluate {len(configs)} configs: {len(jobs)} answers", chunk,
+                    on_progress=on_progress)
 
 
 def config_problems(name: str, problems: list[Problem], args: EvalArgs) -> list[Problem]:

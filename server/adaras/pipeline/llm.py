@@ -177,14 +177,16 @@ def _in_chunks(llm, jobs: Sequence[Job], description: str, chunk: int, collect, 
 
 
 def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object, dict]]], None],
-             description: str, chunk: int = 256, flush: int = 16) -> dict:
+             description: str, chunk: int = 256, flush: int = 16,
+             on_progress: Callable[[dict], object] | None = None) -> dict:
     """Generate `jobs`, keeping at most `chunk` unfinished requests in the
     engine (a waiting queue deep enough that the batch stays full), and call
     `on_done` with (job, RequestOutput, steering report) triples in job order,
     as soon as `flush` more of them have finished with every earlier job, so
     the caller checkpoints while the engine runs. Unlike one `llm.generate`
     per chunk, no batch drains waiting for a chunk's longest answer.
-    Returns the throughput (Meter.to_dict())."""
+    Returns the throughput (Meter.to_dict()); `on_progress` gets it so far
+    after each `on_done` (Run.throughput_recorder)."""
     from collections import deque
 
     from vllm.sampling_params import RequestOutputKind
@@ -213,6 +215,8 @@ def run_jobs(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, object
         meter.prompt_tokens += sum(len(j.prompt) for j, _ in done)
         meter.generated_tokens += sum(len(c.token_ids) for _, o in done for c in o.outputs)
         on_done([(j, o, reports.get(o.request_id, {})) for j, o in done])
+        if on_progress is not None:
+            on_progress(meter.to_dict())
         bar.advance(task, n)
 
     with progress() as bar:
@@ -250,10 +254,11 @@ _REQUEST_IDS = itertools.count()
 
 
 def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
-                 description: str, chunk: int = 32) -> dict:
+                 description: str, chunk: int = 32,
+                 on_progress: Callable[[dict], object] | None = None) -> dict:
     """Teacher-forced activation capture: each job's prompt is prefilled once
     (max_tokens=1) with `extra_args["adaras_capture"]` set in its params.
-    Returns the throughput (Meter.to_dict())."""
+    Returns the throughput (Meter.to_dict()); `on_progress` as in run_jobs."""
     from adaras.engine import pop_captures
 
     meter = Meter()
@@ -269,6 +274,8 @@ def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, di
                                    f"{(cap or {}).get('error', 'no result from the engine')}")
             results.append((j, cap))
         on_done(results)
+        if on_progress is not None:
+            on_progress(meter.to_dict())
     return meter.to_dict()
 
 

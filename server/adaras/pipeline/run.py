@@ -17,7 +17,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -149,27 +149,41 @@ class Run:
             manifest["stages"][stage] = entry
             self._write(manifest)
 
-    def record_throughput(self, label: str, meter: dict) -> dict:
-        """Record an engine call's throughput (pipeline.llm.Meter) under the
-        running stage's results["throughput"][label], summed with what earlier
-        attempts of a resumed stage recorded there. Returns that total (the
-        call's own meter when there is no running stage)."""
-        if getattr(self, "current_stage", None) is None:
-            return meter
-        manifest = self.manifest()
-        results = manifest["stages"].setdefault(self.current_stage, {}).setdefault("results", {})
-        earlier = results.setdefault("throughput", {}).get(label)
-        if not meter.get("requests"):  # this attempt generated nothing: nothing to add
-            return earlier or meter
-        if earlier:  # a resumed stage: the work of every attempt together
-            from adaras.pipeline.llm import Meter
+    def throughput_recorder(self, label: str) -> Callable[[dict], dict]:
+        """`record(meter)` for an engine call of the running stage (a
+        pipeline.llm.Meter dict): writes `earlier + meter` under the stage's
+        results["throughput"][label], where `earlier` is what earlier attempts
+        of a resumed stage recorded there when the recorder was made, and
+        returns that total (the meter itself outside a stage). Call it as the
+        call's meter grows (run_jobs' `on_progress`) and once at the end: a
+        call stopped without warning still counts the work it handed over."""
+        stage = getattr(self, "current_stage", None)
+        if stage is None:
+            return lambda meter: meter
+        earlier = (((self.stage_entry(stage) or {}).get("results") or {})
+                   .get("throughput", {}).get(label))
 
-            meter = Meter(**{k: earlier.get(k, 0) + meter.get(k, 0)
-                             for k in ("requests", "prompt_tokens", "generated_tokens",
-                                       "seconds")}).to_dict()
-        results["throughput"][label] = meter
-        self._write(manifest)
-        return meter
+        def record(meter: dict) -> dict:
+            if not meter.get("requests"):  # nothing generated (yet): nothing to add
+                return earlier or meter
+            total = meter
+            if earlier:  # a resumed stage: the work of every attempt together
+                from adaras.pipeline.llm import Meter
+
+                total = Meter(**{k: earlier.get(k, 0) + meter.get(k, 0)
+                                 for k in ("requests", "prompt_tokens", "generated_tokens",
+                                           "seconds")}).to_dict()
+            manifest = self.manifest()
+            results = manifest["stages"].setdefault(stage, {}).setdefault("results", {})
+            results.setdefault("throughput", {})[label] = total
+            self._write(manifest)
+            return total
+
+        return record
+
+    def record_throughput(self, label: str, meter: dict) -> dict:
+        """Record a finished engine call's throughput (see throughput_recorder)."""
+        return self.throughput_recorder(label)(meter)
 
     def record(self, stage: str, **results) -> None:
         """Add result numbers to a stage's manifest entry."""
