@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,8 +37,13 @@ def test_save_then_restore_round_trips_a_stages_answers(tmp_path):
     study = tmp_path / "study" / "dev"
     with gzip.open(study / "generations.jsonl.gz", "rt") as f:
         assert [json.loads(line) for line in f] == rows
-    assert (study / "results.json").exists() and not (study / "report.md").exists()
     assert json.loads((study / "manifest.json").read_text())["args"] == {"problems": 3}
+    # results only of a stage that finished: `remaining` takes a saved results.json as done
+    assert not (study / "results.json").exists()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(
+        {"stages": {"dev": {"status": "done", "args": {"problems": 3}}}}))
+    assert run_sh(tmp_path, "save", "dev").returncode == 0
+    assert (study / "results.json").exists() and not (study / "report.md").exists()
 
     (stage / "generations.jsonl").unlink()  # a new machine: the run folder is gone
     (tmp_path / "run" / "manifest.json").unlink()
@@ -74,6 +80,22 @@ def test_save_of_a_running_stage_keeps_complete_answers_only(tmp_path):
     assert again.returncode == 0 and "fewer than the 2" in again.stderr
     with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
         assert len(f.read().splitlines()) == 2
+    # a save whose compression fails (a full disk) leaves the saved copy as it was
+    (stage / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("gzip")  # decompression still works (gunzip calls gzip -d)
+    (fake / "gzip").write_text(f"#!/bin/sh\ncase \" $* \" in *\" -d\"*) exec {real} \"$@\";; esac\n"
+                               "printf trunc\nexit 1\n")
+    (fake / "gzip").chmod(0o755)
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
+           "PATH": f"{fake}:{os.environ['PATH']}"}
+    failed = subprocess.run(["bash", str(SCRIPT), "save", "confirm"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0 and "could not write" in failed.stderr
+    with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 2
+    assert not list((tmp_path / "study").rglob("*.tmp")) and not list(stage.glob(".*.tmp"))
 
 
 def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
@@ -89,7 +111,7 @@ def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
                          text=True, timeout=60)  # an engine would take minutes to start
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(") is done") == 4 and "every stage is done" in out.stdout
-    assert not (tmp_path / "run").exists()  # nothing ran
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".remaining.lock"]  # nothing ran
     assert json.loads((study / "verdict.json").read_text())["helps"] is False  # then the verdict
 
 
@@ -149,7 +171,6 @@ def test_smoke_run_of_every_generating_stage(tmp_path):
     answers = gzip.open(study / "confirm" / "generations.jsonl.gz", "rt").read().splitlines()
     assert len(answers) == 5 * 8 + 3
 
-    import shutil
     shutil.rmtree(tmp_path / "run")  # a new machine
     again = stage("confirm")
     assert "restored 43 answers of confirm" in again.stdout
@@ -248,6 +269,42 @@ def test_verdict_judges_the_answer_probe_goals_on_the_point_estimates(tmp_path):
     assert ap["auroc_goal_met"] and not ap["ece_goal_met"]
     assert ap["best_of_n"]["best_of_4_goal_met"]  # +6 points, though its CI reaches 0
     assert "AUROC ≥ 0.88 met; ECE ≤ 0.05 not met" in md
+
+
+def test_remaining_stops_after_registering_stage_3_so_that_it_is_committed_first(tmp_path):
+    study = tmp_path / "study"
+    (study / "dev").mkdir(parents=True)
+    (study / "dev" / "results.json").write_text(json.dumps({"configs": {
+        "always": {"fixed": 6, "broken": 4, "problems": 80},
+        "adaptive": {"youden_threshold": 0.61}}}))
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study),
+           "CPUINFO": str(cpuinfo)}
+    out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "stage 3 is registered; commit" in out.stdout
+    reg = json.loads((study / "confirm-registration.json").read_text())
+    assert reg["adaptive_threshold"] == 0.61 and reg["mde_at_80_power"] > 0
+    assert not (tmp_path / "run" / "confirm").exists()  # confirm waits for the commit
+
+
+def test_remaining_runs_once_per_run_folder(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
+           "CPUINFO": str(cpuinfo)}
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen(["flock", str(tmp_path / "run" / ".remaining.lock"), "sleep", "30"])
+    try:
+        import time
+        time.sleep(0.5)
+        out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        holder.kill()
+    assert out.returncode == 4 and "another one is running" in out.stderr
 
 
 def test_verdict_needs_the_confirm_results(tmp_path):

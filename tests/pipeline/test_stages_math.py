@@ -12,7 +12,6 @@ from adaras.pipeline.capture import load_parts, save_part
 from adaras.pipeline.evaluate import randomize, truncate
 from adaras.pipeline.identify import mean_difference, select
 from adaras.pipeline.run import Run, StageArgsChanged, append_jsonl, read_jsonl
-from adaras.pipeline.stats import paired_bootstrap, youden_threshold
 from adaras.pipeline.train import select_features, split_problems
 from adaras.profile import ModelShape, SteeringProfile
 
@@ -110,25 +109,6 @@ def test_truncate_keeps_the_largest():
     prof = _profile()
     top = truncate(prof, 2)
     assert sorted(np.abs(top.delta.numpy())) == sorted(np.abs(prof.delta.numpy()))[-2:]
-
-
-def test_paired_bootstrap_ci():
-    rng = np.random.default_rng(0)
-    base = rng.random(400) < 0.5
-    same = paired_bootstrap(base, base.copy(), 2000)
-    assert same == [0.0, 0.0]
-    better = base | (rng.random(400) < 0.3)  # strictly fixes some problems
-    lo, hi = paired_bootstrap(base, better, 2000)
-    true = better.mean() - base.mean()
-    assert 0 < lo < true < hi
-
-
-def test_youden_threshold_separates_separable_scores():
-    y = np.array([0, 0, 0, 1, 1, 1])
-    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
-    t = youden_threshold(y, p)
-    assert 0.3 < t <= 0.6
-    assert youden_threshold(np.zeros(4, int), p[:4]) == 0.5
 
 
 def test_anova_finds_the_informative_neuron():

@@ -9,8 +9,9 @@
 # `save confirm` and a commit before every session ends (it resumes from them);
 # best-of-n; humaneval; save each. `run.sh remaining` does all of that but the
 # commits, in one background job: every unfinished stage in order, saved every
-# SAVE_EVERY seconds (600) while it runs and when it ends; rerun it in each session
-# and commit $HERE before the session ends. After changing this file or the pipeline,
+# SAVE_EVERY seconds (600) while it runs and when it ends; it stops after
+# `register` (commit the registration before confirm starts, then run it again);
+# rerun it in each session and commit $HERE before the session ends. After changing this file or the pipeline,
 # run `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
 set -euo pipefail
 SCRIPT=$(realpath "$0")
@@ -93,47 +94,65 @@ smoke_refuses() {
 }
 
 save() {
-  local f saved=0
+  local f n m had tmp status saved=0
   mkdir -p "$HERE/$1"
   for f in generations samples; do
-    if [[ -s $RUN/$1/$f.jsonl ]]; then
-      # complete lines only (a running stage may be writing the last one), replaced
-      # in one rename, so a save stopped halfway leaves the last one whole
-      local n had=0; n=$(wc -l < "$RUN/$1/$f.jsonl")
-      if [[ -f $HERE/$1/$f.jsonl.gz ]]; then had=$(gunzip -c "$HERE/$1/$f.jsonl.gz" | wc -l); fi
-      if (( n < had )); then  # the saved copy is the durable one: never shrink it
-        echo "save: $RUN/$1/$f.jsonl holds $n answers, fewer than the $had in" \
-             "$HERE/$1/$f.jsonl.gz: not replaced" >&2
-        saved=1; continue
-      fi
-      head -n "$n" "$RUN/$1/$f.jsonl" | gzip -9 -n > "$HERE/$1/$f.jsonl.gz.tmp"
-      mv "$HERE/$1/$f.jsonl.gz.tmp" "$HERE/$1/$f.jsonl.gz"
-      echo "saved $n answers of $1 to $HERE/$1/$f.jsonl.gz"
-      saved=1
+    [[ -s $RUN/$1/$f.jsonl ]] || continue
+    saved=1
+    # Complete lines only (a running stage may be writing the last one), written under
+    # $RUN, counted, then renamed over the saved copy, which is the durable one: a save
+    # that fails or stops halfway leaves it as it was, and never shrinks it.
+    n=$(wc -l < "$RUN/$1/$f.jsonl") had=0 tmp=$RUN/$1/.$f.jsonl.gz.tmp
+    if [[ -f $HERE/$1/$f.jsonl.gz ]]; then had=$(gunzip -c "$HERE/$1/$f.jsonl.gz" | wc -l); fi
+    if ! head -n "$n" "$RUN/$1/$f.jsonl" | gzip -9 -n > "$tmp" || ! m=$(gunzip -c "$tmp" | wc -l)
+    then
+      rm -f "$tmp"; echo "save: could not write $tmp" >&2; return 1
     fi
+    if (( m < had )); then
+      rm -f "$tmp"
+      echo "save: $RUN/$1/$f.jsonl holds $m answers, fewer than the $had in" \
+           "$HERE/$1/$f.jsonl.gz: not replaced" >&2
+      continue
+    fi
+    mv "$tmp" "$HERE/$1/$f.jsonl.gz" || return 1
+    echo "saved $m answers of $1 to $HERE/$1/$f.jsonl.gz"
   done
-  [[ $saved == 1 ]] || { echo "save: no answers in $RUN/$1" >&2; exit 2; }
-  for f in problems.jsonl outcomes.jsonl results.json report.md accuracy.png; do
+  [[ $saved == 1 ]] || { echo "save: no answers in $RUN/$1" >&2; return 2; }
+  # the stage's manifest entry, and its status: results only of a stage that finished
+  status=$(python3 - "$RUN/manifest.json" "$1" "$HERE/$1/manifest.json" <<'PY'
+import json, sys
+entry = json.load(open(sys.argv[1]))["stages"][sys.argv[2]]
+json.dump(entry, open(sys.argv[3], "w"), indent=2, sort_keys=True)
+print(entry.get("status", ""))
+PY
+) || return 1
+  for f in problems.jsonl outcomes.jsonl; do
     if [[ -f $RUN/$1/$f ]]; then cp "$RUN/$1/$f" "$HERE/$1/"; fi
   done
-  python3 -c "import json, sys; m = json.load(open(sys.argv[1]))['stages'][sys.argv[2]]
-json.dump(m, open(sys.argv[3], 'w'), indent=2, sort_keys=True)" "$RUN/manifest.json" "$1" "$HERE/$1/manifest.json"
+  if [[ $status == done ]]; then
+    for f in results.json report.md accuracy.png; do
+      if [[ -f $RUN/$1/$f ]]; then cp "$RUN/$1/$f" "$HERE/$1/"; fi
+    done
+  fi
 }
 
 # Run stage $1 in a child and save it every SAVE_EVERY seconds while it runs and
-# once when it ends; the stage's exit status.
+# once when it ends; the stage's exit status. Call it as a plain command, never in
+# an if, || or && list: there bash would ignore set -e in the stage's child too.
 run_saving() {
   (main "$1") &
   local pid=$! rc=0 last=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
     sleep 5
     if (( SECONDS - last >= ${SAVE_EVERY:-600} )); then
-      (save "$1") || true  # nothing to save yet is not an error here
+      # in the background, so set -e still holds inside it; a failed save (or nothing
+      # to save yet) does not stop the stage
+      (save "$1") & wait $! || true
       last=$SECONDS
     fi
   done
   wait "$pid" || rc=$?
-  (save "$1") || true
+  (save "$1") & wait $! || true
   return $rc
 }
 
@@ -256,14 +275,22 @@ PY
   ;;
 remaining)  # every stage not finished (no results.json saved), in order, saved as it runs
   machine_check remaining
+  # one at a time per run folder: the lock is held by every process of this one
+  mkdir -p "$RUN"; exec 9> "$RUN/.remaining.lock"
+  flock -n 9 || { echo "run.sh remaining: another one is running on $RUN" >&2; exit 4; }
   for s in dev confirm best-of-n humaneval; do
+    if [[ $s == confirm && ! -f $HERE/confirm-registration.json ]]; then
+      (main register)  # stage 3's registration, committed before its first answer:
+      echo "run.sh remaining: stage 3 is registered; commit $HERE/confirm-registration.json" \
+           "and $HERE/dev, then run remaining again"
+      exit 0
+    fi
     if [[ -f $HERE/$s/results.json ]]; then
       echo "run.sh remaining: $s (results saved in $HERE/$s) is done"
     else
       echo "run.sh remaining: $s, $(date -u +%FT%TZ)"
       run_saving "$s"
     fi
-    if [[ $s == dev && ! -f $HERE/confirm-registration.json ]]; then (main register); fi
   done
   echo "run.sh remaining: every stage is done, $(date -u +%FT%TZ); commit $HERE"
   main verdict

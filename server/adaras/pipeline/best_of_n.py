@@ -40,7 +40,7 @@ from adaras.pipeline.grade import grade_all
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
-from adaras.pipeline.stats import paired_bootstrap
+from adaras.pipeline.stats import MAX_SCORE_RESAMPLES, paired_bootstrap
 from adaras.profile import SteeringProfile
 
 
@@ -202,7 +202,7 @@ def summarize(out: Path, problems, greedy: dict[str, dict], args: BestOfNArgs) -
     rng = np.random.default_rng(args.seed)
     mixed = [g for g in groups if g[0].any() and (~g[0]).any()]
     boot = [within_problem_auroc([mixed[j] for j in rng.integers(0, len(mixed), len(mixed))])[0]
-            for _ in range(min(args.bootstrap, 2000))] if mixed else []
+            for _ in range(min(args.bootstrap, MAX_SCORE_RESAMPLES))] if mixed else []
     return {"problems": len(ids), "samples": args.samples, "reference": reference,
             "within_problem_auroc": {
                 "auroc": auc, "pairs": pairs, "problems_with_both": len(mixed),

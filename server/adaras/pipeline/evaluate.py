@@ -39,6 +39,7 @@ from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.pipeline.stats import (
+    MAX_SCORE_RESAMPLES,
     mcnemar_p,
     min_detectable_effect,
     paired_bootstrap,
@@ -425,7 +426,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             wrong = ~base
             gated = np.array(applied)
             prompt = score_heads(wrong, {"prompt": p_fail}, args.seed,
-                                 min(args.bootstrap, 2000))["prompt"]
+                                 min(args.bootstrap, MAX_SCORE_RESAMPLES))["prompt"]
             if wrong.any() and (~wrong).any():
                 entry["gate_rate_on_baseline_wrong"] = float(gated[wrong].mean())
                 entry["gate_rate_on_baseline_right"] = float(gated[~wrong].mean())
@@ -439,7 +440,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             entry["answer_probe"] = answer_probe_metrics(
                 got, correct, args.seed,
                 np.array([prompt_p.get(i, np.nan) for i in sub], dtype=float)
-                if prompt_p else None, n=min(args.bootstrap, 2000))
+                if prompt_p else None, n=min(args.bootstrap, MAX_SCORE_RESAMPLES))
         results["configs"][name] = entry
     if args.secondary:
         a, b = args.secondary.split(",")
@@ -477,7 +478,8 @@ def read_ids(path: str) -> set[str]:
 
 
 def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
-                         prompt_p: np.ndarray | None = None, n: int = 2000) -> dict:
+                         prompt_p: np.ndarray | None = None,
+                         n: int = MAX_SCORE_RESAMPLES) -> dict:
     """How well the answer head's p_fail tells this arm's wrong answers from
     its right ones: AUROC and ECE, each with a bootstrap 95% CI, over the
     answers it read (a one-token answer has no position to read). With

@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Resamples for an AUROC's or ECE's bootstrap CI: one sklearn call per resample per
+# head makes these the slow intervals, so they take at most this many (--bootstrap
+# sets fewer); at the default, the old fixed count.
+MAX_SCORE_RESAMPLES = 2000
+
 
 def paired_bootstrap(base: np.ndarray, other: np.ndarray, n: int, seed: int = 0) -> list[float]:
     """95% CI of mean(other - base) resampling problems (paired)."""
@@ -98,7 +103,7 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 
 
 def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
-                n: int = 2000) -> dict:
+                n: int = MAX_SCORE_RESAMPLES) -> dict:
     """For each head's p_fail of the same answers: `calibration` (ECE and its
     bins), `ece_ci95`, and, when `wrong` holds both classes, `auroc` and
     `auroc_ci95`; each CI a percentile bootstrap over answers (n resamples;

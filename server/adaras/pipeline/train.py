@@ -362,6 +362,8 @@ def predict(model: FailurePredictor, seqs) -> np.ndarray:
 def test_scores(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
     """The held-out numbers of metrics.json: AUROC with its bootstrap 95% CI
     (None with one class) and ECE with its CI (see stats.score_heads)."""
+    if not y.size:  # no test problems: nothing to score
+        return dict.fromkeys(("auroc_test", "auroc_test_ci95", "ece_test", "ece_test_ci95"))
     s = score_heads(y.astype(bool), {"head": p}, seed)["head"]
     return {"auroc_test": s.get("auroc"), "auroc_test_ci95": s.get("auroc_ci95"),
             "ece_test": s["calibration"]["ece"], "ece_test_ci95": s.get("ece_ci95")}
