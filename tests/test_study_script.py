@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = (Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -74,12 +75,17 @@ def test_save_of_a_running_stage_keeps_complete_answers_only(tmp_path):
         assert [json.loads(line) for line in f] == rows
     assert not list((tmp_path / "study" / "confirm").glob("*.tmp"))
     # a run folder with fewer answers than the saved copy (restored from an older save
-    # on a new machine) never shrinks it: the saved copy is the durable one
+    # on a new machine) never shrinks it: the saved copy is the durable one, and its
+    # manifest entry stays the one saved with it
+    saved_entry = (tmp_path / "study" / "confirm" / "manifest.json").read_text()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(
+        {"stages": {"confirm": {"attempts": 9}}}))
     (stage / "generations.jsonl").write_text(json.dumps(rows[0]) + "\n")
     again = run_sh(tmp_path, "save", "confirm")
     assert again.returncode == 0 and "fewer than the 2" in again.stderr
     with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
         assert len(f.read().splitlines()) == 2
+    assert (tmp_path / "study" / "confirm" / "manifest.json").read_text() == saved_entry
     # a save whose compression fails (a full disk) leaves the saved copy as it was
     (stage / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
     fake = tmp_path / "bin"
@@ -96,6 +102,25 @@ def test_save_of_a_running_stage_keeps_complete_answers_only(tmp_path):
     with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
         assert len(f.read().splitlines()) == 2
     assert not list((tmp_path / "study").rglob("*.tmp")) and not list(stage.glob(".*.tmp"))
+
+
+def test_two_saves_of_one_stage_at_once_both_succeed(tmp_path):
+    """A save by hand while `remaining` saves the same stage: one waits for the other."""
+    stage = tmp_path / "run" / "confirm"
+    stage.mkdir(parents=True)
+    rng = np.random.default_rng(0)  # incompressible enough that a save takes a while
+    rows = [{"key": f"k{i}", "completion": rng.bytes(600).hex()} for i in range(4000)]
+    (stage / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"stages": {"confirm": {}}}))
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study")}
+    saves = [subprocess.Popen(["bash", str(SCRIPT), "save", "confirm"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [s.communicate(timeout=120) for s in saves]
+    assert [s.returncode for s in saves] == [0, 0], outs
+    with gzip.open(tmp_path / "study" / "confirm" / "generations.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 4000
+    assert not [p for p in stage.iterdir() if p.name.startswith(".") and "lock" not in p.name]
 
 
 def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
@@ -196,7 +221,7 @@ def _config(n: int, base_right: int, fixed: int, broken: int, **extra) -> dict:
     from scipy.stats import binomtest
 
     p = binomtest(fixed, fixed + broken, 0.5).pvalue if fixed + broken else 1.0
-    delta = (fixed - broken) / n
+    delta = (base_right + fixed - broken) / n - base_right / n  # as evaluate computes it
     return {"problems": n, "accuracy": (base_right + fixed - broken) / n,
             "accuracy_ci95": [0.3, 0.5], "delta": delta, "ci95": [delta - 0.02, delta + 0.02],
             "mcnemar_p": p, "fixed": fixed, "broken": broken, "changed": 0.1, "truncated": 3,
@@ -214,13 +239,14 @@ def _study(tmp_path: Path, confirm_always, humaneval_always=None, probe=None, be
     study = tmp_path / "study"
     (study / "confirm").mkdir(parents=True)
     baseline = _config(500, 200, 0, 0, **({"answer_probe": probe} if probe else {}))
-    confirm = {"alpha": 0.3, "dose_in_sigma": 0.089,
+    confirm = {"alpha": 0.3, "dose_in_sigma": 0.089, "primary": {"config": "always"},
                "configs": {"baseline": baseline, "always": confirm_always,
                            "minus": _config(500, 200, 10, 12)},
                "secondary": {"configs": ["always", "minus"], "problems": 500, "delta": 0.01,
                              "ci95": [-0.01, 0.03], "mcnemar_p": 0.4, "only_a": 12,
                              "only_b": 7}}
     (study / "confirm" / "results.json").write_text(json.dumps(confirm))
+    (study / "confirm-registration.json").write_text(json.dumps({"arms": {"always": 500}}))
     if humaneval_always is not None:
         (study / "humaneval").mkdir()
         (study / "humaneval" / "results.json").write_text(json.dumps(
@@ -245,11 +271,12 @@ def _verdict(study: Path) -> tuple[dict, str]:
     ((500, 200, 40, 15), None, None, True),                 # gain, HumanEval not yet run
     ((500, 200, 15, 40), None, False, False),               # a loss: nothing left to decide
     ((500, 200, 28, 14), (164, 100, 3, 4), True, False),    # significant, under +3 points
+    ((500, 160, 15, 0), (164, 100, 3, 4), True, True),      # exactly +3: 0.35 - 0.32 < 0.03
 ])
 def test_verdict_applies_the_registered_rules(tmp_path, always, humaneval, helps, goal):
     study = _study(tmp_path, _config(*always), _config(*humaneval) if humaneval else None)
     v, md = _verdict(study)
-    assert v["helps"] is helps and v["goal_met"] is goal
+    assert v["helps"] is helps and v["goal_met"] is goal and v["warnings"] == []
     assert v["primary"]["delta"] == pytest.approx((always[2] - always[3]) / 500)
     assert v["key_secondary"]["fixed"] == 12 and v["key_secondary"]["broken"] == 7
     if helps:
@@ -288,6 +315,10 @@ def test_remaining_stops_after_registering_stage_3_so_that_it_is_committed_first
     reg = json.loads((study / "confirm-registration.json").read_text())
     assert reg["adaptive_threshold"] == 0.61 and reg["mde_at_80_power"] > 0
     assert not (tmp_path / "run" / "confirm").exists()  # confirm waits for the commit
+    again = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
+                           text=True, timeout=120)  # not committed (this study is not in git)
+    assert again.returncode == 5 and "before confirm runs" in again.stderr
+    assert not (tmp_path / "run" / "confirm").exists()
 
 
 def test_remaining_runs_once_per_run_folder(tmp_path):
@@ -304,7 +335,25 @@ def test_remaining_runs_once_per_run_folder(tmp_path):
                              text=True, timeout=60)
     finally:
         holder.kill()
-    assert out.returncode == 4 and "another one is running" in out.stderr
+    assert out.returncode == 4 and "another one holds" in out.stderr
+
+
+def test_verdict_leaves_a_goal_it_cannot_judge_unjudged_and_flags_unregistered_runs(tmp_path):
+    unread = {"answers": 0, "unread": 500, "calibration": {"ece": 0.0, "bins": []}}
+    first = {**BEST, "reference": "first sample",
+             "methods": {"probe best-of-4": {"accuracy": 0.5, "delta_vs_first sample": 0.1,
+                                             "mean_tokens": 2000, "problems": 100},
+                         "first sample": {"accuracy": 0.4, "mean_tokens": 500,
+                                          "problems": 100}}}
+    study = _study(tmp_path, _config(400, 160, 20, 20), _config(100, 60, 2, 2), unread, first)
+    v, md = _verdict(study)
+    ap = v["answer_probe"]
+    assert ap["auroc_goal_met"] is None and ap["ece_goal_met"] is None  # no answer read
+    assert ap["best_of_n"]["best_of_4_goal_met"] is None  # no greedy reference
+    assert "ECE ≤ 0.05 cannot be judged" in md
+    assert any("400 problems, not the registered 500" in w for w in v["warnings"])
+    assert any("HumanEval ran 100 problems" in w for w in v["warnings"])
+    assert md.count("**Warning:") == 2
 
 
 def test_verdict_needs_the_confirm_results(tmp_path):

@@ -93,47 +93,67 @@ smoke_refuses() {
   if [[ ${SMOKE:-0} == 1 ]]; then echo "run.sh $1: not in SMOKE mode (it would write real results)" >&2; exit 2; fi
 }
 
+# Copy $1 over $2 by a rename, so that neither a reader nor a kill sees half a file;
+# the temporary copy lies in the run folder $3, never beside the committed files.
+put() {
+  local tmp; tmp=$(mktemp "$3/.put.XXXXXX")
+  if cp "$1" "$tmp" && mv "$tmp" "$2"; then return 0; fi
+  rm -f "$tmp"; return 1
+}
+
 save() {
-  local f n m had tmp status saved=0
+  local f n m had tmp entry status lock saved=0 kept=1
+  [[ -d $RUN/$1 ]] || { echo "save: no answers in $RUN/$1" >&2; return 2; }
   mkdir -p "$HERE/$1"
-  for f in generations samples; do
-    [[ -s $RUN/$1/$f.jsonl ]] || continue
-    saved=1
-    # Complete lines only (a running stage may be writing the last one), written under
-    # $RUN, counted, then renamed over the saved copy, which is the durable one: a save
-    # that fails or stops halfway leaves it as it was, and never shrinks it.
-    n=$(wc -l < "$RUN/$1/$f.jsonl") had=0 tmp=$RUN/$1/.$f.jsonl.gz.tmp
-    if [[ -f $HERE/$1/$f.jsonl.gz ]]; then had=$(gunzip -c "$HERE/$1/$f.jsonl.gz" | wc -l); fi
-    if ! head -n "$n" "$RUN/$1/$f.jsonl" | gzip -9 -n > "$tmp" || ! m=$(gunzip -c "$tmp" | wc -l)
-    then
-      rm -f "$tmp"; echo "save: could not write $tmp" >&2; return 1
-    fi
-    if (( m < had )); then
-      rm -f "$tmp"
-      echo "save: $RUN/$1/$f.jsonl holds $m answers, fewer than the $had in" \
-           "$HERE/$1/$f.jsonl.gz: not replaced" >&2
-      continue
-    fi
-    mv "$tmp" "$HERE/$1/$f.jsonl.gz" || return 1
-    echo "saved $m answers of $1 to $HERE/$1/$f.jsonl.gz"
-  done
-  [[ $saved == 1 ]] || { echo "save: no answers in $RUN/$1" >&2; return 2; }
-  # the stage's manifest entry, and its status: results only of a stage that finished
-  status=$(python3 - "$RUN/manifest.json" "$1" "$HERE/$1/manifest.json" <<'PY'
+  exec {lock}> "$RUN/$1/.save.lock"; flock "$lock"  # one save of a stage at a time
+  # The manifest entry first: the answers counted below are then at least those whose
+  # work its throughput counts, so a stage resumed from this save never counts twice.
+  entry=$(mktemp "$RUN/$1/.entry.XXXXXX")
+  status=$(python3 - "$RUN/manifest.json" "$1" "$entry" <<'PY'
 import json, sys
 entry = json.load(open(sys.argv[1]))["stages"][sys.argv[2]]
 json.dump(entry, open(sys.argv[3], "w"), indent=2, sort_keys=True)
 print(entry.get("status", ""))
 PY
-) || return 1
-  for f in problems.jsonl outcomes.jsonl; do
-    if [[ -f $RUN/$1/$f ]]; then cp "$RUN/$1/$f" "$HERE/$1/"; fi
+) || { rm -f "$entry"; echo "save: no manifest entry of $1 in $RUN" >&2; return 1; }
+  for f in generations samples; do
+    [[ -s $RUN/$1/$f.jsonl ]] || continue
+    saved=1
+    # Complete lines only (a running stage may be writing the last one), compressed
+    # under $RUN, counted, then renamed over the saved copy, which is the durable one: a
+    # save that fails or stops halfway leaves it as it was, and never shrinks it.
+    n=$(wc -l < "$RUN/$1/$f.jsonl") had=0 tmp=$(mktemp "$RUN/$1/.$f.XXXXXX")
+    if [[ -f $HERE/$1/$f.jsonl.gz ]]; then had=$(gunzip -c "$HERE/$1/$f.jsonl.gz" | wc -l); fi
+    if ! head -n "$n" "$RUN/$1/$f.jsonl" | gzip -9 -n > "$tmp" || ! m=$(gunzip -c "$tmp" | wc -l)
+    then
+      rm -f "$tmp" "$entry"; echo "save: could not write $tmp" >&2; return 1
+    fi
+    if (( m < had )); then
+      rm -f "$tmp"; kept=0
+      echo "save: $RUN/$1/$f.jsonl holds $m answers, fewer than the $had in" \
+           "$HERE/$1/$f.jsonl.gz: not replaced" >&2
+      continue
+    fi
+    mv "$tmp" "$HERE/$1/$f.jsonl.gz"
+    echo "saved $m answers of $1 to $HERE/$1/$f.jsonl.gz"
   done
-  if [[ $status == done ]]; then
+  if [[ $saved != 1 ]]; then rm -f "$entry"; echo "save: no answers in $RUN/$1" >&2; return 2; fi
+  if [[ $kept != 1 ]]; then rm -f "$entry"; return 0; fi  # the saved copies stay together
+  mv "$entry" "$HERE/$1/manifest.json"
+  for f in problems.jsonl outcomes.jsonl; do
+    if [[ -f $RUN/$1/$f ]]; then put "$RUN/$1/$f" "$HERE/$1/$f" "$RUN/$1"; fi
+  done
+  if [[ $status == done ]]; then  # results only of a stage that finished
     for f in results.json report.md accuracy.png; do
-      if [[ -f $RUN/$1/$f ]]; then cp "$RUN/$1/$f" "$HERE/$1/"; fi
+      if [[ -f $RUN/$1/$f ]]; then put "$RUN/$1/$f" "$HERE/$1/$f" "$RUN/$1"; fi
     done
   fi
+}
+
+# Stage 3's registration is in git, unchanged, before confirm's first answer.
+registration_committed() {
+  git ls-files --error-unmatch "$HERE/confirm-registration.json" > /dev/null 2>&1 \
+    && git diff --quiet HEAD -- "$HERE/confirm-registration.json"
 }
 
 # Run stage $1 in a child and save it every SAVE_EVERY seconds while it runs and
@@ -274,16 +294,23 @@ print(f"bundled {src} as {prof.name}: prompt head {prof.predictor is not None}, 
 PY
   ;;
 remaining)  # every stage not finished (no results.json saved), in order, saved as it runs
-  machine_check remaining
-  # one at a time per run folder: the lock is held by every process of this one
+  # (each generating stage checks the machine itself: register and verdict run anywhere)
+  # one at a time per run folder: the lock is held by every process of this one,
+  # engine processes included
   mkdir -p "$RUN"; exec 9> "$RUN/.remaining.lock"
-  flock -n 9 || { echo "run.sh remaining: another one is running on $RUN" >&2; exit 4; }
+  flock -n 9 || { echo "run.sh remaining: another one holds $RUN/.remaining.lock" \
+                       "(a stray engine? pgrep -af VLLM)" >&2; exit 4; }
   for s in dev confirm best-of-n humaneval; do
     if [[ $s == confirm && ! -f $HERE/confirm-registration.json ]]; then
       (main register)  # stage 3's registration, committed before its first answer:
       echo "run.sh remaining: stage 3 is registered; commit $HERE/confirm-registration.json" \
            "and $HERE/dev, then run remaining again"
       exit 0
+    fi
+    if [[ $s == confirm && ${SMOKE:-0} != 1 && ! -f $HERE/confirm/results.json ]] \
+       && ! registration_committed; then
+      echo "run.sh remaining: commit $HERE/confirm-registration.json before confirm runs" >&2
+      exit 5
     fi
     if [[ -f $HERE/$s/results.json ]]; then
       echo "run.sh remaining: $s (results saved in $HERE/$s) is done"

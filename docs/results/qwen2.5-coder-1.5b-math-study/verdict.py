@@ -14,7 +14,13 @@ The rules (README, stage 3 and the answer-probe section; issue 18 item 9):
 - issue 18's goal: +3 points or more on the primary with p < 0.05;
 - answer probe goals, judged on the point estimate (CI printed beside it):
   AUROC >= 0.88 and ECE <= 0.05 on the baseline answers; best-of-4 by the
-  probe >= greedy + 5 points.
+  probe >= greedy + 5 points. A goal that cannot be judged (no answer read,
+  one class, best-of-n without the greedy reference) is None, not "not met".
+Differences are compared with a 1e-9 tolerance: +15 of 500 is +3 points even
+when the difference of two means comes out 0.029999999999999971.
+It also checks that the runs are the registered ones (confirm: `always` as the
+primary, alpha 0.3, the registered problem count; HumanEval: 164 problems) and
+lists every mismatch under `warnings`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 
 LEVEL = 0.05
+EPS = 1e-9
 GOAL_POINTS = 0.03
 AUROC_GOAL, ECE_GOAL, BEST_OF_4_GOAL = 0.88, 0.05, 0.05
 ARMS = ("baseline", "always", "minus", "random", "adaptive", "noise")
@@ -72,10 +79,32 @@ def verdict(study: Path) -> dict:
             for a in ARMS if a in configs},
         "humaneval": transfer,
         "helps": helps,
-        "goal_met": primary["gain"] and primary["delta"] >= GOAL_POINTS,
+        "goal_met": primary["gain"] and primary["delta"] >= GOAL_POINTS - EPS,
         "served_default": served_default(helps, confirm.get("alpha")),
         "answer_probe": answer_probe(configs, best),
+        "answer_probe_without": (answer_probe(confirm["without"]["configs"], None)
+                                 if "without" in confirm else None),
+        "warnings": mismatches(confirm, humaneval, load(study / "confirm-registration.json")),
     }
+    return out
+
+
+def mismatches(confirm: dict, humaneval: dict | None, registration: dict | None) -> list[str]:
+    """How the saved runs differ from the registered ones (empty when they match)."""
+    out = []
+    if (confirm.get("primary") or {}).get("config") != "always":
+        out.append("confirm's primary is not `always` vs baseline")
+    if confirm.get("alpha") is None or abs(confirm["alpha"] - 0.3) > EPS:
+        out.append(f"confirm ran at alpha {confirm.get('alpha')}, not the registered 0.3")
+    want = ((registration or {}).get("arms") or {}).get("always")
+    if want is None:
+        out.append("no confirm-registration.json beside the results")
+    elif confirm["configs"]["always"]["problems"] != want:
+        out.append(f"confirm's always arm ran {confirm['configs']['always']['problems']} "
+                   f"problems, not the registered {want}")
+    if humaneval is not None and humaneval["configs"]["always"]["problems"] != 164:
+        out.append(f"HumanEval ran {humaneval['configs']['always']['problems']} problems, "
+                   "not all 164")
     return out
 
 
@@ -94,25 +123,33 @@ def answer_probe(configs: dict, best: dict | None) -> dict:
     for arm in ("baseline", "always"):
         a = configs.get(arm, {}).get("answer_probe")
         if a:
+            prompt = a.get("prompt") or {}
             out[arm] = {"answers": a["answers"], "auroc": a.get("auroc"),
-                        "auroc_ci95": a.get("auroc_ci95"), "ece": a["calibration"]["ece"],
+                        "auroc_ci95": a.get("auroc_ci95"),
+                        "ece": a["calibration"]["ece"] if a["answers"] else None,
                         "ece_ci95": a.get("ece_ci95"),
-                        "prompt_auroc": (a.get("prompt") or {}).get("auroc"),
+                        "prompt_auroc": prompt.get("auroc"),
+                        "prompt_ece": (prompt["calibration"]["ece"]
+                                       if prompt.get("answers") else None),
                         "auroc_gain": a.get("auroc_gain"),
                         "auroc_gain_ci95": a.get("auroc_gain_ci95")}
-    if "baseline" in out:
+    if "baseline" in out:  # None: cannot be judged (no answer read, or one class)
         b = out["baseline"]
-        out["auroc_goal_met"] = b["auroc"] is not None and b["auroc"] >= AUROC_GOAL
-        out["ece_goal_met"] = b["ece"] <= ECE_GOAL
+        out["auroc_goal_met"] = None if b["auroc"] is None else b["auroc"] >= AUROC_GOAL - EPS
+        out["ece_goal_met"] = None if b["ece"] is None else b["ece"] <= ECE_GOAL + EPS
     if best is not None:
-        m = best["methods"].get("probe best-of-4", {})
+        m = best["methods"].get("probe best-of-4")
         ref = best["reference"]
+        met = (None if ref != "greedy" or m is None or "delta_vs_greedy" not in m
+               else m["delta_vs_greedy"] >= BEST_OF_4_GOAL - EPS)
         out["best_of_n"] = {"reference": ref, "within_problem_auroc":
-                            best["within_problem_auroc"],
-                            "methods": best["methods"],
-                            "best_of_4_goal_met": ref == "greedy" and
-                            m.get("delta_vs_greedy", float("-inf")) >= BEST_OF_4_GOAL}
+                            best["within_problem_auroc"], "methods": best["methods"],
+                            "best_of_4_goal_met": met}
     return out
+
+
+def judged(met: bool | None) -> str:
+    return {True: "met", False: "not met", None: "cannot be judged"}[met]
 
 
 def pct(x) -> str:
@@ -130,6 +167,7 @@ def num(x, c=None) -> str:  # "0.812 (0.770–0.850)"
 def markdown(v: dict) -> str:
     p = v["primary"]
     lines = ["# Verdict (computed by verdict.py from the saved results)", "",
+             *[f"**Warning: {w}.**" for w in v["warnings"]], *([""] if v["warnings"] else []),
              f"Dose: alpha {v['alpha']} on raw S ({v['dose_in_sigma']:.3f} sigma)."
              if v["dose_in_sigma"] is not None else f"Dose: alpha {v['alpha']}.", "",
              f"**Primary (+S vs baseline, {p['problems']} problems):** "
@@ -160,26 +198,30 @@ def markdown(v: dict) -> str:
                      f"{a['changed']:.3f} | {a['truncated']} | {a['median_tokens']:.0f} |")
     helps = {True: "yes", False: "no", None: "pending"}[v["helps"]]
     lines += ["", f"**Helps (registered rule): {helps}.** Served default: {v['served_default']}.",
-              f"Issue 18's goal (+3 points with p < 0.05): "
-              f"{'met' if v['goal_met'] else 'not met'}.", ""]
+              f"Issue 18's goal (+3 points with p < 0.05): {judged(v['goal_met'])}.", ""]
     ap = v["answer_probe"]
     if "baseline" in ap:
         lines += ["## Answer probe", "", "| answers of | read | AUROC (95% CI) | ECE (95% CI) "
-                  "| prompt p_fail AUROC | AUROC gain (95% CI) |", "|---|---|---|---|---|---|"]
-        for arm in ("baseline", "always"):
-            if arm in ap:
-                a = ap[arm]
-                lines.append(f"| {arm} | {a['answers']} | {num(a['auroc'], a['auroc_ci95'])} | "
-                             f"{num(a['ece'], a['ece_ci95'])} | {num(a['prompt_auroc'])} | "
-                             f"{num(a['auroc_gain'], a['auroc_gain_ci95'])} |")
+                  "| prompt p_fail AUROC | prompt p_fail ECE | AUROC gain (95% CI) |",
+                  "|---|---|---|---|---|---|---|"]
+        without = v.get("answer_probe_without") or {}
+        for label, probe in (("", ap), (" (without near-duplicates)", without)):
+            for arm in ("baseline", "always"):
+                if arm in probe:
+                    a = probe[arm]
+                    lines.append(f"| {arm}{label} | {a['answers']} | "
+                                 f"{num(a['auroc'], a['auroc_ci95'])} | "
+                                 f"{num(a['ece'], a['ece_ci95'])} | {num(a['prompt_auroc'])} | "
+                                 f"{num(a['prompt_ece'])} | "
+                                 f"{num(a['auroc_gain'], a['auroc_gain_ci95'])} |")
         lines += ["", f"Goals on the baseline answers: AUROC ≥ {AUROC_GOAL} "
-                  f"{'met' if ap['auroc_goal_met'] else 'not met'}; ECE ≤ {ECE_GOAL} "
-                  f"{'met' if ap['ece_goal_met'] else 'not met'}."]
+                  f"{judged(ap['auroc_goal_met'])}; ECE ≤ {ECE_GOAL} "
+                  f"{judged(ap['ece_goal_met'])}."]
     if "best_of_n" in ap:
         b = ap["best_of_n"]
         w = b["within_problem_auroc"]
         lines += ["", f"Best of n (reference: {b['reference']}): within-problem AUROC "
-                  f"{w['auroc']:.3f} over {w['pairs']} pairs.", "",
+                  f"{num(w['auroc'], w.get('ci95'))} over {w['pairs']} pairs.", "",
                   f"| method | accuracy | Δ vs {b['reference']} | 95% CI | mean tokens |",
                   "|---|---|---|---|---|"]
         for name, m in b["methods"].items():
@@ -187,7 +229,7 @@ def markdown(v: dict) -> str:
                          f"{pct(m.get('delta_vs_' + b['reference']))} | {ci(m.get('ci95'))} | "
                          f"{m['mean_tokens']:.0f} |")
         lines += ["", f"Goal (best-of-4 by the probe ≥ greedy + 5 points): "
-                  f"{'met' if b['best_of_4_goal_met'] else 'not met'}."]
+                  f"{judged(b['best_of_4_goal_met'])}."]
     elif "baseline" in ap:
         lines += ["", "Best of n: pending."]
     return "\n".join(lines) + "\n"
@@ -197,7 +239,7 @@ def main(argv: list[str]) -> int:
     study = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent
     try:
         v = verdict(study)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: a file that is not JSON
         print(f"verdict: {e}", file=sys.stderr)
         return 2
     (study / "verdict.json").write_text(json.dumps(v, indent=2, sort_keys=True) + "\n")
