@@ -27,7 +27,7 @@ from adaras.pipeline.evaluate import EvalArgs, evaluate
 from adaras.pipeline.identify import IdentifyArgs, identify
 from adaras.pipeline.llm import EngineOptions, open_engine
 from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
-from adaras.pipeline.stats import expected_calibration_error
+from adaras.pipeline.stats import auroc, expected_calibration_error
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile
 from tests.helpers.tiny import make_tiny_model
@@ -237,11 +237,17 @@ def test_train_predictor_stores_a_working_predictor_and_threshold(run, trained):
     assert 0.0 <= prof.threshold <= 1.0
     metrics = json.loads((run.root / "train-predictor" / "metrics.json").read_text())
     assert sum(metrics["n"].values()) == N_PROBLEMS
-    assert set(metrics["baselines_auroc_test"]) == {"l1_logreg_last_token", "l1_logreg_mean_pool"}
+    assert set(metrics["baselines_auroc_test"]) == {"l1_logreg_last_token", "l1_logreg_mean_pool",
+                                                     "length"}
     preds = json.loads((run.root / "train-predictor" / "predictions.json").read_text())
     test = preds["split"]["test"]
     y = np.array(preds["label_failure"])[test].astype(float)
     p = np.array(preds["p_fail"])[test]
+    # the free baseline: the prompt's length in tokens, unfitted
+    prompt_len = {r["key"]: len(r["prompt"]) for r in read_jsonl(run.root / "collect" /
+                                                                   "greedy.jsonl")}
+    assert metrics["baselines_auroc_test"]["length"] == auroc(
+        y, np.array([prompt_len[preds["keys"][i]] for i in test], dtype=float))
     assert metrics["ece_test"] == pytest.approx(expected_calibration_error(y, p)["ece"])
     assert metrics["ece_test_ci95"][1] >= metrics["ece_test_ci95"][0] >= 0
     # the stored predictor reproduces the predictions it was evaluated with
@@ -284,6 +290,15 @@ def test_the_answer_probe_is_a_second_head_read_after_the_prompt(run, engine, ti
     for key, label in zip(preds["keys"], preds["label_failure"]):
         r = by_key[key]
         assert label == int(r["finish_reason"] == "length" or not r["correct"])
+    # beside the head: the answer's length (positions read), and the head without the
+    # answers cut at max_tokens
+    metrics = json.loads((run.root / "train-answer-probe" / "metrics.json").read_text())
+    test = preds["split"]["test"]
+    y = np.array(preds["label_failure"])
+    read = np.array([len(t["ids"]) - t["start"] for t in traces], dtype=float)
+    assert metrics["baselines_auroc_test"]["length"] == auroc(y[test], read[test])
+    fin = [i for i in test if by_key[preds["keys"][i]]["finish_reason"] != "length"]
+    assert metrics["auroc_test_finished"] == auroc(y[fin], np.array(preds["p_fail"])[fin])
     # the head on an HF teacher-forced read of prompt + answer[:-1], from the prompt on
     i = next(j for j, t in enumerate(traces) if len(t["ids"]) - t["start"] >= 2)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
@@ -322,7 +337,10 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
         assert a["prompt"]["answers"] == 6 and a["prompt"]["calibration"]["ece"] == \
             pytest.approx(expected_calibration_error(
                 wrong, np.array([prompt_p[o["problem"]] for o in mine]))["ece"])
-    assert "## Answer probe" in (probed.root / "eval" / "report.md").read_text()
+        # the free baselines count the same answers
+        assert a["finished"]["answers"] == sum(not o["truncated"] for o in mine)
+    report = (probed.root / "eval" / "report.md").read_text()
+    assert "## Answer probe" in report and "| length AUROC |" in report
     got = {(r["config"], r["problem"]): r["completion"]
            for r in read_jsonl(probed.root / "eval" / "generations.jsonl")}
     want = {(r["config"], r["problem"]): r["completion"]
@@ -351,6 +369,10 @@ def test_eval_with_the_answer_probe_reads_every_arm_and_changes_no_answer(run, e
     assert bon["reference"] == "greedy" and bon["methods"]["greedy"]["problems"] == 4
     base = {o["problem"]: o["correct"] for o in outcomes if o["arm"] == "baseline"}
     assert bon["methods"]["greedy"]["accuracy"] == pytest.approx(np.mean([base[i] for i in by]))
+    short = [min(rows[:3], key=lambda r: r["tokens"])["correct"] for rows in by.values()]
+    assert bon["methods"]["shortest of 3"]["accuracy"] == pytest.approx(np.mean(short))
+    assert bon["within_problem_auroc_length"]["problems_with_both"] == \
+        bon["within_problem_auroc"]["problems_with_both"]  # every sample read: same problems
     # resumed with every sample in place (a results rerun on a new machine): no engine
     import adaras.pipeline.best_of_n as bon_module
 

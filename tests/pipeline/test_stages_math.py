@@ -326,7 +326,10 @@ def test_best_of_n_methods_and_within_problem_auroc():
     assert got["probe best-of-3"] == (1.0, 60)  # the lowest p_fail of the first 3
     assert got["majority vote of 3"] == (0.0, 60)  # "3" twice beats "4" once
     assert got["random sample of 3"] == (pytest.approx(1 / 3), 20)
+    assert got["shortest of 3"] == (0.0, 60)  # 10 tokens, wrong
     assert choose(rows, 4)["probe best-of-4"] == (1.0, 100)
+    tie = [{**r, "tokens": 20} for r in rows]
+    assert choose(tie[1:], 2)["shortest of 2"] == (1.0, 40)  # equal lengths: the first
     assert majority([{"extracted": None, "correct": False}])["correct"] is False
     # within a problem: 2 wrong x 1 right, both ordered correctly; a tie counts 1/2
     w, p = np.array([True, False, True]), np.array([0.9, 0.2, 0.2])

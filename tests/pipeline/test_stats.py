@@ -116,3 +116,24 @@ def test_score_heads_gives_each_head_its_own_numbers_on_shared_resamples():
     one = score_heads(np.ones(20, bool), {"h": good[:20]}, seed=0, n=50)["h"]
     assert "auroc" not in one and "ece_ci95" in one and auroc(np.ones(20), good[:20]) is None
     assert set(score_heads(np.zeros(0, bool), {"h": np.zeros(0)}, seed=0)["h"]) == {"calibration"}
+
+
+def test_a_score_head_is_ranked_not_calibrated():
+    """A ranking that is not a probability (an answer's length in tokens) gets
+    AUROC and its CI, no ECE; the probability head beside it keeps exactly its
+    own numbers, and the paired gain compares the two on the same resamples."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    wrong = rng.random(300) < 0.5
+    p = np.clip(0.5 + 0.3 * np.where(wrong, 1, -1) + rng.normal(0, 0.2, 300), 0.01, 0.99)
+    tokens = rng.integers(100, 1300, 300) + 200 * wrong  # longer when wrong, weakly
+    got = score_heads(wrong, {"head": p, "length": tokens}, seed=5, n=300, scores=("length",))
+    assert set(got["length"]) == {"auroc", "auroc_ci95"}
+    assert got["length"]["auroc"] == pytest.approx(roc_auc_score(wrong, tokens))
+    lo, hi = got["length"]["auroc_ci95"]
+    assert 0.5 < lo <= got["length"]["auroc"] <= hi
+    assert got["head"] == score_heads(wrong, {"head": p}, seed=5, n=300)["head"]
+    assert got["auroc_gain_ci95"][0] > 0
+    # read as a probability, the same tokens would get a meaningless ECE
+    assert "calibration" in score_heads(wrong, {"length": tokens}, seed=5, n=20)["length"]

@@ -138,8 +138,12 @@ def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_an
     answer = np.clip(0.5 + 0.35 * np.where(wrong, 1, -1) + rng.normal(0, 0.2, n), 0.01, 0.99)
     prompt = np.clip(0.5 + 0.1 * np.where(wrong, 1, -1) + rng.normal(0, 0.25, n), 0.01, 0.99)
     prompt[:10] = np.nan  # problems whose prompt p_fail nobody reported
-    rows = [{"steering": {"answer_failure_probability": float(a)}} for a in answer]
-    rows[-1] = {"steering": {"answer_failure_probability": None}}  # a one-token answer
+    tokens = rng.integers(100, 1000, n) + 150 * wrong  # wrong answers run a little longer
+    cut = wrong & (rng.random(n) < 0.2)  # some wrong answers hit max_tokens
+    tokens[cut] = 1280
+    rows = [{"steering": {"answer_failure_probability": float(a)}, "tokens": int(t),
+             "finish_reason": "length" if c else "stop"} for a, t, c in zip(answer, tokens, cut)]
+    rows[-1] = {**rows[-1], "steering": {"answer_failure_probability": None}}  # one token
     got = answer_probe_metrics(rows, correct, seed=0, prompt_p=prompt, n=500)
     read = np.r_[np.ones(n - 1, bool), False]
     both = read & ~np.isnan(prompt)
@@ -160,6 +164,19 @@ def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_an
     for m in (got, got["prompt"]):
         assert m["ece_ci95"][0] <= m["calibration"]["ece"] <= m["ece_ci95"][1]
     assert got["auroc_gain_ci95"][0] > 0
+    # the free baselines: the answer's length ranked as a score (AUROC only), the head's
+    # gain over it, and the head on the answers not cut at max_tokens
+    want_length = roc_auc_score(wrong[read], tokens[read])
+    assert set(got["length"]) == {"auroc", "auroc_ci95", "answer_auroc_gain",
+                                  "answer_auroc_gain_ci95"}
+    assert got["length"]["auroc"] == pytest.approx(want_length)
+    assert got["length"]["answer_auroc_gain"] == pytest.approx(got["auroc"] - want_length)
+    lo, hi = got["length"]["answer_auroc_gain_ci95"]
+    assert 0 < lo <= got["length"]["answer_auroc_gain"] <= hi
+    fin = read & ~cut
+    assert got["finished"]["answers"] == fin.sum() < read.sum()
+    assert got["finished"]["auroc"] == pytest.approx(roc_auc_score(wrong[fin], answer[fin]))
+    assert "calibration" not in got["finished"] and "calibration" not in got["length"]
     # the same head twice: no gain, and the paired CI is exactly zero
     same = answer_probe_metrics(rows, correct, seed=0, prompt_p=answer, n=200)
     assert same["auroc_gain"] == 0 and same["auroc_gain_ci95"] == [0.0, 0.0]

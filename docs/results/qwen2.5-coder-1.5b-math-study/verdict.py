@@ -16,6 +16,9 @@ The rules (README, stage 3 and the answer-probe section; issue 18 item 9):
   AUROC >= 0.88 and ECE <= 0.05 on the baseline answers; best-of-4 by the
   probe >= greedy + 5 points. A goal that cannot be judged (no answer read,
   one class, best-of-n without the greedy reference) is None, not "not met".
+  Beside them, not goals: the free baselines the head must beat (the answer's
+  length as a failure score, the head on answers not cut at max_tokens, the
+  samples' length within a problem, the shortest of k samples).
 Differences are compared with a 1e-9 tolerance: +15 of 500 is +3 points even
 when the difference of two means comes out 0.029999999999999971.
 It also checks that the runs are the registered ones (confirm: `always` as the
@@ -132,7 +135,9 @@ def answer_probe(configs: dict, best: dict | None) -> dict:
                         "prompt_ece": (prompt["calibration"]["ece"]
                                        if prompt.get("answers") else None),
                         "auroc_gain": a.get("auroc_gain"),
-                        "auroc_gain_ci95": a.get("auroc_gain_ci95")}
+                        "auroc_gain_ci95": a.get("auroc_gain_ci95"),
+                        # free baselines (absent from results written before they existed)
+                        "length": a.get("length"), "finished": a.get("finished")}
     if "baseline" in out:  # None: cannot be judged (no answer read, or one class)
         b = out["baseline"]
         out["auroc_goal_met"] = None if b["auroc"] is None else b["auroc"] >= AUROC_GOAL - EPS
@@ -143,8 +148,9 @@ def answer_probe(configs: dict, best: dict | None) -> dict:
         met = (None if ref != "greedy" or m is None or "delta_vs_greedy" not in m
                else m["delta_vs_greedy"] >= BEST_OF_4_GOAL - EPS)
         out["best_of_n"] = {"reference": ref, "within_problem_auroc":
-                            best["within_problem_auroc"], "methods": best["methods"],
-                            "best_of_4_goal_met": met}
+                            best["within_problem_auroc"], "within_problem_auroc_length":
+                            best.get("within_problem_auroc_length"),
+                            "methods": best["methods"], "best_of_4_goal_met": met}
     return out
 
 
@@ -216,12 +222,26 @@ def markdown(v: dict) -> str:
                                  f"{num(a['auroc_gain'], a['auroc_gain_ci95'])} |")
         lines += ["", f"Goals on the baseline answers: AUROC ≥ {AUROC_GOAL} "
                   f"{judged(ap['auroc_goal_met'])}; ECE ≤ {ECE_GOAL} "
-                  f"{judged(ap['ece_goal_met'])}."]
+                  f"{judged(ap['ece_goal_met'])}.", "",
+                  "Free baselines (not goals): the answer's length in tokens as a failure "
+                  "score, and the head on the answers not cut at max_tokens.", "",
+                  "| answers of | length AUROC (95% CI) | head's gain over length (95% CI) "
+                  "| finished answers | head AUROC on them (95% CI) |", "|---|---|---|---|---|"]
+        for arm in ("baseline", "always"):
+            if arm in ap:
+                ln, fin = ap[arm].get("length") or {}, ap[arm].get("finished") or {}
+                lines.append(f"| {arm} | {num(ln.get('auroc'), ln.get('auroc_ci95'))} | "
+                             f"{num(ln.get('answer_auroc_gain'), ln.get('answer_auroc_gain_ci95'))}"
+                             f" | {fin.get('answers', '')} | "
+                             f"{num(fin.get('auroc'), fin.get('auroc_ci95'))} |")
     if "best_of_n" in ap:
         b = ap["best_of_n"]
         w = b["within_problem_auroc"]
         lines += ["", f"Best of n (reference: {b['reference']}): within-problem AUROC "
-                  f"{num(w['auroc'], w.get('ci95'))} over {w['pairs']} pairs.", "",
+                  f"{num(w['auroc'], w.get('ci95'))} over {w['pairs']} pairs" +
+                  (f"; the samples' length alone: {num(ln['auroc'], ln.get('ci95'))} over "
+                   f"{ln['pairs']} pairs." if (ln := b.get("within_problem_auroc_length"))
+                   else "."), "",
                   f"| method | accuracy | Δ vs {b['reference']} | 95% CI | mean tokens |",
                   "|---|---|---|---|---|"]
         for name, m in b["methods"].items():

@@ -11,12 +11,15 @@ at --temperature / --top-p, each request asking for the profile's answer head
                       mean correctness of the first k), exact, no draw
     majority vote     the most frequent extracted final answer among the first k
                       (ties: the one seen first), graded by a sample that gave it
+    shortest          the sample with the fewest tokens among the first k (ties:
+                      the first): a selector that needs no probe
     greedy            the eval stage's baseline arm (when it has one)
 
 and the probe's within-problem discrimination: over the problems whose samples
 are both right and wrong, the fraction of (wrong, right) sample pairs of one
 problem that the probe orders correctly (ties count 1/2), i.e. the
-pair-weighted mean of the per-problem AUROCs, with a bootstrap over problems.
+pair-weighted mean of the per-problem AUROCs, with a bootstrap over problems;
+and the same for the samples' lengths in tokens, the free baseline it must beat.
 Tokens: the mean generated tokens per problem each method costs (k samples,
 or the greedy answer).
 
@@ -156,8 +159,10 @@ def choose(rows: list[dict], k: int) -> dict[str, tuple[float, int]]:
     tokens = sum(r["tokens"] for r in first)
     probed = [r for r in first if r["answer_p_fail"] is not None] or first
     best = min(probed, key=lambda r: (r["answer_p_fail"] is None, r["answer_p_fail"] or 0.0))
+    shortest = min(first, key=lambda r: r["tokens"])  # ties: the first
     return {f"probe best-of-{k}": (float(best["correct"]), tokens),
             f"majority vote of {k}": (float(majority(first)["correct"]), tokens),
+            f"shortest of {k}": (float(shortest["correct"]), tokens),
             f"random sample of {k}": (float(np.mean([r["correct"] for r in first])),
                                       round(tokens / k))}
 
@@ -194,27 +199,39 @@ def summarize(out: Path, problems, greedy: dict[str, dict], args: BestOfNArgs) -
         if name != reference and len(values) == len(ids):
             methods[name]["delta_vs_" + reference] = float(acc.mean() - ref.mean())
             methods[name]["ci95"] = paired_bootstrap(ref, acc, args.bootstrap, args.seed)
-    groups = [(np.array([not r["correct"] for r in by_problem[i]]),
-               np.array([np.nan if r["answer_p_fail"] is None else r["answer_p_fail"]
-                         for r in by_problem[i]])) for i in ids]
-    groups = [(w[~np.isnan(p)], p[~np.isnan(p)]) for w, p in groups]
+    wrong = [np.array([not r["correct"] for r in by_problem[i]]) for i in ids]
+    p_fail = [np.array([np.nan if r["answer_p_fail"] is None else r["answer_p_fail"]
+                        for r in by_problem[i]]) for i in ids]
+    length = [np.array([r["tokens"] for r in by_problem[i]], dtype=float) for i in ids]
+    return {"problems": len(ids), "samples": args.samples, "reference": reference,
+            "within_problem_auroc": discrimination(
+                [(w[~np.isnan(p)], p[~np.isnan(p)]) for w, p in zip(wrong, p_fail)], args),
+            "within_problem_auroc_length": discrimination(list(zip(wrong, length)), args),
+            "methods": methods}
+
+
+def discrimination(groups: list[tuple[np.ndarray, np.ndarray]], args: BestOfNArgs) -> dict:
+    """within_problem_auroc of (wrong, score) per problem, with its bootstrap
+    95% CI over the problems whose samples are both right and wrong."""
     auc, pairs = within_problem_auroc(groups)
     rng = np.random.default_rng(args.seed)
     mixed = [g for g in groups if g[0].any() and (~g[0]).any()]
     boot = [within_problem_auroc([mixed[j] for j in rng.integers(0, len(mixed), len(mixed))])[0]
             for _ in range(min(args.bootstrap, MAX_SCORE_RESAMPLES))] if mixed else []
-    return {"problems": len(ids), "samples": args.samples, "reference": reference,
-            "within_problem_auroc": {
-                "auroc": auc, "pairs": pairs, "problems_with_both": len(mixed),
-                "ci95": [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
-                if boot else None},
-            "methods": methods}
+    return {"auroc": auc, "pairs": pairs, "problems_with_both": len(mixed),
+            "ci95": [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
+            if boot else None}
 
 
 def write_report(out: Path, results: dict, args: BestOfNArgs) -> None:
     w = results["within_problem_auroc"]
     ci = w["ci95"] or [float("nan")] * 2
     ref = results["reference"]
+    ln = results.get("within_problem_auroc_length")  # absent from older results
+    lci = (ln or {}).get("ci95") or [float("nan")] * 2
+    length = (f" The samples' length alone (the longer taken as wrong) orders {ln['auroc']:.3f} "
+              f"of the {ln['pairs']} pairs of all samples (95% CI {lci[0]:.3f}-{lci[1]:.3f})."
+              if ln else "")
     lines = ["# Best of n by the answer probe", "",
              f"{results['problems']} problems of the `{args.problems_from}` stage, "
              f"{args.samples} samples each at T {args.temperature}, top-p {args.top_p}, max "
@@ -222,7 +239,7 @@ def write_report(out: Path, results: dict, args: BestOfNArgs) -> None:
              f"Within-problem discrimination: over the {w['problems_with_both']} problems whose "
              f"samples are both right and wrong, the probe ranks a wrong sample above a right "
              f"one in {w['auroc']:.3f} of {w['pairs']} pairs (bootstrap over problems, 95% CI "
-             f"{ci[0]:.3f}-{ci[1]:.3f}).", "",
+             f"{ci[0]:.3f}-{ci[1]:.3f}).{length}", "",
              f"| method | accuracy | Δ vs {ref} | paired bootstrap 95% CI | mean tokens per "
              "problem |", "|---|---|---|---|---|"]
     for name, m in results["methods"].items():

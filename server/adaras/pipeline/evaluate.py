@@ -486,10 +486,18 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
     `prompt_p` (the prompt predictor's p_fail of each row's problem, nan where
     unknown), `prompt`: both heads on the answers both read (their own count),
     the prompt p_fail's AUROC and ECE and the answer head's AUROC gain over
-    it, with a paired CI (the same resamples for both heads)."""
+    it, with a paired CI (the same resamples for both heads).
+
+    Two baselines that cost a client nothing, on the answers the head read:
+    `length`, the answer's length in tokens ranked as a failure score (its
+    AUROC, and the head's AUROC gain over it with a paired CI), and
+    `finished`, the head's AUROC on the answers that were not cut at
+    max_tokens (a cut answer is wrong by definition, and usually a loop)."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     read = ~np.isnan(p)
+    tokens = np.array([r["tokens"] for r in rows], dtype=float)
+    finished = read & np.array([r["finish_reason"] != "length" for r in rows], dtype=bool)
     both = read & ~np.isnan(prompt_p) if prompt_p is not None else None
     pair = (score_heads(~correct[both], {"answer": p[both], "prompt": prompt_p[both]}, seed, n)
             if both is not None else None)
@@ -499,6 +507,16 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
            else score_heads(~correct[read], {"answer": p[read]}, seed, n)["answer"])
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
            "mean": float(p[read].mean()) if read.any() else None, **own}
+    # AUROC only (the same resamples as the head's own): no ECE is computed twice
+    length = score_heads(~correct[read], {"answer": p[read], "length": tokens[read]}, seed, n,
+                         scores=("answer", "length"))
+    out["length"] = length["length"]
+    if "auroc_gain_ci95" in length:
+        out["length"].update(answer_auroc_gain=length["answer"]["auroc"]
+                             - length["length"]["auroc"],
+                             answer_auroc_gain_ci95=length["auroc_gain_ci95"])
+    out["finished"] = {"answers": int(finished.sum()), **score_heads(
+        ~correct[finished], {"answer": p[finished]}, seed, n, scores=("answer",))["answer"]}
     if pair is not None:
         out["prompt"] = {"answers": int(both.sum()), **pair["prompt"]}
         if "auroc_gain_ci95" in pair:
@@ -621,6 +639,18 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                 f"| {value(pr.get('auroc'), pr.get('auroc_ci95'))} | "
                 f"{value(pr['calibration']['ece'] if pr else None, pr.get('ece_ci95'))} | "
                 f"{value(a.get('auroc_gain'), a.get('auroc_gain_ci95'), '+.3f')} |")
+        lines += ["", "What a client has without the probe, on the same answers: the "
+                  "answer's length in tokens as a failure score, and the head on the answers "
+                  "that were not cut at max_tokens (a cut answer is wrong by definition).", "",
+                  "| config | length AUROC | head's AUROC gain over length | finished answers "
+                  "| head AUROC on them |", "|---|---|---|---|---|"]
+        for name, a in probed:
+            ln, fin = a.get("length") or {}, a.get("finished") or {}
+            lines.append(
+                f"| {name} | {value(ln.get('auroc'), ln.get('auroc_ci95'))} | "
+                f"{value(ln.get('answer_auroc_gain'), ln.get('answer_auroc_gain_ci95'), '+.3f')}"
+                f" | {fin.get('answers', '')} | "
+                f"{value(fin.get('auroc'), fin.get('auroc_ci95'))} |")
     wo = results.get("without")
     if wo:
         lines += ["", f"## Without {len(wo['excluded'])} problems listed in `{wo['file']}`", "",

@@ -103,7 +103,7 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 
 
 def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
-                n: int = MAX_SCORE_RESAMPLES) -> dict:
+                n: int = MAX_SCORE_RESAMPLES, scores: tuple[str, ...] = ()) -> dict:
     """For each head's p_fail of the same answers: `calibration` (ECE and its
     bins), `ece_ci95`, and, when `wrong` holds both classes, `auroc` and
     `auroc_ci95`; each CI a percentile bootstrap over answers (n resamples;
@@ -113,9 +113,11 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
     seed, so a head's numbers do not depend on which heads score beside it.
     Resampling adds noise, which only raises ECE, so the ECE interval sits
     high: for a well-calibrated head the point estimate lies near its lower
-    end or below it."""
+    end or below it. Heads named in `scores` are rankings, not probabilities
+    (an answer's length, say): they get AUROC only, no calibration."""
     y = np.asarray(wrong).astype(int)
-    out = {h: {"calibration": expected_calibration_error(y.astype(float), q)}
+    out = {h: {} if h in scores else
+           {"calibration": expected_calibration_error(y.astype(float), q)}
            for h, q in heads.items()}
     if not y.size:
         return out
@@ -126,7 +128,9 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
         i = rng.integers(0, y.size, y.size)
         aucs = [auroc(y[i], q[i]) for q in heads.values()]
         for h, q, a in zip(heads, heads.values(), aucs):
-            draws[h]["ece"].append(expected_calibration_error(y[i].astype(float), q[i])["ece"])
+            if h not in scores:
+                draws[h]["ece"].append(
+                    expected_calibration_error(y[i].astype(float), q[i])["ece"])
             if a is not None:
                 draws[h]["auroc"].append(a)
         if len(aucs) == 2 and None not in aucs:
@@ -136,7 +140,8 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
     for h, q in heads.items():
-        out[h]["ece_ci95"] = ci(draws[h]["ece"])
+        if h not in scores:
+            out[h]["ece_ci95"] = ci(draws[h]["ece"])
         if (a := auroc(y, q)) is not None:
             out[h].update(auroc=a, auroc_ci95=ci(draws[h]["auroc"]))
     if gains and all("auroc" in out[h] for h in heads):

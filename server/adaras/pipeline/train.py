@@ -147,7 +147,7 @@ def answer_traces(run: Run) -> list[dict]:
             wrong = r["finish_reason"] == "length" or not r["correct"]
             out.append({"key": r["key"], "problem": r["problem"], "greedy": name == "greedy",
                         "ids": r["prompt"] + ids[:-1], "start": len(r["prompt"]),
-                        "label": int(wrong)})
+                        "label": int(wrong), "finished": r["finish_reason"] != "length"})
     return out
 
 
@@ -207,6 +207,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
         probs = predict(model, seqs)  # [N]
         baselines = fit_baselines(seqs, y, split, args.seed)
         is_greedy = np.array([t["greedy"] for t in traces])
+        finished = np.array([t["finished"] for t in traces])
         test = split["test"]
         metrics = {
             "n": {name: int(idx.size) for name, idx in split.items()},
@@ -218,6 +219,11 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
             "auroc_test_greedy": auroc(y[test[is_greedy[test]]], probs[test[is_greedy[test]]]),
             "auroc_test_sampled": auroc(y[test[~is_greedy[test]]],
                                         probs[test[~is_greedy[test]]]),
+            # without the answers cut at max_tokens (wrong by definition, mostly loops)
+            "auroc_test_finished": auroc(y[test[finished[test]]], probs[test[finished[test]]]),
+            "baselines_auroc_test_greedy": {
+                k: auroc(y[test[is_greedy[test]]], v["p"][test[is_greedy[test]]])
+                for k, v in baselines.items()},
             "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
             "auroc_train": auroc(y[split["train"]], probs[split["train"]]),
             "baselines_auroc_test": {k: v["auroc_test"] for k, v in baselines.items()},
@@ -243,7 +249,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
         SteeringProfile.load(path, expect=shape)  # round trip: what we wrote is loadable
         run.record("train-answer-probe", **{k: metrics[k] for k in (
             "auroc_test", "auroc_test_ci95", "auroc_test_greedy", "auroc_test_sampled",
-            "auroc_val", "baselines_auroc_test", "n")})
+            "auroc_test_finished", "auroc_val", "baselines_auroc_test", "n")})
         return path
 
 
@@ -370,7 +376,9 @@ def test_scores(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
 
 
 def fit_baselines(seqs, y, split, seed: int) -> dict[str, dict]:
-    """L1 logistic regression on the last prompt token and on the token mean."""
+    """L1 logistic regression on the last position and on the mean over
+    positions, and `length`: the number of positions read (the prompt's or the
+    answer's length), unfitted, as a failure score that costs nothing."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -384,6 +392,8 @@ def fit_baselines(seqs, y, split, seed: int) -> dict[str, dict]:
         clf.fit(X[split["train"]], y[split["train"]])
         p = clf.predict_proba(X)[:, 1]
         out[name] = {"p": p, "auroc_test": auroc(y[split["test"]], p[split["test"]])}
+    lengths = np.array([len(s) for s in seqs], dtype=float)
+    out["length"] = {"p": lengths, "auroc_test": auroc(y[split["test"]], lengths[split["test"]])}
     return out
 
 
