@@ -297,7 +297,7 @@ def test_verdict_judges_the_answer_probe_goals_on_the_point_estimates(tmp_path):
     assert ap["best_of_n"]["best_of_4_goal_met"]  # +6 points, though its CI reaches 0
     assert "AUROC ≥ 0.88 met; ECE ≤ 0.05 not met" in md
     # results written before the free baselines existed: reported blank, nothing judged on them
-    assert ap["baseline"]["length"] is None and "| baseline |  |  |  |  |" in md
+    assert ap["baseline"]["length"] is None and "| baseline |  |  |  |  |  |" in md
 
 
 def test_verdict_reports_the_free_baselines_beside_the_probe_without_judging_them(tmp_path):
@@ -305,15 +305,17 @@ def test_verdict_reports_the_free_baselines_beside_the_probe_without_judging_the
              "calibration": {"ece": 0.04}, "ece_ci95": [0.03, 0.07],
              "length": {"auroc": 0.71, "auroc_ci95": [0.66, 0.76], "answer_auroc_gain": 0.09,
                         "answer_auroc_gain_ci95": [0.05, 0.13]},
-             "finished": {"answers": 470, "auroc": 0.77, "auroc_ci95": [0.72, 0.81]}}
+             "finished": {"answers": 470, "auroc": 0.77, "auroc_ci95": [0.72, 0.81],
+                          "length": {"auroc": 0.70, "answer_auroc_gain": 0.07,
+                                     "answer_auroc_gain_ci95": [0.02, 0.12]}}}
     best = {**BEST, "within_problem_auroc_length": {"auroc": 0.62, "pairs": 280,
                                                     "ci95": [0.55, 0.69]}}
     v, md = _verdict(_study(tmp_path, _config(500, 200, 20, 20), None, probe, best))
     ap = v["answer_probe"]
     assert ap["baseline"]["length"]["auroc"] == 0.71 and ap["baseline"]["finished"]["answers"] == 470
     assert ap["auroc_goal_met"] is False and ap["ece_goal_met"] is True  # the goals as before
-    assert "| baseline | 0.710 (0.660–0.760) | 0.090 (0.050–0.130) | 470 | 0.770 (0.720–0.810) |" \
-        in md
+    assert ("| baseline | 0.710 (0.660–0.760) | 0.090 (0.050–0.130) | 470 | 0.770 (0.720–0.810) "
+            "| 0.070 (0.020–0.120) |") in md
     assert "the samples' length alone: 0.620 (0.550–0.690) over 280 pairs" in md
 
 

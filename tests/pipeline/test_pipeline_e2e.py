@@ -297,6 +297,9 @@ def test_the_answer_probe_is_a_second_head_read_after_the_prompt(run, engine, ti
     y = np.array(preds["label_failure"])
     read = np.array([len(t["ids"]) - t["start"] for t in traces], dtype=float)
     assert metrics["baselines_auroc_test"]["length"] == auroc(y[test], read[test])
+    greedy_test = [i for i in test if traces[i]["greedy"]]
+    assert metrics["baselines_auroc_test_greedy"]["length"] == auroc(y[greedy_test],
+                                                                     read[greedy_test])
     fin = [i for i in test if by_key[preds["keys"][i]]["finish_reason"] != "length"]
     assert metrics["auroc_test_finished"] == auroc(y[fin], np.array(preds["p_fail"])[fin])
     # the head on an HF teacher-forced read of prompt + answer[:-1], from the prompt on

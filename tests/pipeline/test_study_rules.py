@@ -176,6 +176,10 @@ def test_the_answer_probe_is_measured_beside_the_prompt_predictor_on_the_same_an
     fin = read & ~cut
     assert got["finished"]["answers"] == fin.sum() < read.sum()
     assert got["finished"]["auroc"] == pytest.approx(roc_auc_score(wrong[fin], answer[fin]))
+    assert got["finished"]["length"]["auroc"] == pytest.approx(
+        roc_auc_score(wrong[fin], tokens[fin]))
+    assert got["finished"]["length"]["answer_auroc_gain"] == pytest.approx(
+        got["finished"]["auroc"] - got["finished"]["length"]["auroc"])
     assert "calibration" not in got["finished"] and "calibration" not in got["length"]
     # the same head twice: no gain, and the paired CI is exactly zero
     same = answer_probe_metrics(rows, correct, seed=0, prompt_p=answer, n=200)
@@ -291,3 +295,53 @@ def test_dev_hands_confirm_the_youden_cut_of_the_adaptive_arms_p_fail(tmp_path):
 
     assert youden(cut) == pytest.approx(max(youden(c) for c in p_fail))
     assert youden(cut) > youden(0.5)  # the stored cut is not simply the one that ran
+
+
+def test_an_answer_cut_at_max_tokens_counts_as_a_failure_whatever_it_had_boxed(tmp_path):
+    """The registered rule (truncations count as failures in every arm): a cut
+    answer whose last boxed answer grades right is wrong in accuracy, in the
+    comparisons and in outcomes.jsonl; collect's accuracy and best-of-n count
+    it the same way; the grader's own verdict stays in the stored rows."""
+    import json
+
+    from adaras.pipeline.best_of_n import BestOfNArgs
+    from adaras.pipeline.best_of_n import summarize as summarize_best
+
+    problems = [_problem(i) for i in range(4)]
+    rows = []
+    for i, prob in enumerate(problems):
+        base = {"problem": prob.id, "correct": True, "extracted": str(2 * i), "tokens": 9,
+                "finish_reason": "stop", "steering": None}
+        rows.append({**base, "config": "baseline"})
+        # `always` writes the right answer on problems 0 and 1, then loops to the cap
+        rows.append({**base, "config": "always", "steering": {"mode": "always"},
+                     **({"finish_reason": "length", "tokens": 64} if i < 2 else {})})
+    append_jsonl(tmp_path / "generations.jsonl", rows)
+    configs = {"baseline": None, "always": {"mode": "always", "alpha": 0.3}}
+    got = summarize(tmp_path, problems, configs, EvalArgs(bootstrap=50))["configs"]["always"]
+    assert got["accuracy"] == 0.5 and got["broken"] == 2 and got["truncated"] == 2
+    outcomes = [json.loads(x) for x in (tmp_path / "outcomes.jsonl").read_text().splitlines()]
+    assert [o["correct"] for o in outcomes if o["arm"] == "always"] == [False, False, True, True]
+    stored = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert all(r["correct"] for r in stored)  # the grader's verdict is kept
+    # collect: a cut greedy answer graded right is not counted right
+    append_jsonl(tmp_path / "greedy.jsonl", [_trace("rg:t:0", -1, True, "length"),
+                                             _trace("rg:t:1", -1, True)])
+    append_jsonl(tmp_path / "samples.jsonl", [_trace("rg:t:0", 0, True), _trace("rg:t:0", 1, False),
+                                              _trace("rg:t:0", 2, True, "length")])
+    summary = pair(tmp_path, problems[:2], CollectArgs(probe=1, samples=3))
+    assert summary["greedy_accuracy"] == 0.5 and summary["sample_accuracy"] == pytest.approx(1 / 3)
+    # best-of-n: the shortest sample is cut and boxed the right answer: it counts wrong
+    (tmp_path / "bon").mkdir()
+    append_jsonl(tmp_path / "bon" / "samples.jsonl", [
+        {**_trace("rg:t:0", s, c, f), "tokens": t, "answer_p_fail": p, "extracted": "0"}
+        for s, (c, f, t, p) in enumerate([(True, "length", 5, 0.1), (True, "stop", 9, 0.2)])])
+    best = summarize_best(tmp_path / "bon", problems[:1], {},
+                          BestOfNArgs(profile="p", samples=2, ks=[2], bootstrap=20))
+    assert best["methods"]["probe best-of-2"]["accuracy"] == 0.0  # lowest p_fail: the cut one
+    assert best["methods"]["shortest of 2"]["accuracy"] == 0.0
+    assert best["methods"]["random sample of 2"]["accuracy"] == 0.5
+    # within the problem, the cut (wrong) sample has the lower p_fail and is the shorter:
+    # both orderings are wrong on the one pair
+    for key in ("within_problem_auroc", "within_problem_auroc_length"):
+        assert (best[key]["auroc"], best[key]["pairs"]) == (0.0, 1)

@@ -226,21 +226,25 @@ def markdown(v: dict) -> str:
                   "Free baselines (not goals): the answer's length in tokens as a failure "
                   "score, and the head on the answers not cut at max_tokens.", "",
                   "| answers of | length AUROC (95% CI) | head's gain over length (95% CI) "
-                  "| finished answers | head AUROC on them (95% CI) |", "|---|---|---|---|---|"]
+                  "| finished answers | head AUROC on them (95% CI) | head's gain over length "
+                  "on them (95% CI) |", "|---|---|---|---|---|---|"]
         for arm in ("baseline", "always"):
             if arm in ap:
                 ln, fin = ap[arm].get("length") or {}, ap[arm].get("finished") or {}
+                fln = fin.get("length") or {}
                 lines.append(f"| {arm} | {num(ln.get('auroc'), ln.get('auroc_ci95'))} | "
                              f"{num(ln.get('answer_auroc_gain'), ln.get('answer_auroc_gain_ci95'))}"
                              f" | {fin.get('answers', '')} | "
-                             f"{num(fin.get('auroc'), fin.get('auroc_ci95'))} |")
+                             f"{num(fin.get('auroc'), fin.get('auroc_ci95'))} | "
+                             f"{num(fln.get('answer_auroc_gain'), fln.get('answer_auroc_gain_ci95'))}"
+                             " |")
     if "best_of_n" in ap:
         b = ap["best_of_n"]
         w = b["within_problem_auroc"]
         lines += ["", f"Best of n (reference: {b['reference']}): within-problem AUROC "
                   f"{num(w['auroc'], w.get('ci95'))} over {w['pairs']} pairs" +
-                  (f"; the samples' length alone: {num(ln['auroc'], ln.get('ci95'))} over "
-                   f"{ln['pairs']} pairs." if (ln := b.get("within_problem_auroc_length"))
+                  (f"; the samples' length alone: {num(wl['auroc'], wl.get('ci95'))} over "
+                   f"{wl['pairs']} pairs." if (wl := b.get("within_problem_auroc_length"))
                    else "."), "",
                   f"| method | accuracy | Δ vs {b['reference']} | 95% CI | mean tokens |",
                   "|---|---|---|---|---|"]

@@ -39,7 +39,7 @@ import numpy as np
 
 from adaras.pipeline.collect import pending_samples, read_problems, sample_jobs, write_problems
 from adaras.pipeline.data import build_messages
-from adaras.pipeline.grade import grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
@@ -168,7 +168,8 @@ def choose(rows: list[dict], k: int) -> dict[str, tuple[float, int]]:
 
 
 def summarize(out: Path, problems, greedy: dict[str, dict], args: BestOfNArgs) -> dict:
-    rows = read_jsonl(out / "samples.jsonl")
+    rows = [{**r, "correct": counts_as_correct(r)}  # a cut answer counts as a failure
+            for r in read_jsonl(out / "samples.jsonl")]
     by_problem: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["sample"]):
         by_problem.setdefault(r["problem"], []).append(r)
@@ -203,10 +204,12 @@ def summarize(out: Path, problems, greedy: dict[str, dict], args: BestOfNArgs) -
     p_fail = [np.array([np.nan if r["answer_p_fail"] is None else r["answer_p_fail"]
                         for r in by_problem[i]]) for i in ids]
     length = [np.array([r["tokens"] for r in by_problem[i]], dtype=float) for i in ids]
+    read = [~np.isnan(p) for p in p_fail]  # both on the samples the probe read
     return {"problems": len(ids), "samples": args.samples, "reference": reference,
             "within_problem_auroc": discrimination(
-                [(w[~np.isnan(p)], p[~np.isnan(p)]) for w, p in zip(wrong, p_fail)], args),
-            "within_problem_auroc_length": discrimination(list(zip(wrong, length)), args),
+                [(w[m], p[m]) for w, p, m in zip(wrong, p_fail, read)], args),
+            "within_problem_auroc_length": discrimination(
+                [(w[m], t[m]) for w, t, m in zip(wrong, length, read)], args),
             "methods": methods}
 
 

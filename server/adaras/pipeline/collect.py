@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.grade import grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all
 from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 
@@ -175,8 +175,8 @@ def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:
     write_json(out / "pairs.json", pairs)
     summary = {
         "problems": len(problems), "probe_problems": args.probe,
-        "greedy_accuracy": sum(r["correct"] for r in greedy) / max(len(greedy), 1),
-        "sample_accuracy": sum(r["correct"] for r in samples) / max(len(samples), 1),
+        "greedy_accuracy": sum(map(counts_as_correct, greedy)) / max(len(greedy), 1),
+        "sample_accuracy": sum(map(counts_as_correct, samples)) / max(len(samples), 1),
         "problems_with_both": kept, "pairs": len(pairs),
         "greedy_truncated": sum(r["finish_reason"] == "length" for r in greedy),
         "samples_truncated": sum(r["finish_reason"] == "length" for r in samples),
@@ -199,7 +199,7 @@ def plot_accuracy(out: Path) -> None:
     rows = read_jsonl(out / "samples.jsonl")
     acc: dict[str, list[bool]] = {}
     for r in rows:
-        acc.setdefault(r["problem"], []).append(r["correct"])
+        acc.setdefault(r["problem"], []).append(counts_as_correct(r))
     values = [sum(v) / len(v) for v in acc.values()]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(values, bins=[i / 10 for i in range(11)], color="#4472c4", edgecolor="white")

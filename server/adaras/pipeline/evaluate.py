@@ -34,7 +34,7 @@ import torch
 
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.grade import grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
@@ -385,7 +385,8 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
               keep: set[str] | None = None) -> dict:
     """Every config's numbers against the baseline; with `keep`, on those
     problems only (each arm's own problems, e.g. the noise arm's, intersected)."""
-    rows = read_jsonl(out / "generations.jsonl")
+    rows = [{**r, "correct": counts_as_correct(r)}  # a cut answer counts as a failure
+            for r in read_jsonl(out / "generations.jsonl")]
     ids = [p.id for p in problems if keep is None or p.id in keep]
     table = {(r["config"], r["problem"]): r for r in rows}
     write_outcomes(out, rows, configs)
@@ -488,11 +489,12 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
     the prompt p_fail's AUROC and ECE and the answer head's AUROC gain over
     it, with a paired CI (the same resamples for both heads).
 
-    Two baselines that cost a client nothing, on the answers the head read:
-    `length`, the answer's length in tokens ranked as a failure score (its
-    AUROC, and the head's AUROC gain over it with a paired CI), and
-    `finished`, the head's AUROC on the answers that were not cut at
-    max_tokens (a cut answer is wrong by definition, and usually a loop)."""
+    Two baselines that cost a client nothing: `length`, the answer's length in
+    tokens ranked as a failure score, on the answers the head read (its AUROC,
+    and the head's AUROC gain over it with a paired CI); and `finished`, the
+    head's AUROC and the same length comparison on the answers not cut at
+    max_tokens (a cut answer counts as wrong, and is usually a loop, so it is
+    easy to call)."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     read = ~np.isnan(p)
@@ -507,16 +509,18 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
            else score_heads(~correct[read], {"answer": p[read]}, seed, n)["answer"])
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
            "mean": float(p[read].mean()) if read.any() else None, **own}
-    # AUROC only (the same resamples as the head's own): no ECE is computed twice
-    length = score_heads(~correct[read], {"answer": p[read], "length": tokens[read]}, seed, n,
-                         scores=("answer", "length"))
-    out["length"] = length["length"]
-    if "auroc_gain_ci95" in length:
-        out["length"].update(answer_auroc_gain=length["answer"]["auroc"]
-                             - length["length"]["auroc"],
-                             answer_auroc_gain_ci95=length["auroc_gain_ci95"])
-    out["finished"] = {"answers": int(finished.sum()), **score_heads(
-        ~correct[finished], {"answer": p[finished]}, seed, n, scores=("answer",))["answer"]}
+
+    def against_length(m: np.ndarray) -> dict:  # AUROC only: no ECE is computed twice
+        s = score_heads(~correct[m], {"answer": p[m], "length": tokens[m]}, seed, n,
+                        scores=("answer", "length"))
+        if "auroc_gain_ci95" in s:
+            s["length"].update(answer_auroc_gain=s["answer"]["auroc"] - s["length"]["auroc"],
+                               answer_auroc_gain_ci95=s["auroc_gain_ci95"])
+        return s
+
+    out["length"] = against_length(read)["length"]
+    fin = against_length(finished)
+    out["finished"] = {"answers": int(finished.sum()), **fin["answer"], "length": fin["length"]}
     if pair is not None:
         out["prompt"] = {"answers": int(both.sum()), **pair["prompt"]}
         if "auroc_gain_ci95" in pair:
@@ -640,17 +644,23 @@ def write_report(out: Path, results: dict, args: EvalArgs) -> None:
                 f"{value(pr['calibration']['ece'] if pr else None, pr.get('ece_ci95'))} | "
                 f"{value(a.get('auroc_gain'), a.get('auroc_gain_ci95'), '+.3f')} |")
         lines += ["", "What a client has without the probe, on the same answers: the "
-                  "answer's length in tokens as a failure score, and the head on the answers "
-                  "that were not cut at max_tokens (a cut answer is wrong by definition).", "",
+                  "answer's length in tokens as a failure score; then both again on the "
+                  "answers not cut at max_tokens (a cut answer counts as wrong and is easy to "
+                  "call).", "",
                   "| config | length AUROC | head's AUROC gain over length | finished answers "
-                  "| head AUROC on them |", "|---|---|---|---|---|"]
+                  "| head AUROC on them | length AUROC on them | head's gain on them |",
+                  "|---|---|---|---|---|---|---|"]
         for name, a in probed:
             ln, fin = a.get("length") or {}, a.get("finished") or {}
+            fln = fin.get("length") or {}
             lines.append(
                 f"| {name} | {value(ln.get('auroc'), ln.get('auroc_ci95'))} | "
                 f"{value(ln.get('answer_auroc_gain'), ln.get('answer_auroc_gain_ci95'), '+.3f')}"
                 f" | {fin.get('answers', '')} | "
-                f"{value(fin.get('auroc'), fin.get('auroc_ci95'))} |")
+                f"{value(fin.get('auroc'), fin.get('auroc_ci95'))} | "
+                f"{value(fln.get('auroc'), fln.get('auroc_ci95'))} | "
+                f"{value(fln.get('answer_auroc_gain'), fln.get('answer_auroc_gain_ci95'), '+.3f')}"
+                " |")
     wo = results.get("without")
     if wo:
         lines += ["", f"## Without {len(wo['excluded'])} problems listed in `{wo['file']}`", "",

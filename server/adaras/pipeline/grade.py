@@ -63,6 +63,16 @@ class Grade:
     error: str | None = None
 
 
+def counts_as_correct(row: dict) -> bool:
+    """The verdict every stage counts for a generated answer (a row with the
+    grader's `correct` and the engine's `finish_reason`): right only when graded
+    right and not cut at max_tokens. A cut answer is a failure as served (the
+    client gets no finished answer; on MATH it is nearly always a loop), even
+    when the last boxed answer it wrote before the cut grades right. The
+    grader's own verdict stays in the stored rows."""
+    return bool(row["correct"]) and row["finish_reason"] != "length"
+
+
 def grade(problem: Problem, completion: str, timeout: float = 10.0) -> Grade:
     """Grade one completion; `timeout` (seconds) bounds a code run or a math-verify step."""
     if problem.kind == "math":

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from adaras.pipeline.capture import capture_cached
+from adaras.pipeline.grade import counts_as_correct
 from adaras.pipeline.llm import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.pipeline.stats import auroc, score_heads, youden_threshold
@@ -80,7 +81,7 @@ def train_predictor(run: Run, args: TrainArgs, engine: EngineOptions, *,
         rows = read_jsonl(run.root / "collect" / "greedy.jsonl")
         keys = [r["key"] for r in rows]
         prompts = {r["key"]: r["prompt"] for r in rows}
-        y = np.array([0 if r["correct"] else 1 for r in rows])  # 1 = greedy answer wrong
+        y = np.array([0 if counts_as_correct(r) else 1 for r in rows])  # 1 = wrong or cut
         split = split_problems(y, args.val_fraction, args.test_fraction, args.seed)
         profile = SteeringProfile.load(source)
         shape = profile.model
@@ -144,7 +145,7 @@ def answer_traces(run: Run) -> list[dict]:
             ids = r["completion_ids"]
             if len(ids) < 2:
                 continue  # no position after the prompt passes through the model
-            wrong = r["finish_reason"] == "length" or not r["correct"]
+            wrong = not counts_as_correct(r)
             out.append({"key": r["key"], "problem": r["problem"], "greedy": name == "greedy",
                         "ids": r["prompt"] + ids[:-1], "start": len(r["prompt"]),
                         "label": int(wrong), "finished": r["finish_reason"] != "length"})
@@ -185,7 +186,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
     with run.stage("train-answer-probe", {**vars(args), "engine": engine.to_dict()},
                    restart=restart) as out:
         traces = answer_traces(run)
-        greedy = {r["problem"]: int(r["finish_reason"] == "length" or not r["correct"])
+        greedy = {r["problem"]: int(not counts_as_correct(r))
                   for r in read_jsonl(run.root / "collect" / "greedy.jsonl")}
         split = split_by_problem(traces, greedy, args)
         y = np.array([t["label"] for t in traces])
@@ -209,6 +210,7 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
         is_greedy = np.array([t["greedy"] for t in traces])
         finished = np.array([t["finished"] for t in traces])
         test = split["test"]
+        greedy_test = test[is_greedy[test]]
         metrics = {
             "n": {name: int(idx.size) for name, idx in split.items()},
             "problems": {name: len({traces[i]["problem"] for i in idx})
@@ -216,14 +218,13 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
             "failure_rate": {name: float(y[idx].mean()) if idx.size else None
                              for name, idx in split.items()},
             **test_scores(y[test], probs[test], args.seed),
-            "auroc_test_greedy": auroc(y[test[is_greedy[test]]], probs[test[is_greedy[test]]]),
+            "auroc_test_greedy": auroc(y[greedy_test], probs[greedy_test]),
             "auroc_test_sampled": auroc(y[test[~is_greedy[test]]],
                                         probs[test[~is_greedy[test]]]),
             # without the answers cut at max_tokens (wrong by definition, mostly loops)
             "auroc_test_finished": auroc(y[test[finished[test]]], probs[test[finished[test]]]),
-            "baselines_auroc_test_greedy": {
-                k: auroc(y[test[is_greedy[test]]], v["p"][test[is_greedy[test]]])
-                for k, v in baselines.items()},
+            "baselines_auroc_test_greedy": {k: auroc(y[greedy_test], v["p"][greedy_test])
+                                            for k, v in baselines.items()},
             "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
             "auroc_train": auroc(y[split["train"]], probs[split["train"]]),
             "baselines_auroc_test": {k: v["auroc_test"] for k, v in baselines.items()},
