@@ -39,7 +39,7 @@ import numpy as np
 
 from adaras.pipeline.collect import pending_samples, read_problems, sample_jobs, write_problems
 from adaras.pipeline.data import build_messages
-from adaras.pipeline.grade import counts_as_correct, grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all, is_cut
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
@@ -175,7 +175,7 @@ def summarize(out: Path, problems, greedy: dict[str, dict], args: BestOfNArgs) -
         by_problem.setdefault(r["problem"], []).append(r)
     ids = [p.id for p in problems if len(by_problem.get(p.id, [])) == args.samples]
     lines = [{"problem": r["problem"], "sample": r["sample"], "correct": r["correct"],
-              "truncated": r["finish_reason"] == "length", "tokens": r["tokens"],
+              "truncated": is_cut(r), "tokens": r["tokens"],
               "answer_p_fail": r["answer_p_fail"], "extracted": r["extracted"]}
              for i in ids for r in by_problem[i]]
     (out / "outcomes.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.grade import counts_as_correct, grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all, is_cut
 from adaras.pipeline.llm import EngineOptions, Job, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 
@@ -157,7 +157,7 @@ def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:
     pairs = []
     per_problem: dict[str, dict[str, list[str]]] = {}
     for r in samples:
-        if r["finish_reason"] == "length":
+        if is_cut(r):
             continue  # cut off: neither correct nor incorrect, so never in a pair
         per_problem.setdefault(r["problem"], {"+": [], "-": []})["+" if r["correct"] else "-"] \
             .append(r["key"])
@@ -178,8 +178,8 @@ def pair(out: Path, problems: list[Problem], args: CollectArgs) -> dict:
         "greedy_accuracy": sum(map(counts_as_correct, greedy)) / max(len(greedy), 1),
         "sample_accuracy": sum(map(counts_as_correct, samples)) / max(len(samples), 1),
         "problems_with_both": kept, "pairs": len(pairs),
-        "greedy_truncated": sum(r["finish_reason"] == "length" for r in greedy),
-        "samples_truncated": sum(r["finish_reason"] == "length" for r in samples),
+        "greedy_truncated": sum(is_cut(r) for r in greedy),
+        "samples_truncated": sum(is_cut(r) for r in samples),
     }
     write_json(out / "summary.json", summary)
     if not pairs:

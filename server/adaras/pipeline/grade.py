@@ -63,6 +63,12 @@ class Grade:
     error: str | None = None
 
 
+def is_cut(row: dict) -> bool:
+    """Whether a generated answer (a row with the engine's `finish_reason`) was
+    cut at max_tokens before it finished."""
+    return row["finish_reason"] == "length"
+
+
 def counts_as_correct(row: dict) -> bool:
     """The verdict every stage counts for a generated answer (a row with the
     grader's `correct` and the engine's `finish_reason`): right only when graded
@@ -70,7 +76,7 @@ def counts_as_correct(row: dict) -> bool:
     client gets no finished answer; on MATH it is nearly always a loop), even
     when the last boxed answer it wrote before the cut grades right. The
     grader's own verdict stays in the stored rows."""
-    return bool(row["correct"]) and row["finish_reason"] != "length"
+    return bool(row["correct"]) and not is_cut(row)
 
 
 def grade(problem: Problem, completion: str, timeout: float = 10.0) -> Grade:

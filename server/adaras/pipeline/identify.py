@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from adaras.pipeline.capture import capture_cached
+from adaras.pipeline.grade import is_cut
 from adaras.pipeline.llm import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.profile import ModelShape, SteeringProfile
@@ -201,7 +202,7 @@ def probe_traces(run: Run, args: IdentifyArgs) -> list[tuple[str, list[str], lis
     rng = np.random.default_rng(args.seed)
     by_problem: dict[str, tuple[list[str], list[str]]] = {}
     for r in read_jsonl(cdir / "samples.jsonl"):
-        if r["finish_reason"] == "length":
+        if is_cut(r):
             continue  # cut off: neither correct nor incorrect
         by_problem.setdefault(r["problem"], ([], []))[0 if r["correct"] else 1].append(r["key"])
     groups = []

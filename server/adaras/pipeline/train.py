@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from adaras.pipeline.capture import capture_cached
-from adaras.pipeline.grade import counts_as_correct
+from adaras.pipeline.grade import counts_as_correct, is_cut
 from adaras.pipeline.llm import EngineOptions, Job, capture_params
 from adaras.pipeline.run import Run, read_jsonl, write_json
 from adaras.pipeline.stats import auroc, score_heads, youden_threshold
@@ -148,7 +148,7 @@ def answer_traces(run: Run) -> list[dict]:
             wrong = not counts_as_correct(r)
             out.append({"key": r["key"], "problem": r["problem"], "greedy": name == "greedy",
                         "ids": r["prompt"] + ids[:-1], "start": len(r["prompt"]),
-                        "label": int(wrong), "finished": r["finish_reason"] != "length"})
+                        "label": int(wrong), "finished": not is_cut(r)})
     return out
 
 
@@ -210,7 +210,8 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
         is_greedy = np.array([t["greedy"] for t in traces])
         finished = np.array([t["finished"] for t in traces])
         test = split["test"]
-        greedy_test = test[is_greedy[test]]
+        greedy_test, sampled_test = test[is_greedy[test]], test[~is_greedy[test]]
+        finished_test = test[finished[test]]  # not cut at max_tokens
         metrics = {
             "n": {name: int(idx.size) for name, idx in split.items()},
             "problems": {name: len({traces[i]["problem"] for i in idx})
@@ -219,10 +220,9 @@ def train_answer_probe(run: Run, args: TrainArgs, engine: EngineOptions, *,
                              for name, idx in split.items()},
             **test_scores(y[test], probs[test], args.seed),
             "auroc_test_greedy": auroc(y[greedy_test], probs[greedy_test]),
-            "auroc_test_sampled": auroc(y[test[~is_greedy[test]]],
-                                        probs[test[~is_greedy[test]]]),
-            # without the answers cut at max_tokens (wrong by definition, mostly loops)
-            "auroc_test_finished": auroc(y[test[finished[test]]], probs[test[finished[test]]]),
+            "auroc_test_sampled": auroc(y[sampled_test], probs[sampled_test]),
+            # without the answers cut at max_tokens (counted wrong, mostly loops)
+            "auroc_test_finished": auroc(y[finished_test], probs[finished_test]),
             "baselines_auroc_test_greedy": {k: auroc(y[greedy_test], v["p"][greedy_test])
                                             for k, v in baselines.items()},
             "auroc_val": auroc(y[split["val"]], probs[split["val"]]),
