@@ -94,7 +94,8 @@ def test_youden_threshold_separates_separable_scores():
 def test_score_heads_gives_each_head_its_own_numbers_on_shared_resamples():
     """A head's AUROC, ECE and their CIs are the plain statistics, inside their
     intervals, and do not depend on which head is scored beside it (the same
-    resamples); the gain's paired CI is zero for a head against itself."""
+    resamples); each head after the first carries the first's paired AUROC gain
+    over it, whose CI is zero for a head against itself."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(1)
@@ -109,9 +110,15 @@ def test_score_heads_gives_each_head_its_own_numbers_on_shared_resamples():
     for h in ("good", "weak"):
         lo, hi = both[h]["auroc_ci95"]
         assert lo <= both[h]["auroc"] <= hi
-    assert both["auroc_gain_ci95"][0] > 0  # clearly the better head
+    assert both["weak"]["gain"] == pytest.approx(both["good"]["auroc"] - both["weak"]["auroc"])
+    assert 0 < both["weak"]["gain_ci95"][0] <= both["weak"]["gain"]  # clearly the better head
+    assert "gain" not in both["good"] and "gain" not in alone["good"]
     same = score_heads(wrong, {"a": good, "b": good}, seed=3, n=100)
-    assert same["auroc_gain_ci95"] == [0.0, 0.0]
+    assert same["b"]["gain"] == 0 and same["b"]["gain_ci95"] == [0.0, 0.0]
+    # a third head changes neither the others' numbers nor their gains
+    three = score_heads(wrong, {"good": good, "weak": weak, "a": good}, seed=3, n=300)
+    assert three["good"] == both["good"] and three["weak"] == both["weak"]
+    assert three["a"]["gain_ci95"] == [0.0, 0.0]
     # one class: calibration and its CI, no AUROC; no answers: calibration only
     one = score_heads(np.ones(20, bool), {"h": good[:20]}, seed=0, n=50)["h"]
     assert "auroc" not in one and "ece_ci95" in one and auroc(np.ones(20), good[:20]) is None
@@ -129,11 +136,11 @@ def test_a_score_head_is_ranked_not_calibrated():
     p = np.clip(0.5 + 0.3 * np.where(wrong, 1, -1) + rng.normal(0, 0.2, 300), 0.01, 0.99)
     tokens = rng.integers(100, 1300, 300) + 200 * wrong  # longer when wrong, weakly
     got = score_heads(wrong, {"head": p, "length": tokens}, seed=5, n=300, scores=("length",))
-    assert set(got["length"]) == {"auroc", "auroc_ci95"}
+    assert set(got["length"]) == {"auroc", "auroc_ci95", "gain", "gain_ci95"}
     assert got["length"]["auroc"] == pytest.approx(roc_auc_score(wrong, tokens))
     lo, hi = got["length"]["auroc_ci95"]
     assert 0.5 < lo <= got["length"]["auroc"] <= hi
     assert got["head"] == score_heads(wrong, {"head": p}, seed=5, n=300)["head"]
-    assert got["auroc_gain_ci95"][0] > 0
+    assert got["length"]["gain_ci95"][0] > 0
     # read as a probability, the same tokens would get a meaningless ECE
     assert "calibration" in score_heads(wrong, {"length": tokens}, seed=5, n=20)["length"]

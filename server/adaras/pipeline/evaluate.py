@@ -34,7 +34,7 @@ import torch
 
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
-from adaras.pipeline.grade import counts_as_correct, grade_all
+from adaras.pipeline.grade import counts_as_correct, grade_all, is_cut
 from adaras.pipeline.identify import model_shape
 from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
@@ -371,7 +371,7 @@ def write_outcomes(out: Path, rows: list[dict], configs) -> None:
             continue
         rep = r.get("steering") or {}
         lines.append({"problem": r["problem"], "arm": r["config"], "correct": r["correct"],
-                      "truncated": r["finish_reason"] == "length", "tokens": r["tokens"],
+                      "truncated": is_cut(r), "tokens": r["tokens"],
                       "p_fail": rep.get("failure_probability"),
                       "applied": rep.get("applied"),
                       **({"answer_p_fail": rep["answer_failure_probability"]}
@@ -415,7 +415,7 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             "changed": float(np.mean([r["extracted"] != b for r, b in zip(got, base_answers)])),
             "mean_tokens": float(np.mean([r["tokens"] for r in got])),
             "median_tokens": float(np.median([r["tokens"] for r in got])),
-            "truncated": int(sum(r["finish_reason"] == "length" for r in got)),
+            "truncated": int(sum(is_cut(r) for r in got)),
         }
         discordant = (entry["fixed"] + entry["broken"]) / max(len(sub), 1)
         entry["mde80"] = min_detectable_effect(len(sub), discordant)
@@ -497,36 +497,43 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
     easy to call)."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
+    wrong = ~correct
     read = ~np.isnan(p)
     tokens = np.array([r["tokens"] for r in rows], dtype=float)
-    finished = read & np.array([r["finish_reason"] != "length" for r in rows], dtype=bool)
+    finished = read & np.array([not is_cut(r) for r in rows], dtype=bool)
     both = read & ~np.isnan(prompt_p) if prompt_p is not None else None
-    pair = (score_heads(~correct[both], {"answer": p[both], "prompt": prompt_p[both]}, seed, n)
+    # the answer head first: every head after it gets its paired AUROC gain over that
+    # head. Where each answer read has its prompt p_fail, one bootstrap scores all three.
+    heads = {"answer": p, "length": tokens}
+    if both is not None and (both == read).all():
+        heads["prompt"] = prompt_p
+    own = score_heads(wrong[read], {h: q[read] for h, q in heads.items()}, seed, n,
+                      scores=("length",))
+    pair = (own if "prompt" in heads else
+            score_heads(wrong[both], {"answer": p[both], "prompt": prompt_p[both]}, seed, n)
             if both is not None else None)
-    # where the prompt p_fail is known for every answer read, the pair's answer
-    # head is the answer head's own score (same resamples): not bootstrapped twice
-    own = (pair["answer"] if pair is not None and (both == read).all()
-           else score_heads(~correct[read], {"answer": p[read]}, seed, n)["answer"])
+    fin = score_heads(wrong[finished], {"answer": p[finished], "length": tokens[finished]},
+                      seed, n, scores=("answer", "length"))
+
+    def bare(head: dict) -> dict:  # a head's own numbers, without the answer head's gain
+        return {k: v for k, v in head.items() if k not in ("gain", "gain_ci95")}
+
+    def length(head: dict) -> dict:  # length's AUROC, and the answer head's gain over it
+        return {**bare(head), **({"answer_auroc_gain": head["gain"],
+                                  "answer_auroc_gain_ci95": head["gain_ci95"]}
+                                 if "gain" in head else {})}
+
     out = {"answers": int(read.sum()), "unread": int((~read).sum()),
-           "mean": float(p[read].mean()) if read.any() else None, **own}
-
-    def against_length(m: np.ndarray) -> dict:  # AUROC only: no ECE is computed twice
-        s = score_heads(~correct[m], {"answer": p[m], "length": tokens[m]}, seed, n,
-                        scores=("answer", "length"))
-        if "auroc_gain_ci95" in s:
-            s["length"].update(answer_auroc_gain=s["answer"]["auroc"] - s["length"]["auroc"],
-                               answer_auroc_gain_ci95=s["auroc_gain_ci95"])
-        return s
-
-    out["length"] = against_length(read)["length"]
-    fin = against_length(finished)
-    out["finished"] = {"answers": int(finished.sum()), **fin["answer"], "length": fin["length"]}
+           "mean": float(p[read].mean()) if read.any() else None, **own["answer"],
+           "length": length(own["length"]),
+           "finished": {"answers": int(finished.sum()), **fin["answer"],
+                        "length": length(fin["length"])}}
     if pair is not None:
-        out["prompt"] = {"answers": int(both.sum()), **pair["prompt"]}
-        if "auroc_gain_ci95" in pair:
+        out["prompt"] = {"answers": int(both.sum()), **bare(pair["prompt"])}
+        if "gain" in pair["prompt"]:
             out["prompt"]["answer_auroc"] = pair["answer"]["auroc"]  # on these answers
-            out["auroc_gain"] = pair["answer"]["auroc"] - pair["prompt"]["auroc"]
-            out["auroc_gain_ci95"] = pair["auroc_gain_ci95"]
+            out.update(auroc_gain=pair["prompt"]["gain"],
+                       auroc_gain_ci95=pair["prompt"]["gain_ci95"])
     return out
 
 

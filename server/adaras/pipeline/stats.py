@@ -107,10 +107,11 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
     """For each head's p_fail of the same answers: `calibration` (ECE and its
     bins), `ece_ci95`, and, when `wrong` holds both classes, `auroc` and
     `auroc_ci95`; each CI a percentile bootstrap over answers (n resamples;
-    those with one class are skipped for AUROC). With two heads,
-    `auroc_gain_ci95`: the CI of the first's AUROC minus the second's on the
-    same resamples (paired). Every head sees the same resamples for a given
-    seed, so a head's numbers do not depend on which heads score beside it.
+    those with one class are skipped for AUROC). Every head after the first
+    also gets the first head's AUROC gain over it, `gain` (the first's AUROC
+    minus its own) and `gain_ci95` (on the same resamples: paired). Every head
+    sees the same resamples for a given seed, so a head's numbers do not
+    depend on which heads score beside it.
     Resampling adds noise, which only raises ECE, so the ECE interval sits
     high: for a well-calibrated head the point estimate lies near its lower
     end or below it. Heads named in `scores` are rankings, not probabilities
@@ -122,19 +123,18 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
     if not y.size:
         return out
     rng = np.random.default_rng(seed)
-    draws = {h: {"auroc": [], "ece": []} for h in heads}
-    gains = []
+    first = next(iter(heads))
+    draws = {h: {"auroc": [], "ece": [], "gain": []} for h in heads}
     for _ in range(n):
         i = rng.integers(0, y.size, y.size)
-        aucs = [auroc(y[i], q[i]) for q in heads.values()]
-        for h, q, a in zip(heads, heads.values(), aucs):
+        aucs = {h: auroc(y[i], q[i]) for h, q in heads.items()}
+        for h, q in heads.items():
             if h not in scores:
                 draws[h]["ece"].append(
                     expected_calibration_error(y[i].astype(float), q[i])["ece"])
-            if a is not None:
-                draws[h]["auroc"].append(a)
-        if len(aucs) == 2 and None not in aucs:
-            gains.append(aucs[0] - aucs[1])
+            if aucs[h] is not None:  # both classes drawn: every head has one
+                draws[h]["auroc"].append(aucs[h])
+                draws[h]["gain"].append(aucs[first] - aucs[h])
 
     def ci(values):
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
@@ -144,6 +144,6 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
             out[h]["ece_ci95"] = ci(draws[h]["ece"])
         if (a := auroc(y, q)) is not None:
             out[h].update(auroc=a, auroc_ci95=ci(draws[h]["auroc"]))
-    if gains and all("auroc" in out[h] for h in heads):
-        out["auroc_gain_ci95"] = ci(gains)
+            if h != first:
+                out[h].update(gain=out[first]["auroc"] - a, gain_ci95=ci(draws[h]["gain"]))
     return out
