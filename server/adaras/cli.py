@@ -26,8 +26,8 @@ def serve(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
     api_key: Annotated[str | None, typer.Option(
-        help="Bearer key required on every route but /health, /version, /metrics and the "
-             "API docs")] = None,
+        help="Bearer key required on every route but /health, /ping, /version, /metrics and "
+             "the API docs")] = None,
     admin_key: Annotated[str | None, typer.Option(help="enables profile load/unload")] = None,
     served_model_name: Annotated[str | None, typer.Option()] = None,
     prepare_only: Annotated[bool, typer.Option(

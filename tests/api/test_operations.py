@@ -173,6 +173,11 @@ def test_runtime_stats_need_the_admin_key(server):
     stats = runtime_stats(server)
     assert set(stats["profiles"]) >= {"a", "pred"} and stats["hooked_layers"] > 0
     assert stats["unavailable"] is None
+    # how this start got its graphs (the README's start-up section points here): this
+    # server is compiled, so its plain graph was compiled or loaded, and so was a graph
+    assert stats["plain_graph"] == "compiled"
+    assert stats["plain_graph_from"] in ("loaded", "compiled")
+    assert stats["graphs_loaded"] + stats["graphs_compiled"] >= 1
 
 
 def test_adaptive_requests_read_the_prefix_cache_through_the_api(server, client):

@@ -124,6 +124,10 @@ class ProfileList(BaseModel):
 class RuntimeStats(BaseModel):
     """GET /v1/steering/runtime: the worker's steering tables."""
 
+    # every key the worker reports is a field here: one it added without a field
+    # fails the endpoint (and its test) instead of vanishing from the response
+    model_config = ConfigDict(extra="forbid")
+
     requests: int = Field(description="steered/adaptive requests the worker tracks")
     captures: int = Field(description="activation captures in flight")
     reports: int = Field(description="steering reports waiting for the step's output to carry "
@@ -141,6 +145,12 @@ class RuntimeStats(BaseModel):
                             "compiled graph without the steering op; 'eager': the model is not "
                             "compiled and the op is skipped per layer; 'disabled': "
                             "ADARAS_PLAIN_GRAPH=0, one graph, the op called in every forward")
+    plain_graph_from: Literal["loaded", "compiled"] | None = Field(
+        None, description="where the plain graph came from at start: 'loaded' from vLLM's "
+                          "compile cache or 'compiled'; null when there is none")
+    graphs_loaded: int = Field(0, description="compiled graphs loaded from vLLM's compile "
+                                              "cache since start (a warm start)")
+    graphs_compiled: int = Field(0, description="graphs compiled since start (a cold start)")
     forwards_plain: int = Field(0, description="forwards with nothing to steer or gather, since "
                                                "start (run by the plain graph unless "
                                                "plain_graph is 'disabled')")

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = Field(
-        None, description="Bearer key required on every route but health, version, metrics and "
-                          "the API docs, when set")
+        None, description="Bearer key required on every route but health, ping, version, metrics "
+                          "and the API docs, when set")
     admin_key: str | None = Field(None, description="key for loading/unloading profiles")
     default_mode: str = Field("off", description="steering mode for requests without `steering`")
     # NoDecode: ADARAS_PROFILES is "name=path,name=path", not JSON.
