@@ -37,13 +37,13 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 fi
 
 # The stages are registered in bf16 on an AVX-512 machine with bf16 (stage 1's kind).
-# On a CPU without it, bf16 decodes about ten times slower (measured 2026-12-03 on an
-# AVX2 EPYC: the engine's warm-up alone took 624 s, and fp32 ran under 21 tok/s),
-# so a registered stage would take days there: refuse, unless FORCE=1.
+# On a CPU without it, bf16 decodes far slower (measured 2026-12-04 on an AVX2 EPYC
+# with machine_speed.py: bf16 4.17 tok/s, fp32 22.4, against 121 in bf16 on stage 1's
+# kind), so a registered stage would take days there: refuse, unless FORCE=1.
 machine_check() {
   if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 "${CPUINFO:-/proc/cpuinfo}"; then
     echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 "model name" "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2 | xargs));" \
-         "the study's bf16 stages would run about 10x slower here. FORCE=1 runs anyway." >&2
+         "the study's bf16 stages would run about 29x slower here (see machine_speed.py). FORCE=1 runs anyway." >&2
     exit 3
   fi
 }
