@@ -133,8 +133,8 @@ def engine_flags(log: Path) -> list[str]:
     text = log.read_text(errors="replace")
     args = re.search(r"non-default args: (\{.*\})", text)[1]
     flags = []
-    for key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes"):
-        value = re.search(rf"'{key}': (\d+)", args)
+    for key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes", "dtype"):
+        value = re.search(rf"'{key}': '?(\w+)", args)
         if value:
             flags += ["--" + key.replace("_", "-"), value[1]]
     return flags

@@ -69,6 +69,12 @@ def test_install_then_serve_as_the_readme_does(tmp_path):
         assert any("loading the model and its compiled graphs" in p for p in phases), phases
         text = srv.log_text()
         assert "adaras: KV cache" in text and "--max-model-len 2048" in text
+        # the dtype this CPU runs fast: float32 where bf16 would be emulated
+        from adaras.api.app import cpu_without_native_bf16
+
+        fp32 = cpu_without_native_bf16()
+        assert ("'dtype': 'float32'" in text) == fp32
+        assert ("no native bf16" in text) == fp32
         assert "start-up probe: the steering op ran" in text
         assert "2 compiled graph(s) loaded from the compile cache, 0 compiled" in text
         assert text.count("Directly load AOT compilation") == 2

@@ -38,12 +38,12 @@ fi
 
 # The stages are registered in bf16 on an AVX-512 machine with bf16 (stage 1's kind).
 # On a CPU without it, bf16 decodes far slower (measured 2026-12-04 on an AVX2 EPYC
-# with machine_speed.py: bf16 4.17 tok/s, fp32 22.4, against 121 in bf16 on stage 1's
+# with benchmarks/bench_dtype.py: bf16 4.07 tok/s, fp32 20.5, against 121 in bf16 on stage 1's
 # kind), so a registered stage would take days there: refuse, unless FORCE=1.
 machine_check() {
   if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 "${CPUINFO:-/proc/cpuinfo}"; then
     echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 "model name" "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2 | xargs));" \
-         "the study's bf16 stages would run about 29x slower here (see machine_speed.py). FORCE=1 runs anyway." >&2
+         "the study's bf16 stages would run about 30x slower here (benchmarks/bench_dtype.py). FORCE=1 runs anyway." >&2
     exit 3
   fi
 }
