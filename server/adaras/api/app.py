@@ -8,6 +8,7 @@ Nothing here re-implements an OpenAI endpoint; see `middleware.py` for what the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,23 +32,35 @@ logger = logging.getLogger("adaras.api")
 # SIGTERM drains requests in flight for up to 30 s.
 DEFAULT_FLAGS = {"--shutdown-timeout": "30"}
 # SmolLM2-135M-Instruct knows 8192 positions; chat with it rarely needs more than
-# 2048, and 64 sequences of 2048 tokens need 2.8 GiB of KV (bf16), not 8+.
+# 2048, and 64 sequences of 2048 tokens need 2.8 GiB of KV in bf16 (5.6 in float32),
+# not 8+.
 DEFAULT_MODEL_FLAGS = {"--max-model-len": "2048", "--max-num-seqs": "64"}
-# vLLM's "auto" dtype takes bf16 on every x86 CPU, and a CPU without native bf16
-# emulates it: on a 2-core AVX2 EPYC, SmolLM2-135M decoded 45 tok/s in bf16 and 189 in
-# fp32, Qwen2.5-Coder-1.5B 4.1 and 20.5 (benchmarks/bench_dtype.py, docs/bench_dtype_*).
-# There we serve fp32 unless the user passes --dtype.
-NO_NATIVE_BF16_FLAGS = {"--dtype": "float32"}
+# On an x86 CPU, vLLM's "auto" dtype serves a bf16 or float32 model in bf16, and a
+# CPU without native bf16 emulates it: on a 2-core AVX2 EPYC, SmolLM2-135M decoded
+# 45 tok/s in bf16 and 189 in float32, Qwen2.5-Coder-1.5B 4.1 and 20.5
+# (benchmarks/bench_dtype.py, docs/bench_dtype_*). There we serve float32 unless the
+# user chose a dtype or a quantization (which may not allow float32).
 
 
 def cpu_without_native_bf16() -> bool:
-    """Whether vLLM runs on a CPU that has neither AVX512-BF16 nor AMX tiles
-    (the checks vLLM's own CPU platform makes)."""
+    """Whether vLLM runs on an x86 CPU with neither AVX512-BF16 nor AMX tiles,
+    where its bf16 is emulated (the checks vLLM's CPU platform makes on x86)."""
     import torch
-    from vllm.platforms import current_platform
+    from vllm.platforms import CpuArchEnum, current_platform
 
-    return current_platform.is_cpu() and not (torch.cpu._is_avx512_bf16_supported()
-                                              or torch.cpu._is_amx_tile_supported())
+    return (current_platform.is_cpu()
+            and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+            and not (torch.cpu._is_avx512_bf16_supported()
+                     or torch.cpu._is_amx_tile_supported()))
+
+
+def unquantized(model_path: str) -> bool:
+    """A local HF model directory whose config declares no quantization."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "quantization_config" not in config
 
 
 def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> argparse.Namespace:
@@ -61,17 +74,19 @@ def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> ar
     defaults = dict(DEFAULT_FLAGS)
     if settings.model == DEFAULT_MODEL:  # a small model: a small, sufficient KV cache
         defaults.update(DEFAULT_MODEL_FLAGS)
-    if cpu_without_native_bf16():
-        defaults.update(NO_NATIVE_BF16_FLAGS)
     for flag, value in defaults.items():  # given twice, vLLM would warn "duplicate keys"
         if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
             argv += [flag, value]
-            if flag in NO_NATIVE_BF16_FLAGS:
-                logger.info("adaras: this CPU has no native bf16 (AVX512-BF16 or AMX), so the "
-                            "engine runs in float32, several times faster here than emulated "
-                            "bf16; `-- --dtype bfloat16` overrides")
     argv += passthrough
     args = parser.parse_args(argv)
+    # "auto" left as it was (no --dtype on the command line or in a --config file)
+    if (args.dtype == "auto" and not any(a.split("=")[0] == "--dtype" for a in passthrough)
+            and args.quantization is None and unquantized(model_path)
+            and cpu_without_native_bf16()):
+        args.dtype = "float32"
+        logger.info("adaras: this CPU has no native bf16 (AVX512-BF16 or AMX), so the engine "
+                    "runs in float32, several times faster here than emulated bf16; "
+                    "`-- --dtype bfloat16` overrides")
     validate_parsed_serve_args(args)
     return args
 
