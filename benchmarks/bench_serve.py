@@ -321,9 +321,9 @@ def main() -> None:
 
     profile_name = SteeringProfile.load(profile).name  # the default: requests name no profile
     engine = args.engine or ["--max-model-len", "2048", "--max-num-seqs", "64"]
-    from adaras.api.app import cpu_without_native_bf16
+    from adaras.api.app import cpu_without_native_bf16, given
 
-    if cpu_without_native_bf16() and not any(a.split("=")[0] == "--dtype" for a in engine):
+    if cpu_without_native_bf16() and not given("--dtype", engine):
         engine += ["--dtype", "float32"]  # adaras serve's choice there, for stock too
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_gib))
     env.pop("ADARAS_PLUGIN", None)

@@ -63,6 +63,11 @@ def unquantized(model_path: str) -> bool:
     return isinstance(config, dict) and "quantization_config" not in config
 
 
+def given(flag: str, argv: list[str]) -> bool:
+    """Whether `argv` sets `flag`, as `--flag value` or `--flag=value`."""
+    return any(a.split("=")[0] == flag for a in argv)
+
+
 def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> argparse.Namespace:
     """vLLM's own serve arguments: ours first, then any engine flags passed through."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -75,12 +80,12 @@ def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> ar
     if settings.model == DEFAULT_MODEL:  # a small model: a small, sufficient KV cache
         defaults.update(DEFAULT_MODEL_FLAGS)
     for flag, value in defaults.items():  # given twice, vLLM would warn "duplicate keys"
-        if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
+        if not given(flag, passthrough):
             argv += [flag, value]
     argv += passthrough
     args = parser.parse_args(argv)
     # "auto" left as it was (no --dtype on the command line or in a --config file)
-    if (args.dtype == "auto" and not any(a.split("=")[0] == "--dtype" for a in passthrough)
+    if (args.dtype == "auto" and not given("--dtype", passthrough)
             and args.quantization is None and unquantized(model_path)
             and cpu_without_native_bf16()):
         args.dtype = "float32"
