@@ -124,20 +124,28 @@ def test_two_saves_of_one_stage_at_once_both_succeed(tmp_path):
 
 
 def test_remaining_skips_every_stage_whose_results_are_saved(tmp_path):
-    study = _study(tmp_path, _config(500, 200, 20, 20), _config(164, 100, 2, 2), best=BEST)
-    (study / "dev").mkdir()
-    (study / "dev" / "results.json").write_text("{}\n")
-    (study / "confirm-registration.json").write_text("{}\n")
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
-    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study),
-           "CPUINFO": str(cpuinfo)}
+    study = _study(tmp_path, _config(300, 120, 20, 20))
+    (study / "validation").mkdir()
+    (study / "validation" / "results.json").write_text("{}\n")
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study)}
     out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
                          text=True, timeout=60)  # an engine would take minutes to start
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count(") is done") == 4 and "every stage is done" in out.stdout
+    assert out.stdout.count(") is done") == 2 and "every stage is done" in out.stdout
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".remaining.lock"]  # nothing ran
-    assert json.loads((study / "verdict.json").read_text())["helps"] is False  # then the verdict
+    assert json.loads((study / "verdict.json").read_text())["outcome"]  # then the verdict
+
+
+def test_remaining_refuses_heldout_until_its_registration_is_committed(tmp_path):
+    study = tmp_path / "study"
+    (study / "validation").mkdir(parents=True)
+    (study / "validation" / "results.json").write_text("{}\n")
+    (study / "heldout-registration.json").write_text("{}\n")  # written, not in git
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study)}
+    out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 5 and "before heldout runs" in out.stderr
+    assert not (tmp_path / "run" / "heldout").exists()
 
 
 @pytest.mark.parametrize("args", [("save", "dev"), ("save",), ("restore",)])
@@ -154,25 +162,37 @@ def test_smoke_mode_never_runs_a_stage_that_writes_real_results(tmp_path, stage)
     assert out.returncode == 2 and "not in SMOKE mode" in out.stderr
 
 
-def test_a_generating_stage_refuses_a_cpu_without_avx512_bf16(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"  # an AVX2 EPYC, as on 2026-12-03
-    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+@pytest.mark.parametrize(("flags", "isa"), [
+    ("fpu sse2 avx avx2 fma", "avx2"), ("avx2 avx512f", "avx512"),
+    ("avx2 avx512f avx512_bf16", "avx512_bf16")])
+def test_every_stage_runs_float32_on_either_cpu_kind_and_says_which(tmp_path, flags, isa):
+    """The 2026-12-08 amendment: no kind is refused; the dtype is float32."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"model name\t: AMD EPYC\nflags\t\t: {flags}\n")
+    bin_ = tmp_path / "bin"  # a python3 that only says what it was asked to run
+    bin_.mkdir()
+    (bin_ / "python3").write_text('#!/bin/bash\necho "python3 $*" >> "$LOG"\n')
+    (bin_ / "python3").chmod(0o755)
     env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
-           "CPUINFO": str(cpuinfo)}
-    for stage in ("dev", "confirm", "best-of-n", "humaneval", "remaining"):
-        out = subprocess.run(["bash", str(SCRIPT), stage], env=env, capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 3 and "no AVX-512 bf16 (AMD EPYC)" in out.stderr, out.stderr
+           "CPUINFO": str(cpuinfo), "PATH": f"{bin_}:{os.environ['PATH']}",
+           "LOG": str(tmp_path / "log")}
+    out = subprocess.run(["bash", str(SCRIPT), "heldout"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"float32 on AMD EPYC ({isa})" in out.stdout
+    call = (tmp_path / "log").read_text()
+    assert "--dtype float32" in call and "--stage heldout" in call
+    assert "--modes baseline,always,minus,noise --noise-problems 100" in call
+    assert "--problems 300" in call and "--logprobs 20" in call and "--answer-probe" in call
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_smoke_run_of_every_generating_stage(tmp_path):
-    """SMOKE=1 on SmolLM2: dev, save, register, confirm, save, then a new machine
-    (the run folder deleted) that resumes confirm from the saved answers, and
-    `remaining`, which skips what is saved and runs (and saves) best-of-n and
-    humaneval. About 20 minutes on 2 cores; run it before a real
-    stage after changing run.sh or the pipeline (`pytest -m slow -k smoke`)."""
+def test_smoke_run_of_the_heldout_stage(tmp_path):
+    """SMOKE=1 on SmolLM2: heldout (every arm, probe and logprobs on), save, then a
+    new machine (the run folder deleted) that resumes from the saved answers,
+    and `remaining`, which skips what is saved and ends with the verdict. Run it
+    before a real stage after changing run.sh or the pipeline (`pytest -m slow -k smoke`)."""
     env = {**os.environ, "SMOKE": "1", "RUN_SMOKE": str(tmp_path / "run"),
            "STUDY": str(tmp_path / "study")}
 
@@ -183,77 +203,74 @@ def test_smoke_run_of_every_generating_stage(tmp_path):
         return out
 
     study = tmp_path / "study"
-    stage("dev")
-    stage("save", "dev")
-    register = subprocess.run(["bash", str(SCRIPT), "register"], env=env, capture_output=True,
-                              text=True, timeout=300)
-    assert register.returncode == 0, register.stderr[-2000:]
-    reg = json.loads((study / "confirm-registration.json").read_text())
-    assert 0 < reg["adaptive_threshold"] < 1 and reg["arms"]["noise"] == 3
-    stage("confirm")
-    stage("save", "confirm")
-    first = json.loads((study / "confirm" / "manifest.json").read_text())
-    answers = gzip.open(study / "confirm" / "generations.jsonl.gz", "rt").read().splitlines()
-    assert len(answers) == 5 * 8 + 3
+    stage("heldout")
+    stage("save", "heldout")
+    first = json.loads((study / "heldout" / "manifest.json").read_text())
+    assert first["engine_dtypes"] == ["float32"] and first["machines"][0]["isa"]
+    answers = [json.loads(x) for x in
+               gzip.open(study / "heldout" / "generations.jsonl.gz", "rt").read().splitlines()]
+    assert len(answers) == 3 * 8 + 3
+    for a in answers:  # every answer keeps its per-token confidence, one value per token
+        assert [len(a["confidence"][f]) for f in ("lp", "conf", "sc")] == [a["tokens"]] * 3
+        assert a["steering"]["answer_failure_probability"] is not None
 
     shutil.rmtree(tmp_path / "run")  # a new machine
-    again = stage("confirm")
-    assert "restored 43 answers of confirm" in again.stdout
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["confirm"]
+    again = stage("heldout")
+    assert "restored 27 answers of heldout" in again.stdout
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["heldout"]
     assert manifest["results"]["preregistered"] == first["results"]["preregistered"]
-    assert manifest["attempts"] == first["attempts"] + 1
-    assert len((tmp_path / "run" / "confirm" / "generations.jsonl").read_text().splitlines()) == 43
-    # the rest in one job, as a session starts it: dev and confirm are saved as done
-    env["SAVE_EVERY"] = "5"
+    assert manifest["attempts"] == first["attempts"] + 1 and len(manifest["machines"]) == 2
     rest = stage("remaining")
-    assert "dev (results saved" in rest.stdout and "confirm (results saved" in rest.stdout
-    for name, answers in (("best-of-n", "samples"), ("humaneval", "generations")):
-        assert (study / name / "results.json").exists()
-        assert (study / name / f"{answers}.jsonl.gz").exists()
+    assert "heldout (results saved" in rest.stdout
     verdict = json.loads((study / "verdict.json").read_text())  # remaining ends with it
-    assert verdict["humaneval"]["problems"] == 3 and verdict["helps"] in (True, False)
-    results = json.loads((tmp_path / "run" / "humaneval" / "results.json").read_text())
-    assert set(results["configs"]) == {"baseline", "always"}
+    assert verdict["outcome"] in ("helps", "hurts", "no detectable effect")
+    assert verdict["noise_floor"]["noise"]["problems"] == 3
 
 
 def _config(n: int, base_right: int, fixed: int, broken: int, **extra) -> dict:
     """An eval config's numbers as evaluate writes them (p from the exact test)."""
     from scipy.stats import binomtest
 
+    from adaras.pipeline.stats import min_detectable_effect
+
     p = binomtest(fixed, fixed + broken, 0.5).pvalue if fixed + broken else 1.0
     delta = (base_right + fixed - broken) / n - base_right / n  # as evaluate computes it
     return {"problems": n, "accuracy": (base_right + fixed - broken) / n,
             "accuracy_ci95": [0.3, 0.5], "delta": delta, "ci95": [delta - 0.02, delta + 0.02],
             "mcnemar_p": p, "fixed": fixed, "broken": broken, "changed": 0.1, "truncated": 3,
-            "median_tokens": 480.0, **extra}
+            "mean_tokens": 500.0, "median_tokens": 480.0,
+            "mde80": min_detectable_effect(n, (fixed + broken) / n), **extra}
 
 
-BEST = {"reference": "greedy", "within_problem_auroc": {"auroc": 0.7, "pairs": 300},
-        "methods": {"greedy": {"accuracy": 0.4, "mean_tokens": 500, "problems": 100},
-                    "probe best-of-4": {"accuracy": 0.46, "delta_vs_greedy": 0.06,
-                                        "ci95": [0.0, 0.12], "mean_tokens": 2000,
-                                        "problems": 100}}}
+def _outcomes(n: int, plus_flips: int, noise_flips: int) -> list[dict]:
+    """Outcomes whose +S flips `plus_flips` and noise `noise_flips` of the first 10."""
+    rows = []
+    for i in range(n):
+        rows.append({"problem": f"p{i}", "arm": "baseline", "correct": i % 2 == 0})
+        rows.append({"problem": f"p{i}", "arm": "always",
+                     "correct": (i % 2 == 0) != (i < plus_flips)})
+        if i < 10:
+            rows.append({"problem": f"p{i}", "arm": "noise",
+                         "correct": (i % 2 == 0) != (i < noise_flips)})
+    return rows
 
 
-def _study(tmp_path: Path, confirm_always, humaneval_always=None, probe=None, best=None):
+def _study(tmp_path: Path, always, n: int = 300, secondary_p: float = 0.4,
+           plus_flips: int = 3, noise_flips: int = 3, manifest: dict | None = None):
     study = tmp_path / "study"
-    (study / "confirm").mkdir(parents=True)
-    baseline = _config(500, 200, 0, 0, **({"answer_probe": probe} if probe else {}))
-    confirm = {"alpha": 0.3, "dose_in_sigma": 0.089, "primary": {"config": "always"},
-               "configs": {"baseline": baseline, "always": confirm_always,
-                           "minus": _config(500, 200, 10, 12)},
-               "secondary": {"configs": ["always", "minus"], "problems": 500, "delta": 0.01,
-                             "ci95": [-0.01, 0.03], "mcnemar_p": 0.4, "only_a": 12,
+    (study / "heldout").mkdir(parents=True)
+    results = {"alpha": 0.3, "dose_in_sigma": 0.089, "primary": {"config": "always"},
+               "configs": {"baseline": _config(n, 120, 0, 0), "always": always,
+                           "minus": _config(n, 120, 10, 12)},
+               "secondary": {"configs": ["always", "minus"], "problems": n, "delta": 0.01,
+                             "ci95": [-0.01, 0.03], "mcnemar_p": secondary_p, "only_a": 12,
                              "only_b": 7}}
-    (study / "confirm" / "results.json").write_text(json.dumps(confirm))
-    (study / "confirm-registration.json").write_text(json.dumps({"arms": {"always": 500}}))
-    if humaneval_always is not None:
-        (study / "humaneval").mkdir()
-        (study / "humaneval" / "results.json").write_text(json.dumps(
-            {"configs": {"baseline": _config(164, 100, 0, 0), "always": humaneval_always}}))
-    if best is not None:
-        (study / "best-of-n").mkdir()
-        (study / "best-of-n" / "results.json").write_text(json.dumps(best))
+    (study / "heldout" / "results.json").write_text(json.dumps(results))
+    (study / "heldout" / "outcomes.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in _outcomes(n, plus_flips, noise_flips)))
+    (study / "heldout-registration.json").write_text(json.dumps({"arms": {"always": n}}))
+    (study / "heldout" / "manifest.json").write_text(json.dumps(manifest or {
+        "engine_dtypes": ["float32"], "machines": [{"attempt": 1, "isa": "avx512_bf16"}]}))
     return study
 
 
@@ -264,120 +281,59 @@ def _verdict(study: Path) -> tuple[dict, str]:
     return json.loads((study / "verdict.json").read_text()), (study / "verdict.md").read_text()
 
 
-@pytest.mark.parametrize(("always", "humaneval", "helps", "goal"), [
-    ((500, 200, 40, 15), (164, 100, 3, 4), True, True),     # +5 points, p < 0.05; HE no loss
-    ((500, 200, 30, 18), (164, 100, 3, 4), False, False),   # +2.4 points, p = 0.11
-    ((500, 200, 40, 15), (164, 100, 1, 12), False, True),   # the HumanEval loss vetoes
-    ((500, 200, 40, 15), None, None, True),                 # gain, HumanEval not yet run
-    ((500, 200, 15, 40), None, False, False),               # a loss: nothing left to decide
-    ((500, 200, 28, 14), (164, 100, 3, 4), True, False),    # significant, under +3 points
-    ((500, 160, 15, 0), (164, 100, 3, 4), True, True),      # exactly +3: 0.35 - 0.32 < 0.03
+@pytest.mark.parametrize(("always", "outcome", "words"), [
+    ((300, 120, 30, 10), "helps", "helps Qwen2.5-Coder-1.5B on MATH-500 (first 300): +6.7 points"),
+    ((300, 120, 10, 30), "hurts", "hurts Qwen2.5-Coder-1.5B on MATH-500 (first 300): -6.7 points"),
+    ((300, 120, 18, 12), "no detectable effect", "No detectable effect of AdaRAS +S"),
+    ((300, 120, 0, 0), "no detectable effect", "no answer changed"),
 ])
-def test_verdict_applies_the_registered_rules(tmp_path, always, humaneval, helps, goal):
-    study = _study(tmp_path, _config(*always), _config(*humaneval) if humaneval else None)
-    v, md = _verdict(study)
-    assert v["helps"] is helps and v["goal_met"] is goal and v["warnings"] == []
-    assert v["primary"]["delta"] == pytest.approx((always[2] - always[3]) / 500)
+def test_verdict_applies_the_registered_rule_in_its_words(tmp_path, always, outcome, words):
+    v, md = _verdict(_study(tmp_path, _config(*always)))
+    assert v["outcome"] == outcome and v["warnings"] == []
+    assert words in v["words"] and words in md
+    assert v["primary"]["delta"] == pytest.approx((always[2] - always[3]) / 300)
     assert v["key_secondary"]["fixed"] == 12 and v["key_secondary"]["broken"] == 7
-    if helps:
-        assert "keeps these neurons with alpha 0.3" in v["served_default"]
-    elif helps is False:
-        assert "did not help at the paper's own dose" in v["served_default"]
+    assert "the sign of S made no detectable difference" in v["key_secondary_words"]
+    if outcome == "helps":
+        assert "on MATH, transfer not measured" in v["words"]
+        assert "gain" in v["served_default"]
     else:
-        assert v["served_default"].startswith("pending")
-    assert {True: "yes", False: "no", None: "pending"}[helps] in md.split("Helps")[1][:40]
+        assert v["served_default"].startswith("steering stays off by default")
+    if outcome == "no detectable effect" and always[2] + always[3]:
+        assert "could detect about" in v["words"]
 
 
-def test_verdict_judges_the_answer_probe_goals_on_the_point_estimates(tmp_path):
-    probe = {"answers": 498, "auroc": 0.89, "auroc_ci95": [0.86, 0.92],
-             "calibration": {"ece": 0.06}, "ece_ci95": [0.05, 0.09]}
-    v, md = _verdict(_study(tmp_path, _config(500, 200, 20, 20), None, probe, BEST))
-    ap = v["answer_probe"]
-    assert ap["auroc_goal_met"] and not ap["ece_goal_met"]
-    assert ap["best_of_n"]["best_of_4_goal_met"]  # +6 points, though its CI reaches 0
-    assert "AUROC ≥ 0.88 met; ECE ≤ 0.05 not met" in md
-    # results written before the free baselines existed: reported blank, nothing judged on them
-    assert ap["baseline"]["length"] is None and "| baseline |  |  |  |  |  |" in md
+def test_conditional_arms_are_due_only_below_p_0_1(tmp_path):
+    assert not _verdict(_study(tmp_path / "a", _config(300, 120, 18, 12)))[0][
+        "conditional_arms_due"]  # p = 0.36
+    assert _verdict(_study(tmp_path / "b", _config(300, 120, 18, 12), secondary_p=0.08))[0][
+        "conditional_arms_due"]
+    assert _verdict(_study(tmp_path / "c", _config(300, 120, 22, 10)))[0][
+        "conditional_arms_due"]  # p = 0.05
 
 
-def test_verdict_reports_the_free_baselines_beside_the_probe_without_judging_them(tmp_path):
-    probe = {"answers": 498, "auroc": 0.80, "auroc_ci95": [0.76, 0.84],
-             "calibration": {"ece": 0.04}, "ece_ci95": [0.03, 0.07],
-             "length": {"auroc": 0.71, "auroc_ci95": [0.66, 0.76], "answer_auroc_gain": 0.09,
-                        "answer_auroc_gain_ci95": [0.05, 0.13]},
-             "finished": {"answers": 470, "auroc": 0.77, "auroc_ci95": [0.72, 0.81],
-                          "length": {"auroc": 0.70, "answer_auroc_gain": 0.07,
-                                     "answer_auroc_gain_ci95": [0.02, 0.12]}}}
-    best = {**BEST, "within_problem_auroc_length": {"auroc": 0.62, "pairs": 280,
-                                                    "ci95": [0.55, 0.69]}}
-    v, md = _verdict(_study(tmp_path, _config(500, 200, 20, 20), None, probe, best))
-    ap = v["answer_probe"]
-    assert ap["baseline"]["length"]["auroc"] == 0.71 and ap["baseline"]["finished"]["answers"] == 470
-    assert ap["auroc_goal_met"] is False and ap["ece_goal_met"] is True  # the goals as before
-    assert ("| baseline | 0.710 (0.660–0.760) | 0.090 (0.050–0.130) | 470 | 0.770 (0.720–0.810) "
-            "| 0.070 (0.020–0.120) |") in md
-    assert "the samples' length alone: 0.620 (0.550–0.690) over 280 pairs" in md
+@pytest.mark.parametrize(("plus", "noise", "within"), [(3, 3, True), (2, 5, True), (6, 2, False)])
+def test_the_noise_floor_sets_s_flips_beside_the_reruns(tmp_path, plus, noise, within):
+    v, md = _verdict(_study(tmp_path, _config(300, 120, 18, 12), plus_flips=plus,
+                            noise_flips=noise))
+    nf = v["noise_floor"]
+    assert nf["always"]["flips"] == plus and nf["noise"]["flips"] == noise
+    assert nf["always"]["problems"] == nf["noise"]["problems"] == 10
+    assert nf["within_noise"] is within
+    assert ("no more than batch composition does" in md) is within
 
 
-def test_remaining_stops_after_registering_stage_3_so_that_it_is_committed_first(tmp_path):
-    study = tmp_path / "study"
-    (study / "dev").mkdir(parents=True)
-    (study / "dev" / "results.json").write_text(json.dumps({"configs": {
-        "always": {"fixed": 6, "broken": 4, "problems": 80},
-        "adaptive": {"youden_threshold": 0.61}}}))
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
-    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(study),
-           "CPUINFO": str(cpuinfo)}
-    out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "stage 3 is registered; commit" in out.stdout
-    reg = json.loads((study / "confirm-registration.json").read_text())
-    assert reg["adaptive_threshold"] == 0.61 and reg["mde_at_80_power"] > 0
-    assert not (tmp_path / "run" / "confirm").exists()  # confirm waits for the commit
-    again = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
-                           text=True, timeout=120)  # not committed (this study is not in git)
-    assert again.returncode == 5 and "before confirm runs" in again.stderr
-    assert not (tmp_path / "run" / "confirm").exists()
-
-
-def test_remaining_runs_once_per_run_folder(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("model name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16\n")
-    env = {**os.environ, "RUN": str(tmp_path / "run"), "STUDY": str(tmp_path / "study"),
-           "CPUINFO": str(cpuinfo)}
-    (tmp_path / "run").mkdir()
-    holder = subprocess.Popen(["flock", str(tmp_path / "run" / ".remaining.lock"), "sleep", "30"])
-    try:
-        import time
-        time.sleep(0.5)
-        out = subprocess.run(["bash", str(SCRIPT), "remaining"], env=env, capture_output=True,
-                             text=True, timeout=60)
-    finally:
-        holder.kill()
-    assert out.returncode == 4 and "another one holds" in out.stderr
-
-
-def test_verdict_leaves_a_goal_it_cannot_judge_unjudged_and_flags_unregistered_runs(tmp_path):
-    unread = {"answers": 0, "unread": 500, "calibration": {"ece": 0.0, "bins": []}}
-    first = {**BEST, "reference": "first sample",
-             "methods": {"probe best-of-4": {"accuracy": 0.5, "delta_vs_first sample": 0.1,
-                                             "mean_tokens": 2000, "problems": 100},
-                         "first sample": {"accuracy": 0.4, "mean_tokens": 500,
-                                          "problems": 100}}}
-    study = _study(tmp_path, _config(400, 160, 20, 20), _config(100, 60, 2, 2), unread, first)
+def test_verdict_flags_a_run_that_differs_from_the_registration(tmp_path):
+    study = _study(tmp_path, _config(200, 80, 5, 5), n=200, manifest={
+        "engine_dtypes": ["bfloat16"], "machines": [{"isa": "avx512_bf16"}, {"isa": "avx2"}]})
     v, md = _verdict(study)
-    ap = v["answer_probe"]
-    assert ap["auroc_goal_met"] is None and ap["ece_goal_met"] is None  # no answer read
-    assert ap["best_of_n"]["best_of_4_goal_met"] is None  # no greedy reference
-    assert "ECE ≤ 0.05 cannot be judged" in md
-    assert any("400 problems, not the registered 500" in w for w in v["warnings"])
-    assert any("HumanEval ran 100 problems" in w for w in v["warnings"])
-    assert md.count("**Warning:") == 2
+    assert any("200 problems, not the registered 300" in w for w in v["warnings"])
+    assert any("bfloat16" in w for w in v["warnings"])
+    assert any("more than one CPU kind" in w for w in v["warnings"])
+    assert md.count("**Warning:") == len(v["warnings"]) == 5  # 3 arms, the dtype, the kinds
 
 
-def test_verdict_needs_the_confirm_results(tmp_path):
+def test_verdict_needs_the_heldout_results(tmp_path):
     out = subprocess.run(["python3", str(SCRIPT.parent / "verdict.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "run and save confirm first" in out.stderr
+    assert out.returncode != 0 and "run and save heldout first" in out.stderr

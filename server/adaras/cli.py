@@ -333,6 +333,10 @@ def eval_(
         help="a JSON file of problem ids (a list, {\"ids\": [...]}, or near-duplicate "
              "pairs {\"pairs\": [{\"test\": id}]}): every comparison again without them")]
     = None,
+    logprobs: Annotated[int | None, typer.Option(
+        help="top-k logprobs per answer token (e.g. 20): each answer keeps its per-token "
+             "logprob, DeepConf token confidence and self-certainty for the confidence "
+             "baselines (adaras.confidence)")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -354,12 +358,41 @@ def eval_(
                     max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
                     primary=primary, noise_problems=noise_problems,
                     registration=_registration(register), answer_probe=answer_probe,
-                    secondary=secondary, also_without=also_without)
+                    secondary=secondary, also_without=also_without, logprobs=logprobs)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())
     del results
 
+
+
+@app.command("capture-validation")
+@_pipeline_errors
+def capture_validation(
+    run: RunOpt,
+    traces: Annotated[str, typer.Option(
+        help="folder with collect's greedy and samples answers (.jsonl or .jsonl.gz)")],
+    profile: Annotated[str, typer.Option(help="the profile whose two heads are read")],
+    logprobs: Annotated[int, typer.Option(help="top-k prompt logprobs per answer token")] = 20,
+    limit: Annotated[int | None, typer.Option(
+        help="the first N validation traces only, no prompts (to measure the cost)")] = None,
+    stage: Annotated[str, typer.Option(help="output folder in the run")] = "validation",
+    model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
+    max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
+    chunk: ChunkOpt = 32,
+) -> None:
+    """Read a profile's heads and the logprob confidences again on its validation split,
+    teacher-forced, in the engine's dtype: the data a held-out measurement's knobs are
+    fixed on before any held-out answer exists."""
+    from adaras.pipeline.run import Run
+    from adaras.pipeline.validation import ValidationArgs
+    from adaras.pipeline.validation import capture_validation as run_capture
+
+    engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
+    out = run_capture(Run(run), ValidationArgs(traces=traces, profile=profile,
+                                               logprobs=logprobs, limit=limit, stage=stage),
+                      engine)
+    typer.echo(f"capture-validation: {out}")
 
 
 @app.command("best-of-n")

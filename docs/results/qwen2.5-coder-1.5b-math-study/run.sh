@@ -1,21 +1,30 @@
 #!/bin/bash
-# Efficacy v2 (issue 18): Qwen2.5-Coder-1.5B-Instruct on MATH, AdaRAS at the
+# Efficacy v2 (issues 18, 31, 33): Qwen2.5-Coder-1.5B-Instruct on MATH, AdaRAS at the
 # reference implementation's own dose. Every stage runs through the steered
 # vLLM engine, is resumable (run it again), and records its arguments,
-# versions and throughput in $RUN/manifest.json. See README.md for the design.
-# Run it in the background, detached, one stage at a time:
-#   setsid bash docs/results/qwen2.5-coder-1.5b-math-study/run.sh dev > dev.log 2>&1 &
-# Order from stage 2 on: dev; save dev; register (commit both); confirm, with
-# `save confirm` and a commit before every session ends (it resumes from them);
-# best-of-n; humaneval; save each. `run.sh remaining` does all of that but the
-# commits, in one background job: every unfinished stage in order, saved every
-# SAVE_EVERY seconds (600) while it runs and when it ends; it stops after
-# `register` (commit the registration before confirm starts, then run it again);
-# rerun it in each session and commit $HERE before the session ends. After changing this file or the pipeline,
-# run `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
+# versions, CPU kind, resolved dtype and throughput in $RUN/manifest.json. See
+# README.md for the design and its amendments (float32 from 2026-12-08 on).
+# From the float32 amendment on, the remaining work is two stages:
+#   validation  stage 1's validation split teacher-forced in float32 with top-20
+#               prompt logprobs (the data the held-out knobs are fixed on)
+#   heldout     the first 300 MATH-500 problems, greedy, float32: baseline (also the
+#               answer probe's held-out greedy set), +S, -S at alpha 0.3, and the noise
+#               floor (the baseline again on the first 100, another batch mix)
+# `run.sh remaining` runs what is unfinished in that order in one background job, saved
+# every SAVE_EVERY seconds (600), from a git worktree pinned at the registration commit:
+#   git worktree add /tmp/study-pinned <registration commit>
+#   RUN=$PWD/runs/math-study STUDY=$PWD/docs/results/qwen2.5-coder-1.5b-math-study \
+#     setsid bash /tmp/study-pinned/docs/results/qwen2.5-coder-1.5b-math-study/run.sh remaining
+# After changing this file or the pipeline, run
+# `pytest -m slow -k smoke tests/test_study_script.py` (SMOKE=1, ~15 min) first.
 set -euo pipefail
 SCRIPT=$(realpath "$0")
 cd "$(dirname "$0")/../../.."  # the repository root: every path below is relative to it
+# The code of this checkout runs every stage, not whatever checkout pip installed: a
+# stage started from a worktree pinned at its registration commit stays on that code
+# while main changes (PYTHONPATH precedes the editable install; the engine's processes
+# inherit it).
+export PYTHONPATH="$PWD/server${PYTHONPATH:+:$PYTHONPATH}"
 HERE=${STUDY:-docs/results/qwen2.5-coder-1.5b-math-study}  # where results are committed
 RUN=${RUN:-runs/math-study}
 # Stage 1's profile with both heads, as committed (the run folder does not outlive a
@@ -23,29 +32,34 @@ RUN=${RUN:-runs/math-study}
 PROFILE=$HERE/stage1/profile.safetensors
 A="python3 -m adaras.cli"
 MODEL="--model qwen2.5-coder-1.5b-instruct"
-ENGINE="--max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
+# float32 on either CPU kind (the 2026-12-08 amendment): results do not depend on whether
+# the CPU has native bf16. KV cache: 64 answers of up to 1280 tokens fit in 6 GiB in float32.
+DTYPE=${DTYPE:-float32}
+ENGINE="--dtype $DTYPE --max-num-seqs ${WIDTH:-64} --chunk ${CHUNK:-256} --max-model-len 5120 --kv-cache-gib 6"
 MATH=data/math
 # The registered sizes. SMOKE=1 runs every stage's glue on SmolLM2 with a handful of
 # problems and short answers (RUN and STUDY then default to a scratch folder).
 N_DEV=80 N_CONFIRM=500 N_NOISE=200 N_BON=100 N_HE=164 SAMPLES=8 KS=4,8 MAXTOK=1280
+N_HELDOUT=300 N_HELDOUT_NOISE=100  # issue 33's registration (2026-12-08)
 if [[ ${SMOKE:-0} == 1 ]]; then
   RUN=${RUN_SMOKE:-/tmp/math-study-smoke} HERE=${STUDY:-$RUN/study}
   PROFILE=server/adaras/profiles/smollm2-135m-instruct.safetensors
   MODEL="--model smollm2-135m-instruct"
-  ENGINE="--max-num-seqs 16 --chunk 16 --max-model-len 2048 --kv-cache-gib 2"
+  ENGINE="--dtype $DTYPE --max-num-seqs 16 --chunk 16 --max-model-len 2048 --kv-cache-gib 2"
   N_DEV=6 N_CONFIRM=8 N_NOISE=3 N_BON=4 N_HE=3 SAMPLES=3 KS=2,3 MAXTOK=48
+  N_HELDOUT=8 N_HELDOUT_NOISE=3
 fi
 
-# The stages are registered in bf16 on an AVX-512 machine with bf16 (stage 1's kind).
-# On a CPU without it, bf16 decodes far slower (measured 2026-12-04 on an AVX2 EPYC
-# with benchmarks/bench_dtype.py: bf16 4.07 tok/s, fp32 20.5, against 121 in bf16 on stage 1's
-# kind), so a registered stage would take days there: refuse, unless FORCE=1.
+# Until 2026-12-08 the stages were registered in bf16 and ran on the AVX-512 kind only.
+# The float32 amendment lets every stage run on either kind (float32 decodes about 5x
+# faster than emulated bf16 on the AVX2 EPYC; benchmarks/bench_dtype.py). float32 is
+# not bit-identical across kinds, so paired arms must run on one kind: each stage's
+# manifest entry records the CPU of every attempt (`machines`) and the dtype that ran.
 machine_check() {
-  if [[ ${SMOKE:-0} != 1 && ${FORCE:-0} != 1 ]] && ! grep -qw avx512_bf16 "${CPUINFO:-/proc/cpuinfo}"; then
-    echo "run.sh $1: this CPU has no AVX-512 bf16 ($(grep -m1 "model name" "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2 | xargs));" \
-         "the study's bf16 stages would run about 30x slower here (benchmarks/bench_dtype.py). FORCE=1 runs anyway." >&2
-    exit 3
-  fi
+  local isa=avx2
+  if grep -qw avx512_bf16 "${CPUINFO:-/proc/cpuinfo}"; then isa=avx512_bf16
+  elif grep -qw avx512f "${CPUINFO:-/proc/cpuinfo}"; then isa=avx512; fi
+  echo "run.sh $1: $DTYPE on $(grep -m1 "model name" "${CPUINFO:-/proc/cpuinfo}" | cut -d: -f2 | xargs) ($isa)"
 }
 
 # An eval stage's finished answers outlive the run folder as $HERE/<stage>/*.jsonl.gz
@@ -150,10 +164,11 @@ PY
   fi
 }
 
-# Stage 3's registration is in git, unchanged, before confirm's first answer.
+# A registration file ($1, under $HERE) is in git, unchanged, before its stage's first answer.
+# (asked of the checkout that holds $HERE, which may not be the one running this script)
 registration_committed() {
-  git ls-files --error-unmatch "$HERE/confirm-registration.json" > /dev/null 2>&1 \
-    && git diff --quiet HEAD -- "$HERE/confirm-registration.json"
+  git -C "$HERE" ls-files --error-unmatch "$1" > /dev/null 2>&1 \
+    && git -C "$HERE" diff --quiet HEAD -- "$1"
 }
 
 # Run stage $1 in a child and save it every SAVE_EVERY seconds while it runs and
@@ -272,6 +287,37 @@ humaneval)  # transfer: the same profile and dose on HumanEval (all 164)
      --modes baseline,always \
      --profile $PROFILE --max-tokens $MAXTOK $ENGINE
   ;;
+validation)  # issue 31 item 2: stage 1's validation split, teacher-forced, float32
+  machine_check validation; smoke_refuses validation
+  $A capture-validation --run $RUN $MODEL --traces $HERE/stage1 --profile $PROFILE \
+     --logprobs 20 --dtype $DTYPE --max-model-len 5120 --max-num-seqs 16 --chunk 16 --kv-cache-gib 4
+  mkdir -p "$HERE/validation"
+  gzip -9 -n -c "$RUN/validation/traces.jsonl" > "$RUN/validation/.traces.gz"
+  mv "$RUN/validation/.traces.gz" "$HERE/validation/traces.jsonl.gz"
+  put "$RUN/validation/prompts.jsonl" "$HERE/validation/prompts.jsonl" "$RUN/validation"
+  python3 - "$RUN/manifest.json" "$HERE/validation" <<'PY'
+import json, sys
+from pathlib import Path
+entry = json.load(open(sys.argv[1]))["stages"]["validation"]
+out = Path(sys.argv[2])
+(out / "manifest.json").write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n")
+traces = sum(1 for _ in __import__("gzip").open(out / "traces.jsonl.gz", "rt"))
+prompts = sum(1 for _ in open(out / "prompts.jsonl"))
+(out / "results.json").write_text(json.dumps(
+    {"traces": traces, "prompts": prompts, "engine_dtypes": entry.get("engine_dtypes"),
+     "machines": entry.get("machines")}, indent=2) + "\n")
+print(f"saved validation: {traces} traces, {prompts} prompts")
+PY
+  ;;
+heldout)  # issues 31 and 33: the first 300 MATH-500 problems, greedy, float32
+  machine_check heldout; restore_collect; restore heldout
+  $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems $N_HELDOUT --stage heldout \
+     --modes baseline,always,minus,noise --noise-problems $N_HELDOUT_NOISE \
+     --primary always --secondary always,minus \
+     --also-without $MATH/near_duplicates.json --register "$HERE/heldout-registration.json" \
+     --answer-probe --logprobs 20 --profile $PROFILE \
+     --max-tokens $MAXTOK $ENGINE
+  ;;
 bundle)  # the served Qwen profile: stage 1's most complete profile, renamed, recorded here
   smoke_refuses bundle
   python3 - "$RUN" "$HERE/stage1/profile.safetensors" <<'PY'
@@ -294,26 +340,24 @@ print(f"bundled {src} as {prof.name}: prompt head {prof.predictor is not None}, 
 PY
   ;;
 remaining)  # every stage not finished (no results.json saved), in order, saved as it runs
-  # (each generating stage checks the machine itself: register and verdict run anywhere)
+  # (from the float32 amendment on: validation, then heldout; each records its CPU kind)
   # one at a time per run folder: the lock is held by every process of this one,
   # engine processes included
   mkdir -p "$RUN"; exec 9> "$RUN/.remaining.lock"
   flock -n 9 || { echo "run.sh remaining: another one holds $RUN/.remaining.lock" \
                        "(a stray engine? pgrep -af VLLM)" >&2; exit 4; }
-  for s in dev confirm best-of-n humaneval; do
-    if [[ $s == confirm && ! -f $HERE/confirm-registration.json ]]; then
-      (main register)  # stage 3's registration, committed before its first answer:
-      echo "run.sh remaining: stage 3 is registered; commit $HERE/confirm-registration.json" \
-           "and $HERE/dev, then run remaining again"
-      exit 0
-    fi
-    if [[ $s == confirm && ${SMOKE:-0} != 1 && ! -f $HERE/confirm/results.json ]] \
-       && ! registration_committed; then
-      echo "run.sh remaining: commit $HERE/confirm-registration.json before confirm runs" >&2
+  for s in validation heldout; do
+    if [[ $s == validation && ${SMOKE:-0} == 1 ]]; then continue; fi  # no stage-1 traces there
+    if [[ $s == heldout && ${SMOKE:-0} != 1 && ! -f $HERE/heldout/results.json ]] \
+       && ! registration_committed heldout-registration.json; then
+      echo "run.sh remaining: commit $HERE/heldout-registration.json before heldout runs" >&2
       exit 5
     fi
     if [[ -f $HERE/$s/results.json ]]; then
       echo "run.sh remaining: $s (results saved in $HERE/$s) is done"
+    elif [[ $s == validation ]]; then
+      echo "run.sh remaining: $s, $(date -u +%FT%TZ)"
+      (main validation)
     else
       echo "run.sh remaining: $s, $(date -u +%FT%TZ)"
       run_saving "$s"
@@ -332,7 +376,7 @@ restore)  # what each eval stage does first (here for a stage run by hand)
   restore "${2:?restore: which stage?}"
   ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|remaining|verdict|bundle|save STAGE|restore STAGE" >&2
+  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|validation|heldout|remaining|verdict|bundle|save STAGE|restore STAGE" >&2
   exit 2 ;;
 esac
 }

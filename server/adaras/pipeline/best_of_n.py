@@ -81,7 +81,7 @@ def best_of_n(run: Run, args: BestOfNArgs, engine: EngineOptions, *,
         record = run.throughput_recorder("generate")  # every attempt's, kept up to date
         todo = pending_samples(problems, args.samples, {r["key"] for r in read_jsonl(path)})
         if todo:  # a resumed stage with every sample in place starts no engine
-            llm = open_engine(engine)
+            llm = open_engine(engine, run)
             from adaras.engine import load_profile
 
             load_profile(llm, "main", str(args.profile))

@@ -27,7 +27,7 @@ def capture_cached(run: Run, name: str, jobs: list[Job], field: str,
             count[0] += len(results)
 
         record = run.throughput_recorder(f"capture {name}")
-        record(run_captures(open_engine(engine), todo, on_done, f"capture {name}",
+        record(run_captures(open_engine(engine, run), todo, on_done, f"capture {name}",
                             on_progress=record))
         have = load_parts(cache, name)
     return {j.key: have[j.key] for j in jobs}

@@ -54,7 +54,7 @@ def collect(run: Run, args: CollectArgs, engine: EngineOptions, *, restart: bool
         samples_todo = pending_samples(problems[:args.probe], args.samples,
                                        {r["key"] for r in read_jsonl(samples)})
         if greedy_todo or samples_todo:  # a resumed stage with every trace in place starts none
-            llm = open_engine(engine)
+            llm = open_engine(engine, run)
             tok = llm.get_tokenizer()
             prompts = {p.id: prompt_ids(tok, build_messages(p)) for p in problems}
             record = run.throughput_recorder("greedy")  # kept up to date as answers come

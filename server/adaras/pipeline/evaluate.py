@@ -32,11 +32,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaras import confidence
 from adaras.pipeline.collect import read_problems, write_problems
 from adaras.pipeline.data import Problem, build_messages, load_distinct
 from adaras.pipeline.grade import counts_as_correct, grade_all, is_cut
 from adaras.pipeline.identify import model_shape
-from adaras.pipeline.llm import EngineOptions, Job, Meter, open_engine, prompt_ids, run_jobs
+from adaras.pipeline.llm import (
+    EngineOptions,
+    Job,
+    Meter,
+    open_engine,
+    prompt_ids,
+    run_jobs,
+    vocab_size,
+)
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.pipeline.stats import (
     MAX_SCORE_RESAMPLES,
@@ -77,6 +86,7 @@ class EvalArgs:
     answer_probe: bool = False  # every arm asks for the profile's answer head (no extra tokens)
     secondary: str | None = None  # "A,B": config A against config B, exact McNemar (paired)
     also_without: str | None = None  # problem ids (file): every comparison again without them
+    logprobs: int | None = None  # top-k logprobs per answer token -> per-token confidence arrays
 
 
 def default_profile(run: Run) -> Path:
@@ -142,7 +152,7 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
         # on a resume, the total of every attempt's work; kept up to date as answers come
         record, meter = run.throughput_recorder("generate"), Meter().to_dict()
         if todo:  # a resumed stage with every answer in place starts no engine
-            llm = open_engine(engine)
+            llm = open_engine(engine, run)
             from adaras.engine import load_profile
 
             for name, path in profiles.items():
@@ -151,7 +161,7 @@ def evaluate(run: Run, args: EvalArgs, engine: EngineOptions, *, restart: bool =
             prompts = {p.id: prompt_ids(tok, build_messages(p))
                        for p in {p.id: p for _, _, p in todo}.values()}
             meter = generate_all(llm, todo, prompts, configs, args, out / "generations.jsonl",
-                                 engine.chunk, on_progress=record)
+                                 engine.chunk, on_progress=record, vocab=vocab_size(llm))
         meter = record(meter)
         results = summarize(out, problems, configs, args)
         if excluded is not None:  # e.g. near-duplicates of training problems
@@ -327,12 +337,16 @@ def pending(configs, problems, args: EvalArgs, path: Path) -> list[tuple[str, st
 
 
 def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, args: EvalArgs,
-                 path: Path, chunk: int, on_progress=None) -> dict:
+                 path: Path, chunk: int, on_progress=None, vocab: int | None = None) -> dict:
     """Generate the `todo` jobs (see `pending`), appending each answer to
-    `path`; returns the throughput of this call (see run_jobs)."""
+    `path`; returns the throughput of this call (see run_jobs). With
+    `args.logprobs` each row also keeps its per-token confidence arrays
+    (adaras.confidence: "lp", "conf", "sc"; the alternatives' ids and text are
+    not kept), computed from the raw top-k logprobs over `vocab` tokens."""
     from vllm import SamplingParams
 
     params = {name: SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                   logprobs=args.logprobs or None,
                                    extra_args={"steering": steering} if steering else None)
               for name, steering in configs.items()}
     by_key = {key: (name, p) for key, name, p in todo}
@@ -345,7 +359,10 @@ def generate_all(llm, todo: list[tuple[str, str, Problem]], prompts, configs, ar
             {"key": j.key, "config": by_key[j.key][0], "problem": p.id,
              "completion": o.outputs[0].text, "tokens": len(o.outputs[0].token_ids),
              "finish_reason": o.outputs[0].finish_reason, "correct": g.correct,
-             "extracted": g.extracted, "steering": rep}
+             "extracted": g.extracted, "steering": rep,
+             **({"confidence": confidence.from_vllm(o.outputs[0].token_ids,
+                                                    o.outputs[0].logprobs, vocab, args.logprobs)}
+                if args.logprobs else {})}
             for (j, o, rep), p, g in zip(results, probs, grades)])
 
     return run_jobs(llm, jobs, on_done,

@@ -89,15 +89,33 @@ def engine_env(opts: EngineOptions) -> dict[str, str | None]:
             "ADARAS_CAPTURE_SLOTS": str(int(opts.max_num_seqs))}
 
 
-def open_engine(opts: EngineOptions):
+def open_engine(opts: EngineOptions, run=None):
     """A vLLM `LLM` with the AdaRAS plugin active (the plugin registers itself
     through its entry point in every vLLM process). One engine per set of
-    options and process: stages run in one process share it."""
+    options and process: stages run in one process share it. With `run`
+    (a pipeline.run.Run), the dtype the engine resolved (never "auto") goes
+    into the running stage's manifest entry."""
     import json
 
     key = json.dumps(opts.to_dict(), sort_keys=True)
-    if key in _ENGINES:
-        return _ENGINES[key]
+    if key not in _ENGINES:
+        _ENGINES[key] = _new_engine(opts)
+    if run is not None:
+        run.record_engine_dtype(resolved_dtype(_ENGINES[key]))
+    return _ENGINES[key]
+
+
+def resolved_dtype(llm) -> str:
+    """The dtype the engine runs in, e.g. "float32"."""
+    return str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+
+def vocab_size(llm) -> int:
+    """The width of the engine's logits (what a logprob is normalized over)."""
+    return int(llm.llm_engine.model_config.get_vocab_size())
+
+
+def _new_engine(opts: EngineOptions):
     from vllm import LLM
 
     from adaras.engine import plugin
@@ -109,7 +127,6 @@ def open_engine(opts: EngineOptions):
                   max_model_len=opts.max_model_len, max_num_seqs=opts.max_num_seqs,
                   tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
                   enable_prefix_caching=True, **opts.extra)
-    _ENGINES[key] = llm
     return llm
 
 
@@ -255,9 +272,12 @@ _REQUEST_IDS = itertools.count()
 
 def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, dict]]], None],
                  description: str, chunk: int = 32,
-                 on_progress: Callable[[dict], object] | None = None) -> dict:
+                 on_progress: Callable[[dict], object] | None = None,
+                 keep_prompt_logprobs: bool = False) -> dict:
     """Teacher-forced activation capture: each job's prompt is prefilled once
     (max_tokens=1) with `extra_args["adaras_capture"]` set in its params.
+    With `keep_prompt_logprobs`, each capture also carries the request's
+    `prompt_logprobs` (its params must ask for them).
     Returns the throughput (Meter.to_dict()); `on_progress` as in run_jobs."""
     from adaras.engine import pop_captures
 
@@ -272,6 +292,8 @@ def run_captures(llm, jobs: Sequence[Job], on_done: Callable[[list[tuple[Job, di
             if cap is None or "error" in cap:
                 raise RuntimeError(f"capture of {j.key} failed: "
                                    f"{(cap or {}).get('error', 'no result from the engine')}")
+            if keep_prompt_logprobs:
+                cap = {**cap, "prompt_logprobs": o.prompt_logprobs}
             results.append((j, cap))
         on_done(results)
         if on_progress is not None:

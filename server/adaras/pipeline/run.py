@@ -37,6 +37,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_kind(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """The CPU a stage ran on: its model name and the widest vector ISA the
+    engine can use ("avx512_bf16", "avx512", "avx2", or "other"). float32
+    results are not bit-identical across these kinds, so paired arms compare
+    on one kind (the manifest records it per attempt)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return {"cpu": None, "isa": None}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    isa = ("avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags
+           else "avx2" if "avx2" in flags else "other")
+    return {"cpu": name, "isa": isa}
+
+
 def source_state(root: Path | None = None) -> dict:
     """The git commit of the code that ran, and whether the tree had
     uncommitted changes: {"commit": sha | None, "dirty": bool | None}
@@ -116,13 +134,18 @@ class Run:
             shutil.rmtree(self.root / stage, ignore_errors=True)
             old = None
         path = self.stage_dir(stage)
+        attempt = (old or {}).get("attempts", 0) + 1
         entry = {"args": args, "versions": versions(), "source": source_state(),
                  "status": "running",
+                 # every attempt's CPU: a stage resumed on another kind shows it here
+                 "machines": [*(old or {}).get("machines", []), {"attempt": attempt, **cpu_kind()}],
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "attempts": (old or {}).get("attempts", 0) + 1,
+                 "attempts": attempt,
                  "seconds": (old or {}).get("seconds", 0.0)}
         if (old or {}).get("results") is not None:  # a resumed stage keeps what it recorded
             entry["results"] = old["results"]
+        if (old or {}).get("engine_dtypes"):
+            entry["engine_dtypes"] = old["engine_dtypes"]
         manifest["stages"][stage] = entry
         self._write(manifest)
         self.current_stage = stage
@@ -143,9 +166,10 @@ class Run:
             entry["artifacts"] = sorted(str(p.relative_to(self.root)) for p in path.rglob("*")
                                         if p.is_file())
             manifest = self.manifest()
-            results = manifest["stages"].get(stage, {}).get("results")  # from record()
-            if results is not None:
-                entry["results"] = results
+            written = manifest["stages"].get(stage, {})
+            for key in ("results", "engine_dtypes"):  # from record*() while it ran
+                if written.get(key) is not None:
+                    entry[key] = written[key]
             manifest["stages"][stage] = entry
             self._write(manifest)
 
@@ -184,6 +208,18 @@ class Run:
     def record_throughput(self, label: str, meter: dict) -> dict:
         """Record a finished engine call's throughput (see throughput_recorder)."""
         return self.throughput_recorder(label)(meter)
+
+    def record_engine_dtype(self, dtype: str) -> None:
+        """The dtype the running stage's engine actually ran in (vLLM resolves
+        "auto"), added to the stage's `engine_dtypes` once per distinct value."""
+        stage = self.current_stage
+        if stage is None:
+            return
+        manifest = self.manifest()
+        entry = manifest["stages"].setdefault(stage, {})
+        if dtype not in entry.setdefault("engine_dtypes", []):
+            entry["engine_dtypes"].append(dtype)
+            self._write(manifest)
 
     def record(self, stage: str, **results) -> None:
         """Add result numbers to a stage's manifest entry."""

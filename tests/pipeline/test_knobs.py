@@ -1,0 +1,82 @@
+"""pipeline.knobs fixes the held-out knobs from a validation capture by the
+registered rules: checked on made-up validation rows whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adaras.pipeline import knobs as K
+
+
+def _rows(n=120, seed=0):
+    """Wrong answers have a higher probe logit and dip in confidence for a
+    stretch of 40 tokens; right ones do not. Answers differ in their level of
+    confidence, so the mean over a whole answer barely sees the dip."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        wrong = int(i % 3 != 0)
+        t = int(rng.integers(200, 700))
+        conf = rng.normal(8.0 + rng.normal(0, 0.5), 0.3, size=t)  # answers differ in level
+        if wrong:
+            at = int(rng.integers(0, t - 40))
+            conf[at:at + 40] -= 3.0
+        logit = rng.normal(1.0 if wrong else -1.0, 1.0)
+        rows.append({"key": f"k{i}", "problem": f"p{i // 2}", "label": wrong,
+                     "answer_logit": logit, "tokens": t,
+                     "running_logits": [logit * (j + 1) / 4 for j in range((t - 2) // 64)],
+                     "confidence": {"lp": (-0.1 * np.ones(t)).tolist(), "conf": conf.tolist(),
+                                    "sc": (conf / 10).tolist()}})
+    return rows
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rows = _rows()
+    (tmp_path / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = [{"problem": f"p{i}", "label": int(i % 2), "prompt_logit": 0.5 * (i % 2) + 0.1 * i % 1}
+               for i in range(40)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    return tmp_path
+
+
+def test_the_window_that_sees_a_40_token_dip_beats_the_whole_answer(folder):
+    out = K.fix_knobs(folder)
+    assert out["window"] in (32, 64)  # a group about the dip's length finds it
+    assert out["best_logprob_score"] in ("conf_lowest_group", "conf_bottom10")
+    assert out["logprob_aurocs_validation"]["conf_lowest_group"] > \
+        out["logprob_aurocs_validation"]["conf_mean"]
+
+
+def test_platt_map_calibrates_the_logit_it_was_fit_on(folder):
+    out = K.fix_knobs(folder)
+    rows = K.read_rows(folder / "traces.jsonl")
+    y = np.array([r["label"] for r in rows])
+    m = out["calibration"]["answer"]
+    p = K.sigmoid(m["a"] * np.array([r["answer_logit"] for r in rows]) + m["b"])
+    assert p.mean() == pytest.approx(y.mean(), abs=1e-4)  # a fitted logistic matches the base rate
+
+
+def test_bounds_follow_their_rules():
+    y = np.array([0] * 12 + [1] * 12)
+    p = np.linspace(0.01, 0.99, 24)
+    t = K.finish_bound(p, y)
+    below = p < t
+    assert below.sum() >= 10 and (1 - y[below]).mean() >= 0.8
+    assert K.finish_bound(p, 1 - y) is None  # the low scores are all wrong: no safe bound
+    running = [(300, float(v), int(v > 0.5)) for v in p] + [(64, 0.99, 0)] * 50
+    a = K.abort_bound(running)
+    assert a is not None and all(yy == 1 for tok, v, yy in running if tok >= 256 and v > a)
+    assert K.abort_bound([(64, 0.9, 1)] * 20) is None  # no reading after 256 tokens
+
+
+def test_the_combined_score_is_cross_validated_by_problem(folder):
+    out = K.fix_knobs(folder)
+    c = out["combined"]
+    assert len(c["coef"]) == len(c["inputs"]) == 8
+    assert c["earns_its_place"] == (c["cv_auroc_validation"] > out["heads_auroc_validation"]["answer"]
+                                    and c["cv_auroc_validation"]
+                                    > out["logprob_aurocs_validation"][out["best_logprob_score"]])
