@@ -337,6 +337,9 @@ def eval_(
         help="top-k logprobs per answer token (e.g. 20): each answer keeps its per-token "
              "logprob, DeepConf token confidence and self-certainty for the confidence "
              "baselines (adaras.confidence)")] = None,
+    knobs: Annotated[str | None, typer.Option(
+        help="knobs.json from the validation split (python -m adaras.pipeline.knobs): the "
+             "DeepConf window and tail the confidence scores use")] = None,
     model: ModelOpt = None, dtype: DtypeOpt = "auto", max_model_len: LenOpt = 2048,
     max_num_seqs: SeqsOpt = 64, tp: TpOpt = 1, kv_cache_gib: KvOpt = 4,
     chunk: ChunkOpt = 256, restart: RestartOpt = False,
@@ -358,7 +361,8 @@ def eval_(
                     max_tokens=max_tokens, profile=profile, stage=stage, screen=screen,
                     primary=primary, noise_problems=noise_problems,
                     registration=_registration(register), answer_probe=answer_probe,
-                    secondary=secondary, also_without=also_without, logprobs=logprobs)
+                    secondary=secondary, also_without=also_without, logprobs=logprobs,
+                    knobs=knobs)
     engine = _engine(run, model, dtype, max_model_len, max_num_seqs, tp, kv_cache_gib, chunk)
     results = evaluate(Run(run), args, engine, restart=restart)
     typer.echo((Run(run).root / stage / "report.md").read_text())

@@ -55,7 +55,7 @@ def test_no_keys_means_open_api_and_no_profile_admin():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from adaras.api.middleware import ApiKeyMiddleware
+    from adaras.api.auth import ApiKeyMiddleware
 
     inner = Starlette(routes=[Route("/v1/models", lambda r: PlainTextResponse("ok"))])
     open_app = TestClient(ApiKeyMiddleware(inner, api_key=None, admin_key=None, model="m"))

@@ -14,7 +14,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from adaras.api.middleware import ApiKeyMiddleware, SteeringMiddleware
+from adaras.api.auth import ApiKeyMiddleware
+from adaras.api.middleware import SteeringMiddleware
 from adaras.engine.reports import MAILBOX
 from adaras.steering import Resolved
 

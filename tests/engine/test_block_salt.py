@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from vllm.v1.core import kv_cache_utils
 
-from adaras.engine import plugin
+from adaras.engine import admission, plugin
 from adaras.engine.config import SALT_KEY
 from adaras.steering import PROMPT_POSITIONS_KEY, steered_prompt_positions
 
@@ -26,7 +26,7 @@ def block_keys(steering: dict | None, prompt: int = PROMPT, total: int = 100,
         extra = {"steering": steering}
         if declared is not None:  # what the HTTP API declares for `always`
             extra[PROMPT_POSITIONS_KEY] = declared
-        salt = plugin.steering_salt(extra)
+        salt = admission.steering_salt(extra)
         if salt is not None:
             extra[SALT_KEY] = salt
     request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra),
@@ -81,5 +81,5 @@ def test_the_worker_steers_no_prompt_position_the_request_did_not_declare(profil
 
 def test_without_the_frontend_salt_nothing_is_salted(monkeypatch):
     """The control of the engine's leak test: no salt, every block shareable."""
-    monkeypatch.setattr(plugin, "steering_salt", lambda extra_args: None)
+    monkeypatch.setattr(admission, "steering_salt", lambda extra_args: None)
     assert not any(salted_blocks({"mode": "always", "profile": "p"}))

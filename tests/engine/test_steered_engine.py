@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from adaras.engine import load_profile, plugin, reports_of, unload_profile
+from adaras.engine import admission, load_profile, reports_of, unload_profile
 from adaras.profile import SteeringProfile
 from tests.helpers.hf import capture_neurons, steering_hooks
 
@@ -175,7 +175,7 @@ def test_prefix_cache_never_serves_steered_kv_to_unsteered(qwen3_llm, qwen3_stoc
 
     # Negative control: without the salt the same sequence does reuse steered KV.
     qwen3_llm.reset_prefix_cache()
-    monkeypatch.setattr(plugin, "steering_salt", lambda extra_args: None)
+    monkeypatch.setattr(admission, "steering_salt", lambda extra_args: None)
     generate(qwen3_llm, [prompt], params(steer, max_tokens=48))
     leaked = tokens(generate(qwen3_llm, [follow], params()))[0]
     qwen3_llm.reset_prefix_cache()

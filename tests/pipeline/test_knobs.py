@@ -80,3 +80,43 @@ def test_the_combined_score_is_cross_validated_by_problem(folder):
     assert c["earns_its_place"] == (c["cv_auroc_validation"] > out["heads_auroc_validation"]["answer"]
                                     and c["cv_auroc_validation"]
                                     > out["logprob_aurocs_validation"][out["best_logprob_score"]])
+
+
+def _heads():
+    from types import SimpleNamespace
+
+    import torch
+
+    from adaras.predictor import FailurePredictor
+
+    torch.manual_seed(0)
+    answer = FailurePredictor(torch.arange(6, dtype=torch.int32) % 2,
+                              torch.arange(6, dtype=torch.int32), hidden=8).eval()
+    prompt = FailurePredictor(torch.arange(4, dtype=torch.int32) % 2,
+                              torch.arange(4, dtype=torch.int32) + 9, hidden=8).eval()
+    return SimpleNamespace(answer_predictor=answer, predictor=prompt, threshold=0.5,
+                           provenance={})
+
+
+def test_calibration_folds_an_affine_map_into_each_head_and_keeps_the_gate():
+    from adaras.pipeline.validation import head_logit
+
+    prof = _heads()
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(int(rng.integers(3, 20)), 6)).astype(np.float32) for _ in range(30)]
+    ps = [rng.normal(size=(int(rng.integers(3, 20)), 4)).astype(np.float32) for _ in range(40)]
+    raw_a = np.array([head_logit(prof.answer_predictor, x) for x in xs])
+    raw_p = np.array([head_logit(prof.predictor, x) for x in ps])
+    prof.threshold = float(K.sigmoid(np.median(raw_p)))  # a gate that splits these prompts
+    before_gate = K.sigmoid(raw_p) >= prof.threshold
+    cal = {"answer": {"a": 0.6, "b": -0.4}, "prompt": {"a": 1.7, "b": 0.3}}
+    out = K.calibrate(prof, cal, "validation split")
+    new_a = np.array([head_logit(out.answer_predictor, x) for x in xs])
+    new_p = np.array([head_logit(out.predictor, x) for x in ps])
+    np.testing.assert_allclose(new_a, 0.6 * raw_a - 0.4, atol=1e-5)
+    np.testing.assert_allclose(new_p, 1.7 * raw_p + 0.3, atol=1e-5)
+    assert ((K.sigmoid(new_p) >= out.threshold) == before_gate).all()  # the same prompts gated
+    assert 0 < before_gate.sum() < len(ps)
+    assert out.provenance["calibration"]["fit_on"] == "validation split"
+    with pytest.raises(ValueError, match="Platt slope"):
+        K.calibrate(_heads(), {**cal, "answer": {"a": -1.0, "b": 0}}, "x")

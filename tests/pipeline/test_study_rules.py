@@ -345,3 +345,59 @@ def test_an_answer_cut_at_max_tokens_counts_as_a_failure_whatever_it_had_boxed(t
     # both orderings are wrong on the one pair
     for key in ("within_problem_auroc", "within_problem_auroc_length"):
         assert (best[key]["auroc"], best[key]["pairs"]) == (0.0, 1)
+
+
+def test_brier_selective_accuracy_and_calibration_slope_follow_their_definitions():
+    from adaras.pipeline.stats import brier, calibration_slope, selective_accuracy
+
+    wrong = np.array([1, 0, 1, 0, 0, 1, 0, 0, 1, 0], bool)
+    p = np.array([0.9, 0.1, 0.8, 0.3, 0.2, 0.6, 0.4, 0.05, 0.7, 0.5])
+    assert brier(wrong, p) == pytest.approx(np.mean((p - wrong) ** 2))
+    sel = selective_accuracy(wrong, p)
+    # half: the five lowest scores (0.05, 0.1, 0.2, 0.3, 0.4) are all right
+    assert sel["0.5"] == 1.0 and sel["0.7"] == pytest.approx(6 / 7) and sel["0.9"] == \
+        pytest.approx(6 / 9)
+    rng = np.random.default_rng(0)
+    q = rng.uniform(0.05, 0.95, 4000)
+    y = rng.random(4000) < q  # calibrated by construction: slope near 1
+    s = calibration_slope(y, q, n=100)
+    assert 0.85 < s["slope"] < 1.15 and s["slope_ci95"][0] < s["slope"] < s["slope_ci95"][1]
+    sharp = np.clip(0.5 + 2 * (q - 0.5), 0.01, 0.99)  # overconfident: slope below 1
+    assert calibration_slope(y, sharp, n=50)["slope"] < 0.7
+
+
+def test_the_logprob_confidences_are_scored_beside_the_probe_on_the_same_answers():
+    """eval --logprobs: each answer's DeepConf and logprob scores against the
+    head, with the head's paired gain over each; the best ranks best here."""
+    from sklearn.metrics import roc_auc_score
+
+    from adaras.confidence import Knobs, trace_scores
+
+    rng = np.random.default_rng(5)
+    n = 200
+    correct = rng.random(n) < 0.5
+    wrong = ~correct
+    rows = []
+    for w in wrong:
+        t = int(rng.integers(50, 300))
+        conf = rng.normal(9 - 1.5 * w, 1.0, t)  # wrong answers are less confident
+        rows.append({"steering": {"answer_failure_probability":
+                                  float(np.clip(0.5 + 0.3 * (1 if w else -1)
+                                                + rng.normal(0, 0.15), 0.01, 0.99))},
+                     "tokens": t, "finish_reason": "stop",
+                     "confidence": {"lp": (-0.2 - 0.1 * w + rng.normal(0, 0.05, t)).tolist(),
+                                    "conf": conf.tolist(), "sc": (conf / 5).tolist()}})
+    got = answer_probe_metrics(rows, correct, seed=0, n=200, knobs=Knobs(window=32, tail=64))
+    c = got["confidence"]
+    assert c["knobs"] == {"window": 32, "tail": 64, "bottom_fraction": 0.1}
+    mean = np.array([trace_scores(r["confidence"], Knobs(32, 64))["conf_mean"] for r in rows])
+    assert c["scores"]["conf_mean"]["auroc"] == pytest.approx(roc_auc_score(wrong, mean))
+    assert c["scores"]["conf_mean"]["answer_auroc_gain"] == pytest.approx(
+        got["auroc"] - c["scores"]["conf_mean"]["auroc"])
+    assert c["best"] == max(c["scores"], key=lambda k: c["scores"][k]["auroc"])
+    assert set(c["scores"]["conf_tail"]["selective_accuracy"]) == {"0.5", "0.7", "0.9"}
+    assert "calibration" not in c["scores"]["conf_mean"]  # a ranking, not a probability
+    assert got["brier"] is not None and got["slope"] is not None
+    # answers without per-token logprobs: no confidence block
+    bare = [{k: v for k, v in r.items() if k != "confidence"} for r in rows]
+    assert "confidence" not in answer_probe_metrics(bare, correct, seed=0, n=50)

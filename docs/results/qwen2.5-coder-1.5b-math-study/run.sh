@@ -41,6 +41,7 @@ MATH=data/math
 # problems and short answers (RUN and STUDY then default to a scratch folder).
 N_DEV=80 N_CONFIRM=500 N_NOISE=200 N_BON=100 N_HE=164 SAMPLES=8 KS=4,8 MAXTOK=1280
 N_HELDOUT=300 N_HELDOUT_NOISE=100  # issue 33's registration (2026-12-08)
+REGISTRATION=$HERE/heldout-registration.json
 if [[ ${SMOKE:-0} == 1 ]]; then
   RUN=${RUN_SMOKE:-/tmp/math-study-smoke} HERE=${STUDY:-$RUN/study}
   PROFILE=server/adaras/profiles/smollm2-135m-instruct.safetensors
@@ -48,6 +49,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   ENGINE="--dtype $DTYPE --max-num-seqs 16 --chunk 16 --max-model-len 2048 --kv-cache-gib 2"
   N_DEV=6 N_CONFIRM=8 N_NOISE=3 N_BON=4 N_HE=3 SAMPLES=3 KS=2,3 MAXTOK=48
   N_HELDOUT=8 N_HELDOUT_NOISE=3
+  REGISTRATION=docs/results/qwen2.5-coder-1.5b-math-study/heldout-registration.json  # as committed
 fi
 
 # Until 2026-12-08 the stages were registered in bf16 and ran on the AVX-512 kind only.
@@ -309,12 +311,16 @@ prompts = sum(1 for _ in open(out / "prompts.jsonl"))
 print(f"saved validation: {traces} traces, {prompts} prompts")
 PY
   ;;
+knobs)  # issue 31 item 2: the held-out knobs from the validation capture, by the registered rules
+  python3 -m adaras.pipeline.knobs "$HERE/validation" --profile $PROFILE \
+     --calibrated "$HERE/validation/profile-calibrated.safetensors"
+  ;;
 heldout)  # issues 31 and 33: the first 300 MATH-500 problems, greedy, float32
   machine_check heldout; restore_collect; restore heldout
   $A eval --run $RUN $MODEL --dataset $MATH/test.jsonl --problems $N_HELDOUT --stage heldout \
      --modes baseline,always,minus,noise --noise-problems $N_HELDOUT_NOISE \
      --primary always --secondary always,minus \
-     --also-without $MATH/near_duplicates.json --register "$HERE/heldout-registration.json" \
+     --also-without $MATH/near_duplicates.json --register "$REGISTRATION" \
      --answer-probe --logprobs 20 --profile $PROFILE \
      --max-tokens $MAXTOK $ENGINE
   ;;
@@ -376,7 +382,7 @@ restore)  # what each eval stage does first (here for a stage run by hand)
   restore "${2:?restore: which stage?}"
   ;;
 *)
-  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|validation|heldout|remaining|verdict|bundle|save STAGE|restore STAGE" >&2
+  echo "usage: run.sh pilot|stage1|dev|register|confirm|best-of-n|humaneval|validation|knobs|heldout|remaining|verdict|bundle|save STAGE|restore STAGE" >&2
   exit 2 ;;
 esac
 }

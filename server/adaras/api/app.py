@@ -16,8 +16,9 @@ from pathlib import Path
 from starlette.middleware import Middleware
 
 from adaras.api import glue
+from adaras.api.auth import ApiKeyMiddleware
 from adaras.api.kv_cache import size_kv_cache
-from adaras.api.middleware import ApiKeyMiddleware, SteeringMiddleware
+from adaras.api.middleware import STEERED_PATHS, SteeringMiddleware
 from adaras.api.profiles import ProfileRegistry, runtime_router
 from adaras.api.profiles import router as profiles_router
 from adaras.api.settings import DEFAULT_MODEL, Settings
@@ -142,9 +143,9 @@ async def build_app(settings: Settings, args: argparse.Namespace, engine):
     return app
 
 
-# vLLM's request schemas and paths that the steering middleware extends
+# vLLM's request schemas that the steering middleware extends (its routes are
+# middleware.STEERED_PATHS, defined once there)
 STEERED_REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
-STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 def document_steering(app) -> None:

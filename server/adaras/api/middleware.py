@@ -1,10 +1,6 @@
-"""ASGI middleware around vLLM's OpenAI app: API-key auth, admission of every
-JSON request, and the `steering` extension of the completion routes.
-
-Auth (`ApiKeyMiddleware`): with an API key set, every HTTP and websocket route
-needs it, under any `root_path`, except the read-only routes in `OPEN_PATHS`
-(health, version, metrics, the API docs). Keys are compared in constant time
-on their SHA-256 digests; the scheme is case-insensitive (RFC 7235).
+"""ASGI middleware around vLLM's OpenAI app: admission of every JSON request,
+and the `steering` extension of the completion routes (API-key auth is
+`adaras.api.auth`).
 
 Admission (`SteeringMiddleware`), for every POST with a JSON body:
   1. the body is read up to `max_body_bytes` (413 above it, while it streams);
@@ -31,15 +27,13 @@ Admission (`SteeringMiddleware`), for every POST with a JSON body:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import secrets
 import time
 
 from adaras.api import metrics
+from adaras.api.asgi import error_body, route_path, send_json
 from adaras.api.profiles import ProfileRegistry, SteeringError
-from adaras.api.protocol import ErrorInfo, ErrorResponse
 from adaras.engine import reports
 from adaras.engine.reports import MAILBOX, OpenRequest, is_internal
 from adaras.steering import STEERING_KEY, Resolved
@@ -52,78 +46,6 @@ STEERED_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 # off they need an explicit {"mode": "off"}, so nothing is silently unsteered.
 UNREPORTED_PATHS = ("/v1/responses", "/v1/messages", "/v1/chat/completions/batch",
                     "/inference/v1/generate")
-# Routes served without the API key: they neither run the model nor read data.
-OPEN_PATHS = ("/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs",
-              "/docs/oauth2-redirect", "/redoc")
-
-
-def route_path(scope) -> str:
-    """The path the app routes on: without the `root_path` it is mounted under."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
-
-
-def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
-    """An OpenAI-style error body (protocol.ErrorResponse)."""
-    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param,
-                                         code=code)).model_dump_json().encode()
-
-
-async def send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def bearer_token(headers) -> bytes | None:
-    """The credentials of an `Authorization: Bearer <token>` header (any case of
-    the scheme), or None."""
-    scheme, _, token = (dict(headers).get(b"authorization") or b"").partition(b" ")
-    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
-
-
-def key_matches(token: bytes | str | None, keys: list[bytes]) -> bool:
-    """Constant-time comparison of `token` with each key's SHA-256 digest."""
-    if token is None:
-        return False
-    digest = hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
-    found = False
-    for key in keys:
-        found |= secrets.compare_digest(digest, key)
-    return found
-
-
-def key_digests(*keys: str | None) -> list[bytes]:
-    return [hashlib.sha256(k.encode()).digest() for k in keys if k]
-
-
-class ApiKeyMiddleware:
-    """With an API key set: every route but OPEN_PATHS needs the API key or the
-    admin key as a bearer token; websockets are refused before they open."""
-
-    def __init__(self, app, api_key: str | None, admin_key: str | None, model: str):
-        self.app = app
-        self.keys = key_digests(api_key, admin_key)
-        self.enabled = api_key is not None
-        self.model = model
-
-    async def __call__(self, scope, receive, send):
-        if (not self.enabled or scope["type"] not in ("http", "websocket")
-                or scope.get("method") == "OPTIONS"  # CORS preflight carries no credentials
-                or route_path(scope) in OPEN_PATHS
-                or key_matches(bearer_token(scope["headers"]), self.keys)):
-            return await self.app(scope, receive, send)
-        metrics.ERRORS.labels(self.model, "unauthorized").inc()
-        if scope["type"] == "websocket":  # closing before accept: the handshake gets a 403
-            return await send({"type": "websocket.close", "code": 1008})
-        return await send_json(send, 401, error_body(
-            "missing or wrong API key: send `Authorization: Bearer <key>`",
-            "AuthenticationError", 401), [(b"www-authenticate", b"Bearer")])
-
-
 class BodyTooLarge(Exception):
     pass
 

@@ -20,6 +20,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from adaras.api.auth import bearer_token, key_digests, key_matches
 from adaras.api.glue import engine_rpc, plugin_off_reason
 from adaras.api.protocol import ProfileInfo, ProfileList, ProfileLoad, RuntimeStats
 from adaras.profile import (
@@ -168,8 +169,6 @@ def get_registry(request: Request) -> ProfileRegistry:
 
 
 def require_admin(request: Request, x_admin_key: Annotated[str | None, Header()] = None) -> None:
-    from adaras.api.middleware import bearer_token, key_digests, key_matches
-
     admin_key = request.app.state.adaras_settings.admin_key
     if admin_key is None:
         raise HTTPException(403, "profile management is disabled: start the server with "

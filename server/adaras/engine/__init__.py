@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adaras.engine import plugin
+from adaras.engine import admission
 from adaras.steering import (
     STEERING_KEY,
     Mode,
@@ -76,14 +76,14 @@ def load_profile(llm, name: str, path: str) -> dict:
     same name is reused."""
     summary = _rpc(llm, "load_profile", name, str(path))
     llm.reset_prefix_cache()
-    plugin.remember_profile(llm.llm_engine.input_processor, name, loaded=True)
+    admission.remember_profile(llm.llm_engine.input_processor, name, loaded=True)
     return summary
 
 
 def unload_profile(llm, name: str) -> bool:
     found = _rpc(llm, "unload_profile", name)
     llm.reset_prefix_cache()
-    plugin.remember_profile(llm.llm_engine.input_processor, name, loaded=False)
+    admission.remember_profile(llm.llm_engine.input_processor, name, loaded=False)
     return found
 
 

@@ -30,7 +30,7 @@ def parse_profiles_env(value: str | None) -> dict[str, str]:
 
 
 # extra_args key of a steered request's prefix-cache salt, set by the frontend
-# (adaras.engine.plugin.steering_salt) and added by the engine core to the hash
+# (adaras.engine.admission.steering_salt) and added by the engine core to the hash
 # of every KV block that holds a position the request may steer
 SALT_KEY = "adaras_salt"
 

@@ -10,8 +10,8 @@ What it installs:
   * the patches in `adaras.engine.seam` (frontend validation, prefix-cache
     salt and routing; the runner's per-step steering context and release;
     `adaras_rpc` for `collective_rpc`; a vLLM-CPU fix for seeded chunked
-    prefill). This module keeps what they decide with: the salt, the profile
-    name check, and the checks below.
+    prefill). What they decide with (the salt, the first steered position,
+    the profile name check) is in `adaras.engine.admission`, below both.
 
 It refuses to load (UnsupportedVllm) where steering would silently do nothing:
 a vLLM outside the tested range, or Model Runner V2. Pipeline parallelism and
@@ -20,7 +20,6 @@ CUDA graphs are refused by the steered model classes (`models.check_supported`).
 
 from __future__ import annotations
 
-import json
 import os
 
 PLUGIN_ENV = "ADARAS_PLUGIN"
@@ -33,31 +32,6 @@ ARCHS = {
     "LlamaForCausalLM": "adaras.engine.models:SteeredLlamaForCausalLM",
 }
 _registered = False
-
-
-def known_profiles(input_processor) -> set[str] | None:
-    """Profile names one engine's workers hold, as its frontend knows them:
-    ADARAS_PROFILES at engine creation plus `adaras.engine.load_profile` calls.
-    None = unknown (then only the workers can tell, and they report it)."""
-    return getattr(input_processor, "_adaras_profiles", None)
-
-
-def remember_profile(input_processor, name: str, loaded: bool) -> None:
-    """Record in the frontend that the workers now hold (or no longer hold) `name`."""
-    known = known_profiles(input_processor)
-    if loaded:
-        input_processor._adaras_profiles = (known or set()) | {name}
-    elif known is not None:
-        known.discard(name)
-
-
-def check_profile_name(input_processor, steering) -> None:
-    from adaras.steering import unknown_profile
-
-    known = known_profiles(input_processor)
-    if steering.engaged and steering.profile is not None and known is not None \
-            and steering.profile not in known:
-        raise unknown_profile(steering.profile, known)
 
 
 class UnsupportedVllm(RuntimeError):
@@ -113,31 +87,3 @@ def register() -> None:
     seam.patch_model_runner()
     seam.patch_cpu_generator_rewind()
     seam.patch_compile_cache()
-
-
-def first_steered_position(steering, extra_args: dict | None, num_prompt_tokens: int) -> int:
-    """The first position whose KV a steered request may change, which its
-    prefix-cache salt starts at. Adaptive requests decide after the prompt
-    and steer decode positions only. `always` requests also steer the prompt
-    positions their profile names ("steer_prompt"), which the engine core
-    cannot see: the request declares them (PROMPT_POSITIONS_KEY, set by the
-    HTTP API); without a declaration every position counts."""
-    from adaras.steering import declared_prompt_positions
-
-    if steering.mode == "adaptive":
-        return num_prompt_tokens
-    declared = declared_prompt_positions(extra_args)
-    if declared is None or declared < 0:
-        return 0
-    return max(num_prompt_tokens - declared, 0)
-
-
-def steering_salt(extra_args: dict | None) -> str | None:
-    """Prefix-cache salt for a steered request; None when it is not steered."""
-    from adaras.steering import FINGERPRINT_KEY, steering_from_extra_args
-
-    config = steering_from_extra_args(extra_args)
-    if not config.active:
-        return None
-    fingerprint = (extra_args or {}).get(FINGERPRINT_KEY, "")  # the profile's version
-    return "adaras:" + json.dumps([config.to_dict(), fingerprint], sort_keys=True)

@@ -46,7 +46,7 @@ def patch_input_processor() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from adaras.engine import (
-        plugin,  # looked up per call: tests replace plugin.steering_salt
+        admission,  # looked up per call: tests replace admission.steering_salt
         reports,
     )
     from adaras.engine.config import (
@@ -76,13 +76,13 @@ def patch_input_processor() -> None:
             if STEERING_KEY in params.extra_args:
                 steering = steering_from_extra_args(params.extra_args)  # raises ValueError
                 if reports.ADMISSION_KEY not in params.extra_args:
-                    plugin.check_profile_name(self, steering)
+                    admission.check_profile_name(self, steering)
             capture = parse_capture(params.extra_args.get(CAPTURE_KEY))  # raises ValueError
         request = orig_process(self, request_id, prompt, params, *args, **kwargs)
         if capture is not None:  # every prompt token must run through the MLPs
             request.sampling_params.skip_reading_prefix_cache = True
         if steering is not None and steering.active:
-            salt = plugin.steering_salt(request.sampling_params.extra_args)
+            salt = admission.steering_salt(request.sampling_params.extra_args)
             if salt is not None:
                 request.sampling_params.extra_args = {**request.sampling_params.extra_args,
                                                       SALT_KEY: salt}
@@ -98,7 +98,7 @@ def patch_prefix_cache() -> None:
 
     kv_cache_utils.generate_block_hash_extra_keys (wrapped, and rebound where
     vLLM imported it by name): a steered request's salt (extra_args, from the
-    frontend) and its first steered position (`plugin.first_steered_position`)
+    frontend) and its first steered position (`admission.first_steered_position`)
     go into the hash of every block that holds a position it may steer. Why:
     vLLM's own `cache_salt` changes the hash of block 0 and so of every block
     after it; steering only changes the KV of the positions it steers, so the
@@ -121,7 +121,7 @@ def patch_prefix_cache() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from adaras.engine import plugin, prefix_states
+    from adaras.engine import admission, prefix_states
     from adaras.engine.config import SALT_KEY
     from adaras.steering import FINGERPRINT_KEY, STEERING_KEY, steering_from_extra_args
 
@@ -136,7 +136,7 @@ def patch_prefix_cache() -> None:
         params = request.sampling_params
         extra = params.extra_args if params is not None else None
         if extra and SALT_KEY in extra:
-            first = plugin.first_steered_position(steering_from_extra_args(extra), extra,
+            first = admission.first_steered_position(steering_from_extra_args(extra), extra,
                                                   request.num_prompt_tokens)
             if end_token_idx > first:  # the key names which positions of the block are steered
                 keys = (*(keys or ()), ("adaras", extra[SALT_KEY], first))

@@ -49,10 +49,13 @@ from adaras.pipeline.llm import (
 from adaras.pipeline.run import Run, append_jsonl, read_jsonl, write_json
 from adaras.pipeline.stats import (
     MAX_SCORE_RESAMPLES,
+    brier,
+    calibration_slope,
     mcnemar_p,
     min_detectable_effect,
     paired_bootstrap,
     score_heads,
+    selective_accuracy,
     wilson_ci,
     youden_threshold,
 )
@@ -87,6 +90,7 @@ class EvalArgs:
     secondary: str | None = None  # "A,B": config A against config B, exact McNemar (paired)
     also_without: str | None = None  # problem ids (file): every comparison again without them
     logprobs: int | None = None  # top-k logprobs per answer token -> per-token confidence arrays
+    knobs: str | None = None  # knobs.json (pipeline.knobs): DeepConf window and tail for scoring
 
 
 def default_profile(run: Run) -> Path:
@@ -458,7 +462,8 @@ def summarize(out: Path, problems, configs, args: EvalArgs,
             entry["answer_probe"] = answer_probe_metrics(
                 got, correct, args.seed,
                 np.array([prompt_p.get(i, np.nan) for i in sub], dtype=float)
-                if prompt_p else None, n=min(args.bootstrap, MAX_SCORE_RESAMPLES))
+                if prompt_p else None, n=min(args.bootstrap, MAX_SCORE_RESAMPLES),
+                knobs=read_knobs(args.knobs))
         results["configs"][name] = entry
     if args.secondary:
         a, b = args.secondary.split(",")
@@ -495,9 +500,42 @@ def read_ids(path: str) -> set[str]:
     return set(data)
 
 
+def read_knobs(path: str | None) -> confidence.Knobs | None:
+    """The DeepConf window and tail a knobs.json fixed (None: the defaults)."""
+    if path is None:
+        return None
+    k = json.loads(Path(path).read_text())
+    return confidence.Knobs(window=int(k["window"]), tail=int(k["tail"]),
+                            bottom_fraction=float(k.get("bottom_fraction", 0.1)))
+
+
+def confidence_metrics(rows: list[dict], p: np.ndarray, wrong: np.ndarray, read: np.ndarray,
+                       seed: int, n: int, knobs: confidence.Knobs) -> dict:
+    """The logprob confidences of the same answers the head read, as failure
+    scores (adaras.confidence): each one's AUROC with its CI and the head's
+    paired AUROC gain over it, its selective accuracy, and which of them ranks
+    best here (`best`; a registered study fixes its best on validation first)."""
+    per = [confidence.trace_scores(r["confidence"], knobs) for r in rows]
+    stats = {k: np.array([s[k] for s in per], dtype=float)[read]
+             for k in confidence.SCORES if k != "length"}
+    scored = score_heads(wrong[read], {"answer": p[read], **stats}, seed, n,
+                         scores=tuple(stats))
+    out = {k: {**{f: v for f, v in scored[k].items() if f not in ("gain", "gain_ci95")},
+               **({"answer_auroc_gain": scored[k]["gain"],
+                   "answer_auroc_gain_ci95": scored[k]["gain_ci95"]} if "gain" in scored[k]
+                  else {}),
+               "selective_accuracy": selective_accuracy(wrong[read], v)}
+           for k, v in stats.items()}
+    ranked = [k for k in stats if out[k].get("auroc") is not None]
+    return {"knobs": {"window": knobs.window, "tail": knobs.tail,
+                      "bottom_fraction": knobs.bottom_fraction},
+            "scores": out, "best": max(ranked, key=lambda k: out[k]["auroc"]) if ranked else None}
+
+
 def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
                          prompt_p: np.ndarray | None = None,
-                         n: int = MAX_SCORE_RESAMPLES) -> dict:
+                         n: int = MAX_SCORE_RESAMPLES,
+                         knobs: confidence.Knobs | None = None) -> dict:
     """How well the answer head's p_fail tells this arm's wrong answers from
     its right ones: AUROC and ECE, each with a bootstrap 95% CI, over the
     answers it read (a one-token answer has no position to read). With
@@ -511,7 +549,12 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
     and the head's AUROC gain over it with a paired CI); and `finished`, the
     head's AUROC and the same length comparison on the answers not cut at
     max_tokens (a cut answer counts as wrong, and is usually a loop, so it is
-    easy to call)."""
+    easy to call).
+
+    Beside them: the head's Brier score, calibration slope (with CI) and
+    selective accuracy at 50, 70 and 90% coverage, and, when every answer kept
+    its per-token logprobs (eval --logprobs), `confidence`: the logprob scores
+    any server can compute, each against the head (see confidence_metrics)."""
     p = np.array([(r["steering"] or {}).get("answer_failure_probability") for r in rows],
                  dtype=float)  # None -> nan
     wrong = ~correct
@@ -545,6 +588,12 @@ def answer_probe_metrics(rows: list[dict], correct: np.ndarray, seed: int,
            "length": length(own["length"]),
            "finished": {"answers": int(finished.sum()), **fin["answer"],
                         "length": length(fin["length"])}}
+    out["brier"] = brier(wrong[read], p[read]) if read.any() else None
+    out["selective_accuracy"] = selective_accuracy(wrong[read], p[read])
+    out.update(calibration_slope(wrong[read], p[read], seed, min(n, 500)))
+    if read.any() and all("confidence" in r for r in rows):
+        out["confidence"] = confidence_metrics(rows, p, wrong, read, seed, n,
+                                               knobs or confidence.Knobs())
     if pair is not None:
         out["prompt"] = {"answers": int(both.sum()), **bare(pair["prompt"])}
         if "gain" in pair["prompt"]:

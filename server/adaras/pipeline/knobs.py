@@ -2,7 +2,7 @@
 capture (`adaras capture-validation`), by the rules its registration wrote
 down first, so that held-out answers choose none of them:
 
-    python3 -m adaras.pipeline.knobs VALIDATION_DIR [OUT.json]
+    python3 -m adaras.pipeline.knobs VALIDATION_DIR [--profile P --calibrated Q]
 
 reads traces.jsonl(.gz) and prompts.jsonl and writes knobs.json: each head's
 validation AUROC in the engine's dtype, its Platt map, DeepConf's window and
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
@@ -147,10 +147,59 @@ def fix_knobs(folder: Path) -> dict:
     }
 
 
+@torch.no_grad()
+def fold(head, a: float, b: float) -> None:
+    """Make the head's logit a * logit + b in place (its last layer is affine)."""
+    head.fc2.weight.mul_(a)
+    head.fc2.bias.mul_(a).add_(b)
+
+
+def calibrate(profile, calibration: dict, source: str):
+    """The profile with each head's Platt map folded into its last layer, the
+    prompt head's threshold mapped through the same map (so the gate fires on
+    the same prompts), and the provenance saying on which data it was fit."""
+    maps = {"answer": calibration["answer"], "prompt": calibration["prompt"]}
+    for name, m in maps.items():
+        if m["a"] <= 0:
+            raise ValueError(f"the {name} head's Platt slope is {m['a']:.3g}: a map that does "
+                             "not keep its ranking is no calibration; not folded")
+    if profile.answer_predictor is not None:
+        fold(profile.answer_predictor, maps["answer"]["a"], maps["answer"]["b"])
+    if profile.predictor is not None:
+        m = maps["prompt"]
+        fold(profile.predictor, m["a"], m["b"])
+        if profile.threshold is not None:
+            t = min(max(profile.threshold, 1e-12), 1 - 1e-12)
+            profile.threshold = float(sigmoid(m["a"] * np.log(t / (1 - t)) + m["b"]))
+    profile.provenance = {**profile.provenance, "calibration": {
+        "method": "Platt (logistic regression of the label on the head's raw logit), folded "
+                  "into each head's last layer; the threshold mapped through the prompt map",
+        "fit_on": source, "answer": maps["answer"], "prompt": maps["prompt"]}}
+    return profile
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    from adaras.profile import SteeringProfile
+
+    ap = argparse.ArgumentParser(prog="python3 -m adaras.pipeline.knobs", description=__doc__)
+    ap.add_argument("validation", type=Path, help="capture-validation's folder")
+    ap.add_argument("--out", type=Path, help="knobs.json (default: in the folder)")
+    ap.add_argument("--profile", help="a profile to calibrate with the fitted maps")
+    ap.add_argument("--calibrated", type=Path, help="where the calibrated profile goes")
+    args = ap.parse_args(argv)
+    result = fix_knobs(args.validation)
+    (args.out or args.validation / "knobs.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.profile:
+        prof = calibrate(SteeringProfile.load(args.profile), result["calibration"],
+                         f"{args.validation} (the heads' validation split, teacher-forced)")
+        prof.save(args.calibrated or args.validation / "profile-calibrated.safetensors")
+    print(json.dumps({k: result[k] for k in ("heads_auroc_validation", "calibration", "window",
+                                             "tail", "best_logprob_score", "early_stop")},
+                     indent=2))
+    return result
+
+
 if __name__ == "__main__":
-    folder = Path(sys.argv[1])
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else folder / "knobs.json"
-    result = fix_knobs(folder)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("heads_auroc_validation", "window", "tail",
-                                             "best_logprob_score")}, indent=2))
+    main()

@@ -147,3 +147,45 @@ def score_heads(wrong: np.ndarray, heads: dict[str, np.ndarray], seed: int,
             if h != first:
                 out[h].update(gain=out[first]["auroc"] - a, gain_ci95=ci(draws[h]["gain"]))
     return out
+
+
+def brier(wrong: np.ndarray, p: np.ndarray) -> float:
+    """Mean squared error of the failure probability against the outcome."""
+    return float(np.mean((np.asarray(p, dtype=float) - np.asarray(wrong, dtype=float)) ** 2))
+
+
+def selective_accuracy(wrong: np.ndarray, score: np.ndarray,
+                       coverages: tuple[float, ...] = (0.5, 0.7, 0.9)) -> dict[str, float | None]:
+    """Accuracy of the answers a policy keeps when it answers only the fraction
+    `c` with the lowest failure score (ties kept in order): {"0.5": acc, ...}."""
+    wrong = np.asarray(wrong, dtype=bool)
+    order = np.argsort(np.asarray(score, dtype=float), kind="stable")
+    out = {}
+    for c in coverages:
+        k = int(round(c * wrong.size))
+        out[f"{c:g}"] = float(1 - wrong[order[:k]].mean()) if k else None
+    return out
+
+
+def calibration_slope(wrong: np.ndarray, p: np.ndarray, seed: int = 0,
+                      n: int = MAX_SCORE_RESAMPLES) -> dict:
+    """The slope of a logistic regression of the outcome on logit(p): 1 for a
+    calibrated head, below 1 when it is overconfident; with a bootstrap 95% CI
+    over answers (None without both classes)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(wrong).astype(int)
+    x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1)).reshape(-1, 1)
+
+    def slope(i):
+        if np.unique(y[i]).size < 2:
+            return None
+        return float(LogisticRegression(C=1e6, max_iter=10000).fit(x[i], y[i]).coef_[0, 0])
+
+    point = slope(np.arange(y.size))
+    if point is None:
+        return {"slope": None, "slope_ci95": None}
+    rng = np.random.default_rng(seed)
+    draws = [s for _ in range(n) if (s := slope(rng.integers(0, y.size, y.size))) is not None]
+    return {"slope": point,
+            "slope_ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
