@@ -18,6 +18,7 @@ from adaras.api.protocol import SteeringParams, SteeringReport
 from adaras.engine.runtime import SteeringRuntime
 from adaras.predictor import FailurePredictor
 from adaras.profile import ModelShape, SteeringProfile
+from adaras.report import single
 from adaras.steering import (
     DEFAULT_THRESHOLD,
     FIELDS,
@@ -79,7 +80,7 @@ def test_admission_and_the_worker_resolve_the_same_steering(both_sides, raw):
     params = types.SimpleNamespace(extra_args=admitted.extra_args())
     state = runtime._new_request("r1", params)
     worker = state.report()
-    server = admitted.report()
+    server = single(admitted).wire()
     for key in ("mode", "profile", "alpha", "neurons", "threshold"):
         assert worker.get(key) == server.get(key), key
     prof = SteeringProfile.load(registry.entries[admitted.profile].source)
@@ -132,7 +133,7 @@ def test_off_resolves_to_nothing_for_the_engine():
     off = resolve(parse_steering({"mode": "off", "alpha": 3}), profile="p", default_alpha=1,
                   profile_threshold=None)
     assert off.mode == "off" and off.extra_args() == {}
-    assert off.report() == {"mode": "off", "profile": None, "alpha": None,
+    assert single(off).wire() == {"mode": "off", "profile": None, "alpha": None,
                             "failure_probability": None, "applied": False, "neurons": 0,
                             "threshold": None}  # every key, always: a stable report shape
 

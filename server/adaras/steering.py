@@ -187,24 +187,6 @@ class Resolved:
             out[PROMPT_POSITIONS_KEY] = self.prompt_positions
         return out
 
-    def report(self, failure_probability: float | None = None, applied: bool | None = None,
-               error: str | None = None, answer_failure_probability: float | None = None
-               ) -> dict:
-        """The `steering` report of a response. `applied` defaults to what the
-        mode implies before the gate decides (always: True). With the answer
-        probe it also carries `answer_failure_probability` (None until the
-        model has read a generated token)."""
-        out = {"mode": self.mode, "profile": self.profile, "alpha": self.alpha,
-               "failure_probability": failure_probability,
-               "applied": self.mode == "always" if applied is None else applied,
-               "neurons": self.neurons if self.mode != "off" else 0,
-               "threshold": self.threshold if self.mode == "adaptive" else None}
-        if self.answer_probe:
-            out["answer_failure_probability"] = answer_failure_probability
-        if error:
-            out["error"] = error
-        return out
-
 
 def resolve(request: SteeringRequest, *, profile: str | None, default_alpha: float,
             profile_threshold: float | None, neurons: int = 0, version: str = "",

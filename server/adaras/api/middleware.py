@@ -36,6 +36,7 @@ from adaras.api.asgi import error_body, route_path, send_json
 from adaras.api.profiles import ProfileRegistry, SteeringError
 from adaras.engine import reports
 from adaras.engine.reports import MAILBOX, OpenRequest, is_internal
+from adaras.report import SteeringReport, answer_p_fails, merge
 from adaras.steering import STEERING_KEY, Resolved
 
 logger = logging.getLogger("adaras.api")
@@ -294,7 +295,7 @@ class _Exchange:
         count = len(choices) if isinstance(choices, list) else 1
         if self.resolved.order_choices and isinstance(choices, list):
             self._order_choices(choices)
-        data[STEERING_KEY] = self._report(range(max(count, 1)))
+        data[STEERING_KEY] = self._report(range(max(count, 1))).wire()
         return json.dumps(data).encode()
 
     def _order_choices(self, choices: list) -> None:
@@ -366,9 +367,9 @@ class _Exchange:
         ended = [c["index"] for c in choices if c.get("finish_reason") and
                  isinstance(c.get("index"), int)]
         if ended:
-            chunk[STEERING_KEY] = self._report(ended)
+            chunk[STEERING_KEY] = self._report(ended).wire()
         elif usage and self.client_wants_usage:
-            chunk[STEERING_KEY] = self._report(self._all_choices())
+            chunk[STEERING_KEY] = self._report(self._all_choices()).wire()
         else:
             return event
         return b"data: " + json.dumps(chunk).encode()
@@ -385,31 +386,10 @@ class _Exchange:
             return None
         return self.entry.reports.get(divmod(self.order.get(choice, choice), self.n))
 
-    def _report(self, choices) -> dict:
-        """The `steering` report for these response choices: one choice's own,
-        or for several, what they share (failure_probability and
-        answer_failure_probability when equal, applied when any was steered,
-        the first error) plus `choices`."""
-        per = []
-        for i in choices:
-            engine = self._engine_report(i) or {}
-            per.append((i, engine.get("failure_probability"), engine.get("applied"),
-                        engine.get("error"), engine.get("answer_failure_probability")))
-        p_values = {p for _, p, *_ in per}
-        p_fail = p_values.pop() if len(p_values) == 1 else None
-        a_values = {a for *_, a in per}
-        answer = a_values.pop() if len(a_values) == 1 else None
-        applied = [a for _, _, a, *_ in per if a is not None]
-        error = next((e for *_, e, _ in per if e), None)
-        out = self.resolved.report(p_fail, any(applied) if applied else None, error, answer)
-        if len(per) > 1 and (self.resolved.mode != "off" or self.resolved.answer_probe):
-            out["choices"] = [{"index": i, "failure_probability": p,
-                               "applied": self.resolved.mode == "always" if a is None else a,
-                               **({"sample": self.order[i]} if i in self.order else {}),
-                               **({"answer_failure_probability": ans}
-                                  if self.resolved.answer_probe else {}),
-                               **({"error": e} if e else {})} for i, p, a, e, ans in per]
-        return out
+    def _report(self, choices) -> SteeringReport:
+        """The `steering` report of these response choices (adaras.report.merge)."""
+        return merge(self.resolved, [(i, self._engine_report(i), self.order.get(i))
+                                     for i in choices])
 
     def _finish(self) -> None:
         labels = self._labels()
@@ -442,17 +422,13 @@ class _Exchange:
                             engine["answer_failure_probability"])
             if self.resolved.mode != "off":
                 metrics.DECISIONS.labels(self.mw.model, self.resolved.profile,
-                                         "applied" if report["applied"] else "skipped").inc()
+                                         "applied" if report.applied else "skipped").inc()
         client = self.client_id.decode("utf-8", "replace") if self.client_id else "-"
         logger.info("request %s client_id=%r path=%s status=%d%s%s mode=%s profile=%s "
                     "applied=%s p_fail=%s%s%s %.3fs", self.entry.key if self.entry else "-",
                     client, self.path, self.status, " stream-error" if self.failed else "",
                     " disconnected" if self.disconnected else "", self.resolved.mode,
-                    self.resolved.profile, report["applied"], report["failure_probability"],
-                    f" answer_p_fail={self._answer_p_fails(report)}"
+                    self.resolved.profile, report.applied, report.failure_probability,
+                    f" answer_p_fail={answer_p_fails(report)}"
                     if self.resolved.answer_probe else "",
-                    f" error={report['error']!r}" if report.get("error") else "", now - self.t0)
-
-    @staticmethod
-    def _answer_p_fails(report: dict) -> list:
-        return [c.get("answer_failure_probability") for c in report.get("choices") or [report]]
+                    f" error={report.error!r}" if report.error else "", now - self.t0)

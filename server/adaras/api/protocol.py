@@ -1,7 +1,7 @@
 """Wire models of our extensions. The OpenAI request/response bodies
-themselves are vLLM's; these are the `steering` object and its report as
-/openapi.json documents them, the profile endpoints' bodies and the
-OpenAI-style error body.
+themselves are vLLM's; these are the `steering` object as /openapi.json
+documents it (its report is `adaras.report`'s model, re-exported here), the
+profile endpoints' bodies and the OpenAI-style error body.
 
 `adaras.steering` owns the steering contract and validates it; the two
 steering models here are its schema, built from the same constants, and a test
@@ -15,9 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaras.profile import PROFILE_NAME_PATTERN
+from adaras.report import ChoiceReport, SteeringReport
 from adaras.steering import MAX_ALPHA, MODES
 
 ModeField = Literal[MODES]  # type: ignore[valid-type]
+__all__ = ["ChoiceReport", "SteeringReport"]  # the report is adaras.report's, served as is
 
 
 class SteeringParams(BaseModel):
@@ -45,44 +47,6 @@ class SteeringParams(BaseModel):
         None, description="with answer_probe, not streamed: return the choices lowest "
         "answer_failure_probability first (choices[0] is the best of n; `index` is renumbered "
         "and each report choice names its `sample`, its index as generated)")
-
-
-class ChoiceReport(BaseModel):
-    """One choice's part of a report that covers several."""
-
-    index: int
-    sample: int | None = Field(None, description="with order_choices: the choice's index as "
-                                                 "generated, before ordering")
-    failure_probability: float | None = None
-    applied: bool
-    answer_failure_probability: float | None = Field(
-        None, description="with answer_probe: this choice's own")
-    error: str | None = None
-
-
-class SteeringReport(BaseModel):
-    """The `steering` report of every response (in a stream: the chunk that
-    carries the finish_reason, and the usage chunk)."""
-
-    model_config = ConfigDict(title="SteeringReport")
-
-    mode: ModeField
-    profile: str | None = None
-    alpha: float | None = None
-    failure_probability: float | None = Field(
-        None, description="adaptive: the predictor's p_fail for the prompt")
-    applied: bool = Field(description="whether the decode steps were steered")
-    neurons: int = Field(description="K, the profile's number of steered neurons (0 when off)")
-    threshold: float | None = Field(None, description="adaptive only")
-    answer_failure_probability: float | None = Field(
-        None, description="with answer_probe: the answer head's probability that this answer "
-        "is wrong, pooled over the positions the model read after the prompt (every generated "
-        "token but the last); null when it read none. Trained on unsteered greedy and sampled "
-        "answers: see `applied` for whether this one was steered")
-    error: str | None = Field(None, description="why the request was not gated or probed")
-    choices: list[ChoiceReport] | None = Field(
-        None, description="when the report covers several choices (n > 1, or several prompts): "
-        "each one's own values")
 
 
 class ProfileLoad(BaseModel):

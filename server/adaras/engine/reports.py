@@ -1,6 +1,6 @@
 """How a request's steering report travels: with the request's own outputs.
 
-A report (`Resolved.report`: mode, profile, alpha, failure_probability,
+A report (`adaras.report`: mode, profile, alpha, failure_probability,
 applied, ...) is made in the worker that steers the request, and read in the
 frontend process that answers it. It takes the path the request's tokens take,
 so nothing polls and nothing is stored for a reader that may never come:

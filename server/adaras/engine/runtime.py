@@ -44,6 +44,7 @@ from adaras.engine.step import (
 )
 from adaras.predictor import PoolState
 from adaras.profile import ModelShape
+from adaras.report import single as single_report
 from adaras.steering import (
     FINGERPRINT_KEY,
     STEERING_KEY,
@@ -117,7 +118,8 @@ class RequestState:
         return self.steering.alpha
 
     def report(self) -> dict:
-        return self.steering.report(self.p_fail, self.applied, self.error, self.answer_p_fail)
+        return single_report(self.steering, self.p_fail, self.applied, self.error,
+                             self.answer_p_fail).wire()
 
 
 
