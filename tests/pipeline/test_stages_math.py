@@ -105,6 +105,24 @@ def test_negate_is_minus_s_on_the_same_neurons():
     assert torch.equal(neg.neurons, prof.neurons) and neg.default_alpha == prof.default_alpha
 
 
+def test_the_control_arms_keep_the_profiles_heads_so_their_answers_are_probed():
+    """--answer-probe on every arm: the -S and random profiles carry the answer
+    head (and the prompt head with its threshold); before, -S answers read none."""
+    from adaras.pipeline.evaluate import negate
+    from adaras.predictor import FailurePredictor
+
+    prof = _profile()
+    prof.answer_predictor = FailurePredictor(torch.tensor([0, 1], dtype=torch.int32),
+                                             torch.tensor([2, 3], dtype=torch.int32), hidden=4)
+    prof.predictor = FailurePredictor(torch.tensor([1], dtype=torch.int32),
+                                      torch.tensor([5], dtype=torch.int32), hidden=4)
+    prof.threshold = 0.6
+    for arm in (negate(prof), randomize(prof, seed=1)):
+        arm.validate(prof.model)
+        assert arm.answer_predictor is prof.answer_predictor
+        assert arm.predictor is prof.predictor and arm.threshold == 0.6
+
+
 def test_truncate_keeps_the_largest():
     prof = _profile()
     top = truncate(prof, 2)

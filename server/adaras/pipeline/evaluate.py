@@ -276,18 +276,25 @@ def randomize(profile: SteeringProfile, seed: int) -> SteeringProfile:
         layers=torch.tensor(layers, dtype=torch.int32)[order],
         neurons=torch.tensor(neurons, dtype=torch.int32)[order],
         delta=torch.tensor(delta, dtype=torch.float32)[order],
-        default_alpha=profile.default_alpha,
+        default_alpha=profile.default_alpha, **heads(profile),
         provenance={**profile.provenance, "selection": "random, matched per layer and in norm",
                     "random_seed": seed})
 
 
+def heads(profile: SteeringProfile) -> dict:
+    """The profile's predictor heads and threshold, for a control arm built
+    from it: the arm's answers are then probed and gated by the same heads."""
+    return {"predictor": profile.predictor, "threshold": profile.threshold,
+            "answer_predictor": profile.answer_predictor}
+
+
 def negate(profile: SteeringProfile) -> SteeringProfile:
-    """-S: the same neurons and dose, the opposite direction."""
+    """-S: the same neurons and dose, the opposite direction (the same heads)."""
     return SteeringProfile(name=f"{profile.name}-minus", model=profile.model,
                            layers=profile.layers.clone(), neurons=profile.neurons.clone(),
                            delta=-profile.delta, default_alpha=profile.default_alpha,
                            sigma=None if profile.sigma is None else profile.sigma.clone(),
-                           provenance={**profile.provenance, "negated": True})
+                           **heads(profile), provenance={**profile.provenance, "negated": True})
 
 
 def truncate(profile: SteeringProfile, k: int) -> SteeringProfile:
