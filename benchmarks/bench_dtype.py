@@ -58,7 +58,7 @@ def main() -> None:
               flush=True)
         return
 
-    from adaras.api.app import cpu_without_native_bf16
+    from adaras.engine.dtype import cpu_without_native_bf16
 
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4", **os.environ}
     rows = {}

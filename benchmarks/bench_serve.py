@@ -321,7 +321,7 @@ def main() -> None:
 
     profile_name = SteeringProfile.load(profile).name  # the default: requests name no profile
     engine = args.engine or ["--max-model-len", "2048", "--max-num-seqs", "64"]
-    from adaras.api.app import cpu_without_native_bf16, given
+    from adaras.engine.dtype import cpu_without_native_bf16, given
 
     if cpu_without_native_bf16() and not given("--dtype", engine):
         engine += ["--dtype", "float32"]  # adaras serve's choice there, for stock too

@@ -1,7 +1,7 @@
 """Start-up benchmark: stock vLLM's OpenAI server and `adaras serve`, cold and warm.
 
     python benchmarks/bench_startup.py [--models smollm2-135m-instruct qwen2.5-coder-1.5b-instruct]
-        [--out docs/bench_startup.json]
+        [--out docs/benchmarks/bench_startup.json]
 
 For each model it starts, one at a time and each in its own process group:
 

@@ -70,7 +70,7 @@ def test_install_then_serve_as_the_readme_does(tmp_path):
         text = srv.log_text()
         assert "adaras: KV cache" in text and "--max-model-len 2048" in text
         # the dtype this CPU runs fast: float32 where bf16 would be emulated
-        from adaras.api.app import cpu_without_native_bf16
+        from adaras.engine.dtype import cpu_without_native_bf16
 
         fp32 = cpu_without_native_bf16()
         assert ("'dtype': 'float32'" in text) == fp32

@@ -99,8 +99,8 @@ def test_openai_request_models_keep_unknown_fields_and_build_sampling_params():
         assert callable(getattr(cls, "to_sampling_params", None)), cls.__name__
 
 
-def test_every_patch_lives_in_the_seam_module():
-    """No other module of the package assigns to a vLLM class attribute."""
+def test_every_patch_lives_in_the_seam_package():
+    """No module outside the seam package assigns to a vLLM class attribute."""
     import pathlib
 
     import adaras
@@ -108,7 +108,7 @@ def test_every_patch_lives_in_the_seam_module():
     root = pathlib.Path(adaras.__file__).parent
     offenders = []
     for path in root.rglob("*.py"):
-        if path.name == "seam.py":
+        if "seam" in path.relative_to(root).parts:
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -187,7 +187,7 @@ def test_compile_cache_symbols_the_restart_fix_relies_on():
     assert "loaded_fn._artifacts.compiled_fn.finalize_loading(model.vllm_config)" in load
     assert "_try_load_aot_compiled_fn(self, aot_compilation_path)" in inspect.getsource(
         decorators)
-    # models.aot_artifact / load_compiled compute the artifact's path and install
+    # seam.compile_cache.aot_artifact / load_compiled compute the artifact's path and install
     # a loaded graph as the decorator's __call__ does
     call = inspect.getsource(decorators)
     for line in ("factors: list[str] = aot_compile_hash_factors(self.vllm_config)",
@@ -204,7 +204,7 @@ def test_compile_cache_symbols_the_restart_fix_relies_on():
         assert line in call, line
     seam.patch_compile_cache()
     ours = BundledAOTAutogradSerializableCallable.finalize_loading
-    assert ours.__module__ == "adaras.engine.seam", "torch now defines it: drop the patch"
+    assert ours.__module__ == "adaras.engine.seam.compile_cache", "torch now defines it: drop the patch"
     isa = inspect.getsource(cpu_vec_isa)
     assert "def check_build(self, code: str) -> bool:" in isa
     assert "return self.check_build(VecISA._avx_code)" in isa
@@ -275,3 +275,37 @@ def test_the_openai_server_names_requests_after_the_x_request_id_header():
     src = inspect.getsource(completion)
     assert 'f"cmpl-{self._base_request_id(raw_request' in src
     assert 'request_id_item = f"{request_id}-{i}"' in src
+
+
+def test_no_private_vllm_or_torch_call_and_no_class_swap_outside_the_seam():
+    """Issue 32: every call of a private vLLM or torch function (a `_name`
+    attribute of a vllm/torch module or class) and every `obj.__class__ = ...`
+    is in the seam package."""
+    import pathlib
+
+    import adaras
+
+    root = pathlib.Path(adaras.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "seam" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text())
+        vendor = {a.asname or a.name.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.Import) for a in n.names
+                  if a.name.split(".")[0] in ("vllm", "torch")}
+        vendor |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and (n.module or "").split(".")[0] in ("vllm", "torch") for a in n.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Attribute) and t.attr == "__class__" for t in node.targets):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} swaps __class__")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr.startswith("_") and not node.func.attr.startswith("__")):
+                base = node.func.value
+                while isinstance(base, ast.Attribute):  # torch.cpu._x: the chain's root
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in vendor:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} calls "
+                                     f"{ast.unparse(node.func)}")
+    assert offenders == []

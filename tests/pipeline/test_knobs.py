@@ -120,3 +120,40 @@ def test_calibration_folds_an_affine_map_into_each_head_and_keeps_the_gate():
     assert out.provenance["calibration"]["fit_on"] == "validation split"
     with pytest.raises(ValueError, match="Platt slope"):
         K.calibrate(_heads(), {**cal, "answer": {"a": -1.0, "b": 0}}, "x")
+
+
+def test_held_out_answers_are_scored_with_the_registered_knobs(tmp_path, folder):
+    """score_answers applies the validation's Platt map and knobs to an eval
+    arm's answers: the calibrated probe is the map of the raw one, the gain is
+    measured against the registered best score, and each probability gets a
+    reliability diagram."""
+    from sklearn.metrics import roc_auc_score
+
+    from adaras.pipeline.score_answers import score_answers
+
+    knobs = K.fix_knobs(folder)
+    rows = []
+    for i, r in enumerate(_rows(90, seed=3)):
+        p = float(K.sigmoid(r["answer_logit"]))
+        rows.append({"config": "baseline" if i < 80 else "always", "problem": r["problem"],
+                     "correct": not r["label"], "finish_reason": "stop", "tokens": r["tokens"],
+                     "steering": {"answer_failure_probability": p},
+                     "confidence": r["confidence"]})
+    stage = tmp_path / "heldout"
+    stage.mkdir()
+    (stage / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = score_answers(stage, knobs, "baseline", stage, n=100)
+    y = np.array([not r["correct"] for r in rows[:80]])
+    raw = np.array([r["steering"]["answer_failure_probability"] for r in rows[:80]])
+    assert out["answers"] == 80
+    assert out["scores"]["probe_raw"]["auroc"] == pytest.approx(roc_auc_score(y, raw))
+    # a Platt map with a > 0 keeps the ranking: the same AUROC, another calibration
+    assert out["scores"]["probe"]["auroc"] == pytest.approx(out["scores"]["probe_raw"]["auroc"])
+    assert out["probe_gain_over_registered_best"]["score"] == knobs["best_logprob_score"]
+    g = out["probe_gain_over_registered_best"]
+    assert g["gain"] == pytest.approx(out["scores"]["probe"]["auroc"]
+                                      - out["scores"][g["score"]]["auroc"])
+    assert {"brier", "slope", "calibration"} <= set(out["scores"]["probe"])
+    assert "brier" not in out["scores"]["conf_mean"]  # a ranking, not a probability
+    assert (stage / "reliability-probe.png").stat().st_size > 0
+    assert ("combined" in out["scores"]) == knobs["combined"]["earns_its_place"]

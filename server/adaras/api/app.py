@@ -8,7 +8,6 @@ Nothing here re-implements an OpenAI endpoint; see `middleware.py` for what the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from adaras.api.profiles import router as profiles_router
 from adaras.api.settings import DEFAULT_MODEL, Settings
 from adaras.api.starting import Starting
 from adaras.engine import seam
+from adaras.engine.dtype import cpu_without_native_bf16, given, serve_float32
 from adaras.engine.reports import MAILBOX
 from adaras.profile import ModelShape
 
@@ -36,39 +36,6 @@ DEFAULT_FLAGS = {"--shutdown-timeout": "30"}
 # 2048, and 64 sequences of 2048 tokens need 2.8 GiB of KV in bf16 (5.6 in float32),
 # not 8+.
 DEFAULT_MODEL_FLAGS = {"--max-model-len": "2048", "--max-num-seqs": "64"}
-# On an x86 CPU, vLLM's "auto" dtype serves a bf16 or float32 model in bf16, and a
-# CPU without native bf16 emulates it: on a 2-core AVX2 EPYC, SmolLM2-135M decoded
-# 45 tok/s in bf16 and 189 in float32, Qwen2.5-Coder-1.5B 4.1 and 20.5
-# (benchmarks/bench_dtype.py, docs/bench_dtype_*). There we serve float32 unless the
-# user chose a dtype or a quantization (which may not allow float32).
-
-
-def cpu_without_native_bf16() -> bool:
-    """Whether vLLM runs on an x86 CPU with neither AVX512-BF16 nor AMX tiles,
-    where its bf16 is emulated (the checks vLLM's CPU platform makes on x86)."""
-    import torch
-    from vllm.platforms import CpuArchEnum, current_platform
-
-    return (current_platform.is_cpu()
-            and current_platform.get_cpu_architecture() == CpuArchEnum.X86
-            and not (torch.cpu._is_avx512_bf16_supported()
-                     or torch.cpu._is_amx_tile_supported()))
-
-
-def unquantized(model_path: str) -> bool:
-    """A local HF model directory whose config declares no quantization."""
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "quantization_config" not in config
-
-
-def given(flag: str, argv: list[str]) -> bool:
-    """Whether `argv` sets `flag`, as `--flag value` or `--flag=value`."""
-    return any(a.split("=")[0] == flag for a in argv)
-
-
 def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> argparse.Namespace:
     """vLLM's own serve arguments: ours first, then any engine flags passed through."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -86,9 +53,8 @@ def vllm_args(settings: Settings, model_path: str, passthrough: list[str]) -> ar
     argv += passthrough
     args = parser.parse_args(argv)
     # "auto" left as it was (no --dtype on the command line or in a --config file)
-    if (args.dtype == "auto" and not given("--dtype", passthrough)
-            and args.quantization is None and unquantized(model_path)
-            and cpu_without_native_bf16()):
+    if serve_float32(args.dtype, args.quantization, passthrough, model_path,
+                     lambda: cpu_without_native_bf16()):  # looked up here: tests replace it
         args.dtype = "float32"
         logger.info("adaras: this CPU has no native bf16 (AVX512-BF16 or AMX), so the engine "
                     "runs in float32, several times faster here than emulated bf16; "

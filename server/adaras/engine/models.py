@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import types
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from adaras.engine import step
+from adaras.engine.seam.compile_cache import load_compiled, own_compile_key, renamed
 from steering_kernels import HAS_TRITON, apply_sparse_steer_, sparse_steer_
 from steering_kernels.steer_plan import apply_steer_plan_, gather_planned_features_
 
@@ -175,34 +175,6 @@ def wrap_mlps(model: nn.Module) -> int:
     return n
 
 
-def renamed(base: type, name: str) -> type:
-    """A subclass of `base` named `name` whose `forward` is base.forward's code
-    under the qualified name `name.forward`. vLLM keys its AOT compile cache by
-    the forward's qualified name and Dynamo its compiled code by the code
-    object, so the subclass's graph shares no compiled artifact with base's."""
-    stock = base.forward
-    code = stock.__code__
-    code = code.replace(co_qualname=f"{name}.forward") if hasattr(code, "co_qualname") \
-        else code.replace(co_name=code.co_name)
-    forward = types.FunctionType(code, stock.__globals__, "forward", stock.__defaults__,
-                                 stock.__closure__)
-    forward.__kwdefaults__ = stock.__kwdefaults__
-    forward.__qualname__ = f"{name}.forward"
-    forward.__annotations__ = stock.__annotations__
-    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-
-
-def own_compile_key(model: nn.Module) -> None:
-    """Give the steered backbone (a stock backbone instance with wrapped MLPs)
-    a class of its own (`renamed`), so its compiled graph, which calls the
-    op, never shares vLLM's compile-cache entry with stock vLLM's graph of
-    the same model and configuration, which does not: a steered engine
-    would otherwise load stock's graph and never steer."""
-    if getattr(model, "do_not_compile", True):
-        return
-    model.__class__ = renamed(type(model), f"AdarasSteered{type(model).__name__}")
-
-
 def plain_twin(model: nn.Module) -> nn.Module:
     """The backbone `model` again, over the same submodules and weights, as a
     separately compiled module whose graph has no steering op.
@@ -231,48 +203,6 @@ def plain_twin(model: nn.Module) -> nn.Module:
     cls = support_torch_compile(dynamic_arg_dims=model._dynamic_arg_dims)(cls)
     with set_model_tag(name):  # VllmBackend's cache directory, where it is used
         return cls(vllm_config=model.vllm_config, twin_of=model)
-
-
-def aot_artifact(module: nn.Module) -> tuple[str, str] | None:
-    """(cache directory, artifact path) where vLLM's compile decorator keeps
-    `module`'s AOT-compiled graph, computed as its `__call__` computes them;
-    None when vLLM does not use AOT artifacts."""
-    import hashlib
-
-    from vllm import envs
-    from vllm.compilation.caching import aot_compile_hash_factors
-    from vllm.compilation.decorators import _model_hash_key
-
-    if not envs.VLLM_USE_AOT_COMPILE or envs.VLLM_DISABLE_COMPILE_CACHE:
-        return None
-    factors = aot_compile_hash_factors(module.vllm_config)
-    factors.append(_model_hash_key(module.forward))
-    root = os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", "torch_aot_compile",
-                        hashlib.sha256(str(factors).encode()).hexdigest())
-    parallel = module.vllm_config.parallel_config
-    return root, os.path.join(root, f"rank_{parallel.rank}_{parallel.data_parallel_index}",
-                              "model")
-
-
-def load_compiled(module: nn.Module) -> bool:
-    """Load `module`'s compiled graph from vLLM's compile cache without
-    running it, as its compile decorator does on a first call that finds the
-    artifact (then its calls run the loaded graph); False when there is none
-    or it does not load (the caller compiles it by running it)."""
-    from vllm.compilation import decorators
-
-    found = aot_artifact(module)
-    if found is None or not os.path.isfile(found[1]):
-        return False
-    root, path = found
-    module.compilation_config.local_cache_dir = root
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor_cache")
-    loaded = decorators._try_load_aot_compiled_fn(module, path)
-    if loaded is None:
-        return False
-    module.aot_compiled_fn = loaded
-    module.was_aot_compile_fn_loaded_from_disk = True
-    return True
 
 
 class _Steered:

@@ -15,14 +15,37 @@ each patch saying what it replaces and why:
     patch_compile_cache         workers: a restart loads its compiled graphs instead of compiling
     patch_openai_requests       HTTP server: carry `steering` into extra_args
 
+Two of them live in their own modules of this package: the vLLM-CPU fix
+(`cpu_platform`) and the compile cache (`compile_cache`, which also holds the
+steered backbone's compile key and the loading of a compiled graph without
+running it, the only calls of private vLLM functions). No module outside this
+package patches vLLM or torch or calls their private functions.
+
 Every vLLM symbol these touch is pinned, with the parameters used, by
 tests/engine/test_vllm_seam.py, so a vLLM upgrade that moves one fails in CI.
 Each patch is idempotent (a class attribute marks it installed).
+
+What a user of a real KV connector must know: vLLM 0.32 has no extension field
+on `EngineCoreOutput`, so the engine core carries each request's steering
+report to the frontend in `kv_transfer_params` (`patch_scheduler_reports`),
+and the frontend takes it off again before the response is built
+(`patch_output_processor`). A KV connector that sets its own
+`kv_transfer_params` for a request keeps them; the report is added beside its
+keys under `adaras_report` (a key of that name of its own would be taken for
+a report) and removed before vLLM's response code sees them.
 """
 
 from __future__ import annotations
 
 import os
+
+from adaras.engine.seam.compile_cache import (  # noqa: F401 - the package's patches
+    VEC_ISA_FILE,
+    patch_compile_cache,
+    per_cpu_cache_root,
+    remember_successes,
+)
+from adaras.engine.seam.cpu_platform import patch_cpu_generator_rewind  # noqa: F401
 
 
 def patch_input_processor() -> None:
@@ -364,190 +387,6 @@ def patch_model_runner() -> None:
     GPUModelRunner._on_request_state_removed = _on_request_state_removed
     GPUModelRunner._adaras = True
     WorkerWrapperBase.adaras_rpc = adaras_rpc
-
-
-def patch_cpu_generator_rewind() -> None:
-    """GPUModelRunner._prepare_inputs and ._bookkeeping_sync (workers), a fix
-    for vLLM-CPU 0.32 independent of steering.
-
-    vLLM samples a token after every prefill chunk, discards it for a partial
-    prompt, and undoes the draw of a seeded request's generator with
-    `generator.set_offset(...)` in `_bookkeeping_sync`. CPU generators have no
-    offset ("CPU Generator does not use offset"), so stock vLLM-CPU dies on the
-    first seeded request with a chunked prompt (the same bug as
-    RBLN-SW/vllm-rbln#1025). For CPU generators this saves the state before
-    sampling and restores it instead of the rewind.
-    """
-    import numpy as np
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if getattr(GPUModelRunner, "_adaras_generator_fix", False):
-        return
-    orig_prepare = GPUModelRunner._prepare_inputs
-    orig_bookkeeping = GPUModelRunner._bookkeeping_sync
-
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        out = orig_prepare(self, scheduler_output, num_scheduled_tokens)
-        batch = self.input_batch
-        if batch.generators:  # the draws of discarded (partial-prefill) samples
-            n = batch.num_reqs
-            self._adaras_gen_states = {
-                int(i): g.get_state() for i in np.flatnonzero(self.discard_request_mask.np[:n])
-                if (g := batch.generators.get(int(i))) is not None and g.device.type == "cpu"}
-        return out
-
-    def _bookkeeping_sync(self, *args, **kwargs):
-        saved = getattr(self, "_adaras_gen_states", None) or {}
-        self._adaras_gen_states = None
-        gens = self.input_batch.generators
-        held = {i: gens.pop(i) for i in saved if i in gens}  # hidden from set_offset()
-        try:
-            return orig_bookkeeping(self, *args, **kwargs)
-        finally:
-            for i, g in held.items():
-                g.set_state(saved[i])
-                gens[i] = g
-
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
-    GPUModelRunner._adaras_generator_fix = True
-
-
-VEC_ISA_FILE = "adaras_vec_isa.json"  # in vLLM's torch_compile_cache directory
-
-
-def patch_compile_cache() -> None:
-    """Two fixes that let a restart reuse vLLM's compile cache (workers).
-
-    1. `BundledAOTAutogradSerializableCallable.finalize_loading` (torch),
-       added as a no-op. vLLM 0.32 saves every compiled graph as an AOT
-       artifact and, on the next start, `_try_load_aot_compiled_fn` loads it
-       and calls `compiled_fn.finalize_loading(vllm_config)`, a method of its
-       own backend's `VllmSerializableFunction`. vLLM-CPU compiles with mode
-       DYNAMO_TRACE_ONCE and backend "inductor", so the loaded function is
-       torch's bundled callable, which its `deserialize` has already loaded
-       in full; the call fails ("Compiling model again due to a load failure
-       ... 'function' object has no attribute 'finalize_loading'") and every
-       start of vLLM-CPU, stock included, compiles again.
-    2. `VecISA.check_build` (torch Inductor) remembers its successes.
-       Before Inductor generates or loads a C++ kernel in a process, it
-       checks each vector ISA the CPU advertises (AVX2, AVX512, ...) by
-       building a test library and dlopen-ing it in a fresh Python process,
-       and keeps the answer for that process only: about 40 s of every start
-       on a 2-core machine, loading a cached graph included. A probe that
-       passed is recorded in `VEC_ISA_FILE` under the ISA, its flags, the
-       test code, torch's version and the compiler binary, and is not run
-       again; a probe that failed is not recorded (it may have timed out
-       under load), so it runs again next time.
-
-    A loaded artifact is machine code for the CPU it was compiled on, and
-    vLLM's cache key does not say which, so a cache shared by machines of
-    different kinds (a k8s volume, a copied home directory) would hand AVX-512
-    kernels to a CPU without them: `per_cpu_cache_root` gives each CPU kind
-    its own directory under VLLM_CACHE_ROOT.
-    """
-    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
-    from torch._inductor import cpu_vec_isa
-
-    per_cpu_cache_root()
-    if not hasattr(BundledAOTAutogradSerializableCallable, "finalize_loading"):
-        def finalize_loading(self, vllm_config) -> None:
-            return None  # deserialize() has loaded everything
-
-        BundledAOTAutogradSerializableCallable.finalize_loading = finalize_loading
-
-    if getattr(cpu_vec_isa.VecISA, "_adaras_cached", False):
-        return
-    cpu_vec_isa.VecISA.check_build = remember_successes(cpu_vec_isa.VecISA.check_build)
-    cpu_vec_isa.VecISA._adaras_cached = True
-
-
-def per_cpu_cache_root() -> str:
-    """Point VLLM_CACHE_ROOT at `<root>/cpu-<key>`, the key naming the
-    machine and the vector ISAs Inductor may generate code for (read from
-    the CPU's flags, no probe). Idempotent, and inherited by the processes
-    vLLM spawns; returns the directory."""
-    import hashlib
-    import platform
-
-    from torch._inductor.cpu_vec_isa import x86_isa_checker
-    from vllm import envs
-
-    isas = sorted(x86_isa_checker()) if platform.machine() in ("x86_64", "AMD64") else []
-    key = hashlib.sha256(" ".join([platform.machine(), *isas]).encode()).hexdigest()[:12]
-    root = os.path.normpath(envs.VLLM_CACHE_ROOT)
-    if os.path.basename(root) != f"cpu-{key}":
-        root = os.path.join(root, f"cpu-{key}")
-        os.environ["VLLM_CACHE_ROOT"] = root
-    return root
-
-
-def remember_successes(check):
-    """`check(isa, code) -> bool`, answered from `vec_isa_file()` where it
-    once returned True for the same key."""
-
-    def check_build(self, code: str) -> bool:
-        key, path = vec_isa_key(self, code), vec_isa_file()
-        if key is not None and read_json(path).get(key) is True:
-            return True
-        ok = check(self, code)
-        if ok and key is not None:
-            write_json(path, {**read_json(path), key: True})
-        return ok
-
-    return check_build
-
-
-def vec_isa_file() -> str:
-    from vllm import envs
-
-    return os.path.join(envs.VLLM_CACHE_ROOT, "torch_compile_cache", VEC_ISA_FILE)
-
-
-def vec_isa_key(isa, code: str) -> str | None:
-    """What a vector-ISA probe's answer depends on; None when the compiler
-    cannot be identified (then the probe runs, as torch would run it)."""
-    import hashlib
-    import platform
-    import shutil
-
-    import torch
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
-    try:
-        compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
-        stat = os.stat(compiler)
-    except (OSError, RuntimeError, TypeError):
-        return None
-    parts = [str(isa), isa.build_arch_flags(), code, torch.__version__, platform.machine(),
-             compiler, str(stat.st_size), str(stat.st_mtime_ns)]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def read_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_json(path: str, data: dict) -> None:
-    """Atomic, and silent where the cache is not writable (the probe then runs again)."""
-    import json
-    import tempfile
-
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def patch_openai_requests() -> None:
