@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from adaras.pipeline.arms import randomize, truncate
 from adaras.pipeline.capture import load_parts, save_part
-from adaras.pipeline.evaluate import randomize, truncate
 from adaras.pipeline.identify import mean_difference, select
 from adaras.pipeline.run import Run, StageArgsChanged, append_jsonl, read_jsonl
 from adaras.pipeline.train import select_features, split_problems
@@ -97,7 +97,7 @@ def test_randomize_is_matched_per_layer_and_in_norm_on_other_neurons():
 
 
 def test_negate_is_minus_s_on_the_same_neurons():
-    from adaras.pipeline.evaluate import negate
+    from adaras.pipeline.arms import negate
 
     prof = _profile()
     neg = negate(prof)
@@ -108,7 +108,7 @@ def test_negate_is_minus_s_on_the_same_neurons():
 def test_the_control_arms_keep_the_profiles_heads_so_their_answers_are_probed():
     """--answer-probe on every arm: the -S and random profiles carry the answer
     head (and the prompt head with its threshold); before, -S answers read none."""
-    from adaras.pipeline.evaluate import negate
+    from adaras.pipeline.arms import negate
     from adaras.predictor import FailurePredictor
 
     prof = _profile()

@@ -10,17 +10,11 @@ import subprocess
 import numpy as np
 import pytest
 
+from adaras.pipeline.arms import same_norm
 from adaras.pipeline.collect import CollectArgs, pair, write_problems
 from adaras.pipeline.data import Problem
-from adaras.pipeline.evaluate import (
-    EvalArgs,
-    answer_probe_metrics,
-    evaluate,
-    other_stage_problems,
-    same_norm,
-    screen,
-    summarize,
-)
+from adaras.pipeline.eval_score import answer_probe_metrics, screen, summarize
+from adaras.pipeline.evaluate import EvalArgs, evaluate, other_stage_problems
 from adaras.pipeline.identify import mean_difference, select, skip_last_layers
 from adaras.pipeline.run import Run, append_jsonl, source_state
 from adaras.pipeline.stats import expected_calibration_error
