@@ -31,7 +31,9 @@ and hidden_size must be equal. Architecture names are compared case-insensitivel
 after dropping a leading "Steered" (so "LlamaForCausalLM" matches vLLM's
 "SteeredLlamaForCausalLM"); an empty architecture means "unknown" and matches any.
 
-This module does not import vllm.
+The file format is `adaras.profile_format`, the model shape
+`adaras.model_shape`; this module holds the profile itself: its validation
+(`validate`), its queries and its dose. It does not import vllm.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -48,13 +49,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .predictor import FailurePredictor
+from adaras import profile_format
+from adaras.model_shape import ModelShape, ProfileError, _shape_problem
+from adaras.predictor import FailurePredictor
+from adaras.profile_format import (
+    ANSWER_PREFIX,
+    FORMAT,
+    FORMAT_VERSION,
+    PREDICTOR_PREFIX,
+    READS_VERSIONS,
+    bytes_version,
+    file_version,
+)
 
-FORMAT = "adaras-profile"
-FORMAT_VERSION = "2"
-READS_VERSIONS = ("1", "2")
-PREDICTOR_PREFIX = "predictor."
-ANSWER_PREFIX = "answer_predictor."
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# the public names this module has always had (the format and the shape live beside it)
+__all__ = ["ANSWER_PREFIX", "FORMAT", "FORMAT_VERSION", "MAX_NEURONS_PER_LAYER",
+           "PREDICTOR_PREFIX", "PROFILE_NAME_PATTERN", "READS_VERSIONS", "ModelShape",
+           "ProfileError", "SteeringProfile", "bytes_version", "file_version",
+           "valid_profile_name"]
 # The engine's per-step steering tables are [slots, layers, MAX_NEURONS_PER_LAYER],
 # allocated once per worker (adaras.engine.step).
 MAX_NEURONS_PER_LAYER = 256
@@ -65,106 +82,9 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def valid_profile_name(name) -> bool:
     """The one rule for profile names: safe as a file-name component, no paths."""
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
-_SHAPE_INTS = ("num_layers", "intermediate_size", "hidden_size")
 # provenance "steer_prompt" -> prompt positions steered (-1 = all); True/False
 # are the older spelling of "all"/"none"
 STEER_PROMPT = {None: 0, False: 0, "none": 0, "last": 1, True: -1, "all": -1}
-
-
-class ProfileError(ValueError):
-    """A steering profile is unusable. The message names the file (when known),
-    the problem, and the fix where there is one."""
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def file_version(path) -> str:
-    """Short sha256 of a profile file: the same bytes give the same version in
-    every process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def bytes_version(data: bytes) -> str:
-    """`file_version` of a profile file's bytes."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------- model
-@dataclass(frozen=True)
-class ModelShape:
-    architecture: str
-    num_layers: int
-    intermediate_size: int
-    hidden_size: int
-
-    @classmethod
-    def from_hf_config(cls, config) -> ModelShape:
-        """From a transformers PretrainedConfig (or any object/dict with
-        .architectures/.num_hidden_layers/.intermediate_size/.hidden_size).
-        Multimodal configs: the sizes are read from .text_config when it has them."""
-
-        def get(obj, key):
-            if obj is None:
-                return None
-            return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-
-        text = get(config, "text_config")
-
-        def pick(key):
-            for src in (text, config):
-                value = get(src, key)
-                if value is not None:
-                    return value
-            raise ProfileError(f"cannot read the model shape: the model config has no '{key}'")
-
-        archs = get(config, "architectures") or get(text, "architectures") or []
-        return cls(
-            architecture=str(archs[0]) if archs else "",
-            num_layers=int(pick("num_hidden_layers")),
-            intermediate_size=int(pick("intermediate_size")),
-            hidden_size=int(pick("hidden_size")),
-        )
-
-    @staticmethod
-    def _norm_arch(name: str) -> str:
-        name = name.strip().lower()
-        return name[len("steered"):] if name.startswith("steered") else name
-
-    def compatible_with(self, other: ModelShape) -> bool:
-        """Sizes equal; architectures equal case-insensitively ignoring a 'Steered'
-        prefix, and an empty architecture (unknown) matches anything."""
-        if (self.num_layers, self.intermediate_size, self.hidden_size) != (
-            other.num_layers,
-            other.intermediate_size,
-            other.hidden_size,
-        ):
-            return False
-        a, b = self._norm_arch(self.architecture), self._norm_arch(other.architecture)
-        return not a or not b or a == b
-
-    def describe(self) -> str:
-        return (
-            f"{self.architecture or '<unknown architecture>'} (num_layers={self.num_layers}, "
-            f"intermediate_size={self.intermediate_size}, hidden_size={self.hidden_size})"
-        )
-
-
-def _shape_problem(shape) -> str | None:
-    if not isinstance(shape, ModelShape):
-        return f"model must be a ModelShape, got {type(shape).__name__}"
-    if not isinstance(shape.architecture, str):
-        return "model 'architecture' must be a string"
-    for key in _SHAPE_INTS:
-        value = getattr(shape, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return f"model '{key}' must be a positive integer, got {value!r}"
-    return None
 
 
 # ------------------------------------------------------------------- profile
@@ -211,156 +131,12 @@ class SteeringProfile:
 
     def validate(self, expect: ModelShape | None = None) -> None:
         """Raise ProfileError if the profile is unusable (for the model `expect`, if given)."""
-        self._check(expect, f"steering profile {self.name!r}")
+        check(self, expect, f"steering profile {self.name!r}")
 
-    def _check(self, expect: ModelShape | None, where: str) -> None:
-        def fail(msg: str):
-            raise ProfileError(f"{where}: {msg}")
-
-        name = self.name
-        if not valid_profile_name(name):
-            fail(
-                f"invalid profile name {name!r}; use 1-64 characters from letters, digits, '.', '_' "
-                f"and '-', starting with a letter or digit and without '..'"
-            )
-        problem = _shape_problem(self.model)
-        if problem:
-            fail(problem)
-        if expect is not None and not self.model.compatible_with(expect):
-            fail(
-                f"built for another model shape: the profile is for {self.model.describe()}, "
-                f"but the served model is {expect.describe()}; use a profile made for this model"
-            )
-        for tname, want in (("layers", torch.int32), ("neurons", torch.int32), ("delta", torch.float32)):
-            t = getattr(self, tname)
-            if not isinstance(t, Tensor):
-                fail(f"'{tname}' must be a tensor, got {type(t).__name__}")
-            if t.dtype != want:
-                fail(f"tensor '{tname}' has dtype {_dt(t.dtype)}, expected {_dt(want)}")
-            if t.dim() != 1:
-                fail(f"tensor '{tname}' must be 1-D [K], got shape {list(t.shape)}")
-        if self.sigma is not None:
-            t = self.sigma
-            if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1:
-                fail(f"tensor 'sigma' must be a 1-D float32 tensor [K], got "
-                     f"{_dt(t.dtype) + str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
-            if t.numel() != self.delta.numel():
-                fail(f"tensor 'sigma' has {t.numel()} entries; 'delta' has {self.delta.numel()}")
-            if not bool((torch.isfinite(t) & (t >= 0)).all()):
-                fail("sigma must be finite and >= 0 (a standard deviation per neuron)")
-        lengths = (self.layers.numel(), self.neurons.numel(), self.delta.numel())
-        if len(set(lengths)) != 1:
-            fail(
-                "mismatched tensor lengths: 'layers', 'neurons' and 'delta' must all have K entries, "
-                f"got {lengths[0]}, {lengths[1]} and {lengths[2]}"
-            )
-        m = self.model
-        self._check_indices(self.layers, self.neurons, m, "", fail)
-        bad = (~torch.isfinite(self.delta)).nonzero()
-        if bad.numel():
-            i = int(bad[0])
-            fail(f"delta contains NaN or Inf (entry {i}: {float(self.delta[i])}); re-create the profile")
-        if self.k:
-            key = self.layers.long() * m.intermediate_size + self.neurons.long()  # [K]
-            sorted_key, order = torch.sort(key, stable=True)
-            same = (sorted_key[1:] == sorted_key[:-1]).nonzero()
-            if same.numel():
-                j = int(same[0])
-                a, b = sorted((int(order[j]), int(order[j + 1])))
-                fail(
-                    f"duplicate (layer, neuron) pair ({int(self.layers[a])}, {int(self.neurons[a])}) "
-                    f"at entries {a} and {b}; each pair may appear only once (merge or drop one)"
-                )
-        if self.k:
-            per_layer = torch.bincount(self.layers.long(), minlength=m.num_layers)  # [L]
-            crowded = int(per_layer.argmax())
-            if int(per_layer[crowded]) > MAX_NEURONS_PER_LAYER:
-                fail(f"layer {crowded} has {int(per_layer[crowded])} neurons; a profile may steer "
-                     f"at most {MAX_NEURONS_PER_LAYER} per layer (the engine's steering tables "
-                     "are allocated once at that size)")
-        alpha = self.default_alpha
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
-            fail(f"default_alpha must be a finite number >= 0, got {alpha!r}")
-        thr = self.threshold
-        if thr is not None and (
-            not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 1.0
-        ):
-            fail(f"threshold must be a probability in [0, 1] (or absent), got {thr!r}")
-        if not isinstance(self.provenance, dict):
-            fail(f"provenance must be a JSON object (dict), got {type(self.provenance).__name__}")
-        sp = self.provenance.get("steer_prompt")
-        if not isinstance(sp, (str, bool, type(None))) or sp not in STEER_PROMPT:
-            fail(f"provenance.steer_prompt must be one of 'none', 'last' or 'all' (or absent), "
-                 f"got {self.provenance['steer_prompt']!r}")
-        try:
-            json.dumps(self.provenance, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            fail(f"provenance is not JSON-serialisable: {e}")
-        for prefix, p in ((PREDICTOR_PREFIX, self.predictor), (ANSWER_PREFIX, self.answer_predictor)):
-            if p is None:
-                continue
-            head = prefix.rstrip(".")
-            if not isinstance(p, FailurePredictor):
-                fail(f"{head} must be a FailurePredictor, got {type(p).__name__}")
-            self._check_indices(p.feature_layers, p.feature_neurons, m, f"{head} feature ", fail)
-            for key, t in p.to_tensors().items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    fail(f"{head} tensor '{prefix}{key}' contains NaN or Inf")
-        if self.k == 0:
-            warnings.warn(f"{where}: K = 0, this profile steers nothing", UserWarning, stacklevel=3)
-
-    @staticmethod
-    def _check_indices(layers: Tensor, neurons: Tensor, m: ModelShape, what: str, fail) -> None:
-        for tname, t, hi, label in (
-            ("layer", layers, m.num_layers, "num_layers"),
-            ("neuron", neurons, m.intermediate_size, "intermediate_size"),
-        ):
-            bad = ((t < 0) | (t >= hi)).nonzero()
-            if bad.numel():
-                i = int(bad[0])
-                fail(
-                    f"{what}entry {i}: {tname} index {int(t[i])} is out of range; valid range is "
-                    f"0..{hi - 1} ({label} = {hi}); is this profile for another model?"
-                )
-
-    # ------------------------------------------------------------------ I/O
     def save(self, path) -> None:
         """Validate, then write atomically (temp file + rename) to `path`."""
-        from safetensors.torch import save_file
-
         self.validate()
-        path = Path(path)
-        tensors = {
-            "layers": self.layers.detach().cpu().contiguous().clone(),  # int32 [K]
-            "neurons": self.neurons.detach().cpu().contiguous().clone(),  # int32 [K]
-            "delta": self.delta.detach().cpu().contiguous().clone(),  # float32 [K]
-        }
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "default_alpha": repr(float(self.default_alpha)),
-            "model": json.dumps(asdict(self.model)),
-            "provenance": json.dumps(self.provenance),
-        }
-        if self.threshold is not None:
-            metadata["threshold"] = repr(float(self.threshold))
-        if self.sigma is not None:
-            tensors["sigma"] = self.sigma.detach().cpu().contiguous().clone()  # float32 [K]
-        for prefix, p in ((PREDICTOR_PREFIX, self.predictor), (ANSWER_PREFIX, self.answer_predictor)):
-            if p is not None:
-                for key, t in p.to_tensors().items():
-                    tensors[prefix + key] = t
-                metadata[prefix.rstrip(".")] = json.dumps(p.config())
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        except Exception as e:  # OSError, SafetensorError
-            raise ProfileError(f"steering profile {str(path)!r}: cannot write the file ({e})") from e
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        profile_format.write(path, self)
 
     @classmethod
     def read(cls, path, expect: ModelShape | None = None) -> tuple[SteeringProfile, str]:
@@ -376,117 +152,9 @@ class SteeringProfile:
              data: bytes | None = None) -> SteeringProfile:
         """Read and validate a profile file (or its bytes `data`, read from
         `path`); every problem is a ProfileError naming the file."""
-        from safetensors import safe_open
-        from safetensors.torch import load as load_bytes
-
-        path = Path(path)
-        where = f"steering profile {str(path)!r}"
-
-        def fail(msg: str):
-            raise ProfileError(f"{where}: {msg}")
-
-        if data is None and not path.exists():
-            fail("file does not exist; check the path (profiles are *.safetensors files)")
-        if data is None and not path.is_file():
-            fail("is not a regular file")
-        try:
-            if data is None:
-                with safe_open(str(path), framework="pt") as f:
-                    metadata = dict(f.metadata() or {})
-                    tensors = {key: f.get_tensor(key) for key in f.keys()}
-            else:
-                size = int.from_bytes(data[:8], "little")
-                metadata = dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
-                tensors = load_bytes(data)
-        except Exception as e:  # SafetensorError, OSError, ...
-            fail(f"is not a readable safetensors file ({e}); was it written with SteeringProfile.save?")
-
-        fmt = metadata.get("format")
-        if fmt is None:
-            fail("missing metadata key 'format'; this is not an AdaRAS steering profile")
-        if fmt != FORMAT:
-            fail(f"unknown format {fmt!r}, expected {FORMAT!r}")
-        version = metadata.get("format_version")
-        if version is None:
-            fail("missing metadata key 'format_version'")
-        if version not in READS_VERSIONS:
-            fail(
-                f"unsupported format_version {version!r}; this server reads versions "
-                f"{', '.join(map(repr, READS_VERSIONS))} (upgrade the server or re-export the profile)"
-            )
-        for key in ("name", "default_alpha", "model", "provenance"):
-            if key not in metadata:
-                fail(f"missing metadata key '{key}'")
-        for key in ("layers", "neurons", "delta"):
-            if key not in tensors:
-                fail(f"missing tensor '{key}'")
-        known, prefixes = ("layers", "neurons", "delta"), (PREDICTOR_PREFIX,)
-        if version != "1":  # what v2 added
-            known, prefixes = (*known, "sigma"), (*prefixes, ANSWER_PREFIX)
-        extra = [k for k in tensors if k not in known and not k.startswith(prefixes)]
-        if extra:
-            fail(f"unexpected tensor '{extra[0]}'" + (" (a format_version 1 profile has no such "
-                                                       "tensor)" if version == "1" else ""))
-
-        def parse_json(key: str):
-            try:
-                value = json.loads(metadata[key])
-            except json.JSONDecodeError as e:
-                fail(f"metadata '{key}' is malformed JSON ({e})")
-            if not isinstance(value, dict):
-                fail(f"metadata '{key}' must be a JSON object, got {type(value).__name__}")
-            return value
-
-        model_json = parse_json("model")
-        for key in ("architecture", *_SHAPE_INTS):
-            if key not in model_json:
-                fail(f"metadata 'model' is missing the field '{key}'")
-        model = ModelShape(**{k: model_json[k] for k in ("architecture", *_SHAPE_INTS)})
-        problem = _shape_problem(model)
-        if problem:
-            fail(f"metadata {problem}")
-        provenance = parse_json("provenance")
-
-        def parse_float(key: str) -> float:
-            try:
-                return float(metadata[key])
-            except ValueError:
-                fail(f"metadata '{key}' is not a number: {metadata[key]!r}")
-
-        default_alpha = parse_float("default_alpha")
-        threshold = parse_float("threshold") if "threshold" in metadata else None
-
-        def parse_head(prefix: str) -> FailurePredictor | None:
-            head = prefix.rstrip(".")
-            found = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-            if head not in metadata:
-                if found:
-                    fail(f"has '{prefix}*' tensors but no '{head}' metadata (the {head} config)")
-                return None
-            if not found:
-                fail(f"metadata '{head}' is present but there are no '{prefix}*' tensors")
-            try:
-                return FailurePredictor.from_tensors(found, parse_json(head), key_prefix=prefix)
-            except ValueError as e:
-                fail(f"invalid {head}: {e}")
-
-        predictor = parse_head(PREDICTOR_PREFIX)
-        answer_predictor = parse_head(ANSWER_PREFIX) if version != "1" else None
-
-        profile = cls(
-            name=metadata["name"],
-            layers=tensors["layers"],
-            neurons=tensors["neurons"],
-            delta=tensors["delta"],
-            model=model,
-            default_alpha=default_alpha,
-            threshold=threshold,
-            provenance=provenance,
-            predictor=predictor,
-            sigma=tensors.get("sigma"),
-            answer_predictor=answer_predictor,
-        )
-        profile._check(expect, where)
+        fields, where = profile_format.read(path, data)
+        profile = cls(**fields)
+        check(profile, expect, where)
         return profile
 
     # ------------------------------------------------------------- queries
@@ -558,3 +226,118 @@ class SteeringProfile:
             default_alpha=default_alpha,
             provenance={"synthetic": True, "seed": seed, "scale": scale},
         )
+
+
+# ---------------------------------------------------------------- validation
+def check(self: SteeringProfile, expect: ModelShape | None, where: str) -> None:
+    """Every rule a profile's values must meet (indices in range, shapes,
+    dtypes, finite numbers, name, heads); a ProfileError naming `where` otherwise."""
+    def fail(msg: str):
+        raise ProfileError(f"{where}: {msg}")
+
+    name = self.name
+    if not valid_profile_name(name):
+        fail(
+            f"invalid profile name {name!r}; use 1-64 characters from letters, digits, '.', '_' "
+            f"and '-', starting with a letter or digit and without '..'"
+        )
+    problem = _shape_problem(self.model)
+    if problem:
+        fail(problem)
+    if expect is not None and not self.model.compatible_with(expect):
+        fail(
+            f"built for another model shape: the profile is for {self.model.describe()}, "
+            f"but the served model is {expect.describe()}; use a profile made for this model"
+        )
+    for tname, want in (("layers", torch.int32), ("neurons", torch.int32), ("delta", torch.float32)):
+        t = getattr(self, tname)
+        if not isinstance(t, Tensor):
+            fail(f"'{tname}' must be a tensor, got {type(t).__name__}")
+        if t.dtype != want:
+            fail(f"tensor '{tname}' has dtype {_dt(t.dtype)}, expected {_dt(want)}")
+        if t.dim() != 1:
+            fail(f"tensor '{tname}' must be 1-D [K], got shape {list(t.shape)}")
+    if self.sigma is not None:
+        t = self.sigma
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1:
+            fail(f"tensor 'sigma' must be a 1-D float32 tensor [K], got "
+                 f"{_dt(t.dtype) + str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.numel() != self.delta.numel():
+            fail(f"tensor 'sigma' has {t.numel()} entries; 'delta' has {self.delta.numel()}")
+        if not bool((torch.isfinite(t) & (t >= 0)).all()):
+            fail("sigma must be finite and >= 0 (a standard deviation per neuron)")
+    lengths = (self.layers.numel(), self.neurons.numel(), self.delta.numel())
+    if len(set(lengths)) != 1:
+        fail(
+            "mismatched tensor lengths: 'layers', 'neurons' and 'delta' must all have K entries, "
+            f"got {lengths[0]}, {lengths[1]} and {lengths[2]}"
+        )
+    m = self.model
+    _check_indices(self.layers, self.neurons, m, "", fail)
+    bad = (~torch.isfinite(self.delta)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        fail(f"delta contains NaN or Inf (entry {i}: {float(self.delta[i])}); re-create the profile")
+    if self.k:
+        key = self.layers.long() * m.intermediate_size + self.neurons.long()  # [K]
+        sorted_key, order = torch.sort(key, stable=True)
+        same = (sorted_key[1:] == sorted_key[:-1]).nonzero()
+        if same.numel():
+            j = int(same[0])
+            a, b = sorted((int(order[j]), int(order[j + 1])))
+            fail(
+                f"duplicate (layer, neuron) pair ({int(self.layers[a])}, {int(self.neurons[a])}) "
+                f"at entries {a} and {b}; each pair may appear only once (merge or drop one)"
+            )
+    if self.k:
+        per_layer = torch.bincount(self.layers.long(), minlength=m.num_layers)  # [L]
+        crowded = int(per_layer.argmax())
+        if int(per_layer[crowded]) > MAX_NEURONS_PER_LAYER:
+            fail(f"layer {crowded} has {int(per_layer[crowded])} neurons; a profile may steer "
+                 f"at most {MAX_NEURONS_PER_LAYER} per layer (the engine's steering tables "
+                 "are allocated once at that size)")
+    alpha = self.default_alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        fail(f"default_alpha must be a finite number >= 0, got {alpha!r}")
+    thr = self.threshold
+    if thr is not None and (
+        not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 1.0
+    ):
+        fail(f"threshold must be a probability in [0, 1] (or absent), got {thr!r}")
+    if not isinstance(self.provenance, dict):
+        fail(f"provenance must be a JSON object (dict), got {type(self.provenance).__name__}")
+    sp = self.provenance.get("steer_prompt")
+    if not isinstance(sp, (str, bool, type(None))) or sp not in STEER_PROMPT:
+        fail(f"provenance.steer_prompt must be one of 'none', 'last' or 'all' (or absent), "
+             f"got {self.provenance['steer_prompt']!r}")
+    try:
+        json.dumps(self.provenance, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        fail(f"provenance is not JSON-serialisable: {e}")
+    for prefix, p in ((PREDICTOR_PREFIX, self.predictor), (ANSWER_PREFIX, self.answer_predictor)):
+        if p is None:
+            continue
+        head = prefix.rstrip(".")
+        if not isinstance(p, FailurePredictor):
+            fail(f"{head} must be a FailurePredictor, got {type(p).__name__}")
+        _check_indices(p.feature_layers, p.feature_neurons, m, f"{head} feature ", fail)
+        for key, t in p.to_tensors().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                fail(f"{head} tensor '{prefix}{key}' contains NaN or Inf")
+    if self.k == 0:
+        warnings.warn(f"{where}: K = 0, this profile steers nothing", UserWarning, stacklevel=3)
+
+def _check_indices(layers: Tensor, neurons: Tensor, m: ModelShape, what: str, fail) -> None:
+    for tname, t, hi, label in (
+        ("layer", layers, m.num_layers, "num_layers"),
+        ("neuron", neurons, m.intermediate_size, "intermediate_size"),
+    ):
+        bad = ((t < 0) | (t >= hi)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            fail(
+                f"{what}entry {i}: {tname} index {int(t[i])} is out of range; valid range is "
+                f"0..{hi - 1} ({label} = {hi}); is this profile for another model?"
+            )
+
+# ------------------------------------------------------------------ I/O
