@@ -339,5 +339,3 @@ def _check_indices(layers: Tensor, neurons: Tensor, m: ModelShape, what: str, fa
                 f"{what}entry {i}: {tname} index {int(t[i])} is out of range; valid range is "
                 f"0..{hi - 1} ({label} = {hi}); is this profile for another model?"
             )
-
-# ------------------------------------------------------------------ I/O
