@@ -212,67 +212,74 @@ class FailurePredictor(nn.Module):
         return out
 
     @classmethod
-    def expected_shapes(cls, num_features: int, hidden: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        f, h = num_features, hidden
-        return {
-            "feature_layers": ((f,), torch.int32),
-            "feature_neurons": ((f,), torch.int32),
-            "mean": ((f,), torch.float32),
-            "std": ((f,), torch.float32),
-            "attn.weight": ((1, f), torch.float32),
-            "attn.bias": ((1,), torch.float32),
-            "fc1.weight": ((h, f), torch.float32),
-            "fc1.bias": ((h,), torch.float32),
-            "fc2.weight": ((1, h), torch.float32),
-            "fc2.bias": ((1,), torch.float32),
-        }
-
-    @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], config: dict, *, key_prefix: str = "") -> FailurePredictor:
         """Rebuild from to_tensors() output + config(). Raises ValueError naming the bad key.
 
         key_prefix is only used in error messages (profile.py passes "predictor.").
         """
-        if not isinstance(config, dict):
-            raise ValueError(f"predictor config must be a JSON object, got {type(config).__name__}")
-        for key, want in (("type", PREDICTOR_TYPE), ("version", PREDICTOR_VERSION), ("pooling", "attention")):
-            if config.get(key) != want:
-                raise ValueError(
-                    f"predictor config '{key}' is {config.get(key)!r}, expected {want!r} "
-                    f"(this build only understands {PREDICTOR_TYPE} predictors, version {PREDICTOR_VERSION})"
-                )
-        for key in ("hidden", "num_features"):
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"predictor config '{key}' must be a positive integer, got {value!r}")
-        expected = cls.expected_shapes(config["num_features"], config["hidden"])
-        for key in expected:
-            if key not in tensors:
-                raise ValueError(f"predictor tensor '{key_prefix}{key}' is missing")
-        for key in tensors:
-            if key not in expected:
-                raise ValueError(f"unexpected predictor tensor '{key_prefix}{key}'")
-        for key, (shape, dtype) in expected.items():
-            t = tensors[key]
-            if not isinstance(t, Tensor):
-                raise ValueError(f"predictor tensor '{key_prefix}{key}' is not a tensor")
-            if t.dtype != dtype:
-                raise ValueError(
-                    f"predictor tensor '{key_prefix}{key}' has dtype {str(t.dtype).removeprefix('torch.')}, "
-                    f"expected {str(dtype).removeprefix('torch.')}"
-                )
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"predictor tensor '{key_prefix}{key}' has shape {list(t.shape)}, expected {list(shape)} "
-                    f"(num_features = {config['num_features']}, hidden = {config['hidden']})"
-                )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"predictor tensor '{key_prefix}{key}' contains NaN or Inf")
-        if not bool((tensors["std"] > 0).all()):
-            raise ValueError(
-                f"predictor tensor '{key_prefix}std' has entries <= 0; standard deviations must be "
-                f"positive (floor them, e.g. std.clamp_min(1e-6), when training)"
-            )
+        check_tensors(tensors, config, key_prefix)
         model = cls(tensors["feature_layers"], tensors["feature_neurons"], hidden=config["hidden"])
         model.load_state_dict({k: v.clone() for k, v in tensors.items()})
         return model.eval()
+
+
+# ------------------------------------------------------- the stored head
+def expected_shapes(num_features: int, hidden: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    f, h = num_features, hidden
+    return {
+        "feature_layers": ((f,), torch.int32),
+        "feature_neurons": ((f,), torch.int32),
+        "mean": ((f,), torch.float32),
+        "std": ((f,), torch.float32),
+        "attn.weight": ((1, f), torch.float32),
+        "attn.bias": ((1,), torch.float32),
+        "fc1.weight": ((h, f), torch.float32),
+        "fc1.bias": ((h,), torch.float32),
+        "fc2.weight": ((1, h), torch.float32),
+        "fc2.bias": ((1,), torch.float32),
+    }
+
+
+def check_tensors(tensors: dict[str, Tensor], config: dict, key_prefix: str = "") -> None:
+    """A stored head's config and tensors as `FailurePredictor.from_tensors`
+    needs them; ValueError naming the bad key (with `key_prefix`) otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError(f"predictor config must be a JSON object, got {type(config).__name__}")
+    for key, want in (("type", PREDICTOR_TYPE), ("version", PREDICTOR_VERSION), ("pooling", "attention")):
+        if config.get(key) != want:
+            raise ValueError(
+                f"predictor config '{key}' is {config.get(key)!r}, expected {want!r} "
+                f"(this build only understands {PREDICTOR_TYPE} predictors, version {PREDICTOR_VERSION})"
+            )
+    for key in ("hidden", "num_features"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"predictor config '{key}' must be a positive integer, got {value!r}")
+    expected = expected_shapes(config["num_features"], config["hidden"])
+    for key in expected:
+        if key not in tensors:
+            raise ValueError(f"predictor tensor '{key_prefix}{key}' is missing")
+    for key in tensors:
+        if key not in expected:
+            raise ValueError(f"unexpected predictor tensor '{key_prefix}{key}'")
+    for key, (shape, dtype) in expected.items():
+        t = tensors[key]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"predictor tensor '{key_prefix}{key}' is not a tensor")
+        if t.dtype != dtype:
+            raise ValueError(
+                f"predictor tensor '{key_prefix}{key}' has dtype {str(t.dtype).removeprefix('torch.')}, "
+                f"expected {str(dtype).removeprefix('torch.')}"
+            )
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"predictor tensor '{key_prefix}{key}' has shape {list(t.shape)}, expected {list(shape)} "
+                f"(num_features = {config['num_features']}, hidden = {config['hidden']})"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"predictor tensor '{key_prefix}{key}' contains NaN or Inf")
+    if not bool((tensors["std"] > 0).all()):
+        raise ValueError(
+            f"predictor tensor '{key_prefix}std' has entries <= 0; standard deviations must be "
+            f"positive (floor them, e.g. std.clamp_min(1e-6), when training)"
+        )
