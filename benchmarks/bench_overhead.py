@@ -46,7 +46,7 @@ How it measures
 
 Default model (no --model): a random-weight Qwen3 (4 layers, hidden 256,
 intermediate 768, 4 heads of 64, vocab 512) built once with
-tests.helpers.tiny.make_tiny_model into ~/.cache/adaras/bench-qwen3. With such a small
+adaras.tiny_models.make_tiny_model into ~/.cache/adaras/bench-qwen3. With such a small
 model the per-step Python of the engine dominates, so this is a worst case
 for relative steering overhead; a real model spends far more time per step in
 matmuls that steering does not touch.
@@ -237,8 +237,7 @@ def main() -> None:
     if args.model:
         model_dir = Path(args.model).resolve()
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests.helpers
-        from tests.helpers.tiny import make_tiny_model
+        from adaras.tiny_models import make_tiny_model
 
         model_dir = make_tiny_model(DEFAULT_MODEL_DIR, "qwen3", num_layers=4, hidden_size=256,
                                     intermediate_size=768, num_heads=4, num_kv_heads=2,

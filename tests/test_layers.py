@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"adaras": ROOT / "server" / "adaras", "steering_kernels": ROOT / "steering_kernels"}
 LAYERS = [  # (layer, module prefixes), lowest first
     (0, ("steering_kernels",)),
-    (1, ("adaras", "adaras.steering", "adaras.profile", "adaras.predictor", "adaras.confidence",
+    (1, ("adaras", "adaras.steering", "adaras.report", "adaras.profile", "adaras.predictor",
+         "adaras.confidence", "adaras.tiny_models",
          "adaras.zoo")),
     (2, ("adaras.engine",)),
     (3, ("adaras.api", "adaras.warmup", "adaras.pipeline")),
@@ -113,3 +114,15 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_module_imports_itself_through_others()
     with pytest.raises(AssertionError, match=r"adaras.engine.b \(layer 2\) imports adaras.cli"):
         test_every_import_points_down_or_sideways_within_a_layer()
+
+
+def test_nothing_outside_tests_imports_tests():
+    wrong = []
+    for folder in ("server", "steering_kernels", "benchmarks", "scripts"):
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                wrong += [f"{f.relative_to(ROOT)} imports {n}" for n in names
+                          if n == "tests" or n.startswith("tests.")]
+    assert not wrong, "\n".join(wrong)

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adaras.tiny_models import make_tiny_model
 from tests.engine.conftest import make_profiles
-from tests.helpers.tiny import make_tiny_model
 
 API_KEY = "test-api-key-123"
 ADMIN_KEY = "test-admin-key-456"

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from adaras.engine import plugin  # noqa: E402
 from adaras.predictor import FailurePredictor  # noqa: E402
 from adaras.profile import ModelShape, SteeringProfile  # noqa: E402
-from tests.helpers.tiny import make_tiny_model  # noqa: E402
+from adaras.tiny_models import make_tiny_model  # noqa: E402
 
 plugin.register()
 

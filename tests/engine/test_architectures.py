@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adaras.profile import SteeringProfile
-from tests.helpers.tiny import make_tiny_model
+from adaras.tiny_models import make_tiny_model
 
 from .conftest import generate, make_profiles, prompt_ids, shutdown, start_llm, stats
 from .test_steered_engine import engine_logprobs, hf_logprobs, params, tokens

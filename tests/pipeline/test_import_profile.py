@@ -9,7 +9,7 @@ import torch
 
 from adaras.pipeline.import_csv import import_reference_csv
 from adaras.profile import ModelShape, SteeringProfile
-from tests.helpers.tiny import make_tiny_model
+from adaras.tiny_models import make_tiny_model
 
 HEADER = "overall_neuron_index,layer,neuron_index_in_layer,weight,abs_weight"
 

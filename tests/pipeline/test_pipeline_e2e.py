@@ -30,7 +30,7 @@ from adaras.pipeline.run import Run, StageArgsChanged, read_jsonl
 from adaras.pipeline.stats import auroc, expected_calibration_error
 from adaras.pipeline.train import TrainArgs, train_predictor
 from adaras.profile import SteeringProfile
-from tests.helpers.tiny import make_tiny_model
+from adaras.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.engine
 

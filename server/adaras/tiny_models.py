@@ -1,4 +1,5 @@
-"""Tiny random-weight models for tests and benchmarks, built offline.
+"""Tiny random-weight models for tests, benchmarks and smoke runs, built offline
+(in the package so that nothing outside tests/ imports tests/).
 
 `make_tiny_model(path, "qwen3")` writes a Hugging Face model directory
 (config, safetensors weights, a BPE tokenizer trained here with `tokenizers`,
