@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaras.engine import runtime as rt_mod
+from adaras.engine import step as step_mod
 from adaras.engine.runtime import SteeringRuntime
 from adaras.predictor import FailurePredictor
 from adaras.profile import ModelShape, SteeringProfile
@@ -105,7 +105,7 @@ def test_release_forgets_the_request_and_holds_no_report(runtime):
     step(runtime, 0, 40, new=True)  # undecided: nothing to report yet
     assert runtime.stats()["requests"] == 1
     runtime.release("r")
-    assert runtime.stats()["requests"] == 0 and rt_mod.current() is None
+    assert runtime.stats()["requests"] == 0 and step_mod.current() is None
     assert runtime.take_reports() == {} and runtime.stats()["reports"] == 0
 
 
