@@ -126,3 +126,18 @@ def test_nothing_outside_tests_imports_tests():
                 wrong += [f"{f.relative_to(ROOT)} imports {n}" for n in names
                           if n == "tests" or n.startswith("tests.")]
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_over_500_lines_and_no_class_over_200():
+    """Issue 32's goal for server/ and steering_kernels/: rooms a reader can hold."""
+    wrong = []
+    for folder in ("server", "steering_kernels"):
+        for f in (ROOT / folder).rglob("*.py"):
+            text = f.read_text()
+            if (n := len(text.splitlines())) > 500:
+                wrong.append(f"{f.relative_to(ROOT)}: {n} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 200:
+                    wrong.append(f"{f.relative_to(ROOT)}: class {node.name} "
+                                 f"{node.end_lineno - node.lineno + 1} lines")
+    assert not wrong, "\n".join(wrong)
