@@ -157,3 +157,21 @@ def test_held_out_answers_are_scored_with_the_registered_knobs(tmp_path, folder)
     assert "brier" not in out["scores"]["conf_mean"]  # a ranking, not a probability
     assert (stage / "reliability-probe.png").stat().st_size > 0
     assert ("combined" in out["scores"]) == knobs["combined"]["earns_its_place"]
+
+
+def test_the_validation_split_is_the_one_the_heads_were_fit_with():
+    """capture-validation reads stage 1's committed traces and draws the heads'
+    validation splits as train-predictor did: the sizes its metrics recorded."""
+    from pathlib import Path
+
+    from adaras.pipeline.validation import validation_traces
+
+    stage1 = (Path(__file__).resolve().parents[2] / "docs" / "results"
+              / "qwen2.5-coder-1.5b-math-study" / "stage1")
+    traces, prompts = validation_traces(stage1)
+    answer = json.loads((stage1 / "train-answer-probe-metrics.json").read_text())
+    prompt = json.loads((stage1 / "train-predictor-metrics.json").read_text())
+    assert len(traces) == answer["n"]["val"] == 144
+    assert len({t["problem"] for t in traces}) == answer["problems"]["val"] == 64
+    assert len(prompts) == prompt["n"]["val"] == 64
+    assert all(len(t["completion"]) > 1 and t["prompt"] for t in traces)
