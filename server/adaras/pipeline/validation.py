@@ -72,7 +72,14 @@ def validation_traces(folder: Path) -> tuple[list[dict], list[dict]]:
                            "label": int(not counts_as_correct(r)), "finished": not is_cut(r)})
     labels = {r["problem"]: int(not counts_as_correct(r)) for r in greedy_rows}
     val = split_by_problem(traces, labels, TrainArgs())["val"]
-    y = np.array([int(not counts_as_correct(r)) for r in greedy_rows])
+    # The splits are stratified by label, so they depend on the labels the head was
+    # trained with. The answer head was split on the cut rule's labels (a cut answer is
+    # wrong), as today. The prompt head of stage 1 (2026-12-03) was split on the
+    # grader's verdict alone, before the cut rule reached train-predictor (2026-12-04);
+    # 2 of its 320 labels differ, which moves 86 problems between its splits, so its
+    # validation problems are drawn as it drew them. (Its calibration is fit on the cut
+    # rule's labels, the registered ones; no validation problem is one of the 2.)
+    y = np.array([int(not r["correct"]) for r in greedy_rows])
     args = TrainArgs()
     prompt_val = split_problems(y, args.val_fraction, args.test_fraction, args.seed)["val"]
     return [traces[i] for i in val], [greedy_rows[i] for i in prompt_val]
