@@ -175,3 +175,30 @@ def test_the_validation_split_is_the_one_the_heads_were_fit_with():
     assert len({t["problem"] for t in traces}) == answer["problems"]["val"] == 64
     assert len(prompts) == prompt["n"]["val"] == 64
     assert all(len(t["completion"]) > 1 and t["prompt"] for t in traces)
+
+
+def test_the_prompt_heads_validation_problems_are_drawn_on_the_labels_it_was_trained_with():
+    """Stage 1's prompt head was split on the grader's verdict alone (before the
+    cut rule); its splits are stratified by label, so drawing them on the cut
+    rule's labels would move problems between them and read training problems
+    as validation ones (the first capture did: 34 of its 64 were training problems)."""
+    from pathlib import Path
+
+    from adaras.pipeline.grade import counts_as_correct
+    from adaras.pipeline.train import TrainArgs, split_problems
+    from adaras.pipeline.validation import read_rows, validation_traces
+
+    stage1 = (Path(__file__).resolve().parents[2] / "docs" / "results"
+              / "qwen2.5-coder-1.5b-math-study" / "stage1")
+    greedy = read_rows(stage1, "greedy")
+    a = TrainArgs()
+    as_trained = split_problems(np.array([int(not r["correct"]) for r in greedy]),
+                                a.val_fraction, a.test_fraction, a.seed)
+    by_rule = split_problems(np.array([int(not counts_as_correct(r)) for r in greedy]),
+                             a.val_fraction, a.test_fraction, a.seed)
+    _, prompts = validation_traces(stage1)
+    got = {r["problem"] for r in prompts}
+    assert got == {greedy[i]["problem"] for i in as_trained["val"]}
+    # the cut rule's split would have read 34 of the head's training problems as validation
+    wrong = {greedy[i]["problem"] for i in by_rule["val"]}
+    assert len(wrong & {greedy[i]["problem"] for i in as_trained["train"]}) == 34
