@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adaras.profile import SteeringProfile
 
@@ -47,14 +48,22 @@ def test_the_served_default_profile_is_the_recorded_smollm2_profile():
 
 def test_the_served_qwen_profile_is_the_math_study_reference_profile():
     """`adaras serve --model qwen2.5-coder-1.5b-instruct` serves the MATH study's
-    stage-1 profile: the reference recipe's neurons at the reference dose."""
+    stage-1 profile, the reference recipe's neurons at the reference dose, with
+    its heads calibrated on their validation split (issue 31: the study's
+    validation/profile-calibrated.safetensors, written by run.sh knobs)."""
     from adaras.api.defaults import bundled_profile
 
     bundled = bundled_profile("qwen2.5-coder-1.5b-instruct")
     assert bundled is not None, "the package must ship the Qwen2.5-Coder-1.5B profile"
     study = RESULTS / "qwen2.5-coder-1.5b-math-study"
-    assert bundled.read_bytes() == (study / "stage1" / "profile.safetensors").read_bytes()
+    calibrated = study / "validation" / "profile-calibrated.safetensors"
+    assert bundled.read_bytes() == calibrated.read_bytes()
+    stage1 = SteeringProfile.load(study / "stage1" / "profile.safetensors")
     prof = SteeringProfile.load(bundled)
+    for field in ("layers", "neurons", "delta", "sigma"):  # the same steering
+        assert torch.equal(getattr(prof, field), getattr(stage1, field)), field
+    knobs = json.loads((study / "validation" / "knobs.json").read_text())
+    assert prof.provenance["calibration"]["answer"] == knobs["calibration"]["answer"]
     assert prof.name == "qwen2.5-coder-math"  # the name requests use
     assert (prof.model.num_layers, prof.model.intermediate_size) == (28, 8960)
     assert prof.provenance["recipe"] == "reference" and prof.default_alpha == 0.3
