@@ -99,18 +99,23 @@ def test_openai_request_models_keep_unknown_fields_and_build_sampling_params():
         assert callable(getattr(cls, "to_sampling_params", None)), cls.__name__
 
 
-def test_every_patch_lives_in_the_seam_package():
-    """No module outside the seam package assigns to a vLLM class attribute."""
+def outside_the_seam():
+    """(path relative to the package, parsed module) of every module of the
+    package outside the seam package."""
     import pathlib
 
     import adaras
 
     root = pathlib.Path(adaras.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        if "seam" not in path.relative_to(root).parts:
+            yield path.relative_to(root), ast.parse(path.read_text())
+
+
+def test_every_patch_lives_in_the_seam_package():
+    """No module outside the seam package assigns to a vLLM class attribute."""
     offenders = []
-    for path in root.rglob("*.py"):
-        if "seam" in path.relative_to(root).parts:
-            continue
-        tree = ast.parse(path.read_text())
+    for path, tree in outside_the_seam():
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign):
                 for target in node.targets:
@@ -118,7 +123,7 @@ def test_every_patch_lives_in_the_seam_package():
                             and target.value.id in ("GPUModelRunner", "InputProcessor",
                                                     "WorkerWrapperBase", "ChatCompletionRequest",
                                                     "CompletionRequest", "SamplingParams"):
-                        offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+                        offenders.append(f"{path}:{node.lineno}")
     assert offenders == []
 
 
@@ -281,16 +286,8 @@ def test_no_private_vllm_or_torch_call_and_no_class_swap_outside_the_seam():
     """Issue 32: every call of a private vLLM or torch function (a `_name`
     attribute of a vllm/torch module or class) and every `obj.__class__ = ...`
     is in the seam package."""
-    import pathlib
-
-    import adaras
-
-    root = pathlib.Path(adaras.__file__).parent
     offenders = []
-    for path in root.rglob("*.py"):
-        if "seam" in path.relative_to(root).parts:
-            continue
-        tree = ast.parse(path.read_text())
+    for path, tree in outside_the_seam():
         vendor = {a.asname or a.name.split(".")[0] for n in ast.walk(tree)
                   if isinstance(n, ast.Import) for a in n.names
                   if a.name.split(".")[0] in ("vllm", "torch")}
@@ -299,13 +296,13 @@ def test_no_private_vllm_or_torch_call_and_no_class_swap_outside_the_seam():
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and any(
                     isinstance(t, ast.Attribute) and t.attr == "__class__" for t in node.targets):
-                offenders.append(f"{path.relative_to(root)}:{node.lineno} swaps __class__")
+                offenders.append(f"{path}:{node.lineno} swaps __class__")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr.startswith("_") and not node.func.attr.startswith("__")):
                 base = node.func.value
                 while isinstance(base, ast.Attribute):  # torch.cpu._x: the chain's root
                     base = base.value
                 if isinstance(base, ast.Name) and base.id in vendor:
-                    offenders.append(f"{path.relative_to(root)}:{node.lineno} calls "
+                    offenders.append(f"{path}:{node.lineno} calls "
                                      f"{ast.unparse(node.func)}")
     assert offenders == []
